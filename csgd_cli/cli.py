@@ -1,0 +1,153 @@
+"""``csgd <stage> [hydra overrides...]``: dispatch each stage as a Hydra app.
+
+Overrides are composed and validated *before* Hydra starts the job (every point of a
+``-m`` sweep too), so bad input fails with one line and exit 2 before any work starts
+and before any run directory is created.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+import traceback
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import STAGES, register_schema, validate
+from .errors import CsgdError
+
+_HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p", "--package",
+                "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--version", "--resolve", "--experimental-rerun")
+_failed: list[str] = []
+
+
+def config_dir() -> Path:
+    """conf/ as installed: the repo's conf/ in a checkout, a package copy in a wheel."""
+    return Path(str(files("csgd_cli.conf")))
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: csgd <stage> [key=value ...] [-m] [--cfg job] [--help]", "", "stages:"]
+    lines += [f"  {s:<{width}}  {d}" for s, d in STAGES.items()]
+    lines += ["", "`csgd <stage> --help` shows the stage's config and Hydra options.",
+              "Example: csgd run experiment=quickstart"]
+    return "\n".join(lines)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if m:
+        group, name = m.groups()
+        opts = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        return f"unknown {group} '{name}'; choose {group}=<{'|'.join(opts)}>"
+    m = re.search(r"Key '([\w.]+)' is not in struct", text) or re.search(
+        r"Could not override '([\w.]+)'", text
+    )
+    if m:
+        return f"unknown key '{m.group(1)}'; check its spelling (`csgd <stage> --cfg job` lists every key)"
+    if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+        first = text.splitlines()[0]
+        return f"{e.full_key}: {first}; pass a value of the right type"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "full_key" not in ln]
+    return " ".join(lines[:2]) + "; see `csgd <stage> --help`"
+
+
+def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
+    from hydra import compose, initialize_config_dir
+
+    points = [overrides]
+    if multirun:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        points = [p for batch in BasicSweeper.split_arguments(overrides, None) for p in batch]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
+        for point in points:
+            try:
+                cfg = compose(config_name=stage, overrides=point)
+            except Exception as e:  # Hydra/OmegaConf composition errors -> one line
+                raise CsgdError(_one_line(e)) from e
+            validate(cfg)
+            for key in ("ckpt", "init"):
+                if cfg[key] is not None and not Path(cfg[key]).is_file():
+                    raise CsgdError(f"{key}={cfg[key]}: no such file", f"pass {key}= a .pt file written by csgd")
+
+
+def _task(stage: str):  # noqa: ANN202 - the Hydra task function
+    def task(cfg: DictConfig) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir)
+        multirun = hc.mode == RunMode.MULTIRUN
+        module = importlib.import_module(f"csgd_cli.stages.{stage}")
+        try:
+            validate(cfg)
+            result = module.main(cfg, out)
+        except CsgdError as e:
+            print(f"csgd {stage}: error: {e}", file=sys.stderr)
+            if not multirun:
+                raise SystemExit(e.exit_code) from None
+            _status(out, "failed", str(e))
+            _failed.append(str(out))
+            return None
+        except Exception as e:
+            if not multirun:
+                raise
+            # One failed sweep point must not stop the others; keep its traceback.
+            (out / "error.txt").write_text(traceback.format_exc())
+            print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            _status(out, "failed", f"{type(e).__name__}: {e}")
+            _failed.append(str(out))
+            return None
+        if multirun:
+            _status(out, "ok", "")
+        return result
+
+    return task
+
+
+def _status(out: Path, status: str, message: str) -> None:
+    (out / "status.json").write_text(json.dumps({"status": status, "message": message}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    stage, rest = argv[0], argv[1:]
+    try:
+        if stage not in STAGES:
+            raise CsgdError(f"unknown stage '{stage}'", f"choose one of: {', '.join(STAGES)}")
+        register_schema()
+        multirun = "-m" in rest or "--multirun" in rest
+        if not any(a.split("=")[0] in _HYDRA_FLAGS for a in rest):
+            overrides = [a for a in rest if not a.startswith("-") and not _is_hydra_key(a)]
+            _compose_all(stage, overrides, multirun)
+    except CsgdError as e:
+        print(f"csgd {stage}: error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    import hydra
+
+    sys.argv = [f"csgd {stage}", *rest]
+    hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(_task(stage))()
+    if _failed:
+        print(f"csgd {stage}: {len(_failed)} sweep run(s) failed: {', '.join(_failed)}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _is_hydra_key(arg: str) -> bool:
+    key = arg.lstrip("+~").split("=")[0]
+    return key.startswith("hydra.") or key.startswith("hydra/") or key == "hydra"
+
+

@@ -1,0 +1,167 @@
+"""Structured-config schema (types) and range checks for every stage's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import CsgdError
+
+STAGES = {
+    "pretrain": "train the base model with plain SGD",
+    "cluster": "cluster the channels of every pruned group (k-means or even)",
+    "train": "C-SGD training: pull each cluster's filters to their centre",
+    "check": "report chi (kernel deviation); exit 0 when ready to merge",
+    "prune": "merge clusters into a physically thinner network",
+    "finetune": "plain SGD on a (pruned) checkpoint",
+    "eval": "accuracy, loss, params, FLOPs, latency of a checkpoint",
+    "run": "the whole pipeline: pretrain, cluster, train, check, prune, finetune, eval",
+    "report": "tables and plots over a run or sweep directory",
+}
+
+
+@dataclass
+class ModelConf:
+    name: str = "resnet56"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConf:
+    name: str = "cifar10"
+    root: str = "data"
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    limit: int | None = None
+    download: bool = True
+    augment: bool = True
+    num_workers: int = 4
+    num_train: int = 2048
+    num_test: int = 512
+    image_size: int = 224
+
+
+@dataclass
+class ScheduleConf:
+    epochs: int = 600
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    norm_weight_decay: float | None = None  # plain params' norms and biases (None: same)
+    kind: str = "multistep"  # multistep | cosine
+    milestones: list[int] = field(default_factory=lambda: [200, 400])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    eval_every: int = 1
+    log_every: int = 50
+
+
+@dataclass
+class PruneConf:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    method: str = "csgd"  # csgd | l1
+    force: bool = False
+    tolerance: float = 1e-4  # largest |logit diff| / largest |logit| accepted at merge
+    export: bool = True
+
+
+@dataclass
+class CheckConf:
+    tolerance: float = 1e-8  # chi / ||K||^2 below which a model is ready to merge
+
+
+@dataclass
+class EvalConf:
+    latency_batch: int = 64
+    latency_iters: int = 10
+
+
+@dataclass
+class CheckpointConf:
+    every_steps: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConf = field(default_factory=ModelConf)
+    dataset: DatasetConf = field(default_factory=DatasetConf)
+    schedule: ScheduleConf = field(default_factory=ScheduleConf)  # C-SGD training
+    pretrain: ScheduleConf = field(default_factory=ScheduleConf)  # base training
+    finetune: ScheduleConf = field(default_factory=ScheduleConf)  # after the merge
+    prune: PruneConf = field(default_factory=PruneConf)
+    check: CheckConf = field(default_factory=CheckConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    stage: str = MISSING
+    epsilon: float = 3e-3
+    norm_epsilon: float | None = None  # None: 0.1 * epsilon
+    ratio: float = 0.625
+    ratios: list[float] = field(default_factory=list)  # iterative rounds, e.g. [0.8125, 0.6875, 0.625]
+    clustering: str = "kmeans"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    init: str | None = None
+    ckpt: str | None = None
+    resume: bool = False
+    dir: str | None = None  # csgd report: the run or sweep directory
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="csgd_schema", node=Config)
+
+
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise CsgdError(f"{key}={value} is out of range: it must be {rule}", f"pass a valid {key}=...")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and name checks that types alone cannot express; raises CsgdError."""
+    from .clustering import METHODS
+    from .data import DATASETS
+    from .models import list_models
+
+    if cfg.model.name not in list_models():
+        raise CsgdError(f"unknown model '{cfg.model.name}'", f"choose model=<{'|'.join(list_models())}>")
+    if cfg.dataset.name not in DATASETS:
+        raise CsgdError(f"unknown dataset '{cfg.dataset.name}'", f"choose dataset=<{'|'.join(DATASETS)}>")
+    _need(cfg.epsilon >= 0, "epsilon", cfg.epsilon, ">= 0")
+    _need(cfg.norm_epsilon is None or cfg.norm_epsilon >= 0, "norm_epsilon", cfg.norm_epsilon, ">= 0")
+    _need(0 < cfg.ratio <= 1, "ratio", cfg.ratio, "in (0, 1]")
+    for r in cfg.ratios:
+        _need(0 < r <= 1, "ratios", list(cfg.ratios), "a list of values in (0, 1]")
+    _need(list(cfg.ratios) == sorted(cfg.ratios, reverse=True), "ratios", list(cfg.ratios), "decreasing")
+    _need(cfg.clustering in METHODS, "clustering", cfg.clustering, f"one of {'|'.join(METHODS)}")
+    _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto, cpu or cuda")
+    _need(cfg.prune.method in ("csgd", "l1"), "prune.method", cfg.prune.method, "csgd or l1")
+    _need(cfg.prune.tolerance > 0, "prune.tolerance", cfg.prune.tolerance, "> 0")
+    _need(cfg.check.tolerance > 0, "check.tolerance", cfg.check.tolerance, "> 0")
+    _need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, ">= 0")
+    _need(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
+    d = cfg.dataset
+    _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
+    _need(d.eval_batch_size >= 1, "dataset.eval_batch_size", d.eval_batch_size, ">= 1")
+    _need(d.limit is None or d.limit >= 1, "dataset.limit", d.limit, ">= 1 (or null)")
+    for name in ("schedule", "pretrain", "finetune"):
+        s = cfg[name]
+        _need(s.epochs >= 0, f"{name}.epochs", s.epochs, ">= 0")
+        _need(s.lr > 0, f"{name}.lr", s.lr, "> 0")
+        _need(0 <= s.momentum < 1, f"{name}.momentum", s.momentum, "in [0, 1)")
+        _need(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
+        _need(s.kind in ("multistep", "cosine"), f"{name}.kind", s.kind, "multistep or cosine")
+        _need(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
+        _need(s.log_every >= 0, f"{name}.log_every", s.log_every, ">= 0")
+        _need(s.eval_every >= 1, f"{name}.eval_every", s.eval_every, ">= 1")
+    if cfg.init is not None and cfg.ckpt is not None and cfg.stage in ("train", "pretrain"):
+        raise CsgdError("both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

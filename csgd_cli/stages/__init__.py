@@ -1,0 +1,1 @@
+"""One short module per stage; each exposes ``main(cfg, out) -> dict``."""

@@ -1,0 +1,17 @@
+"""csgd pretrain: train the base model with plain SGD (the ``pretrain`` schedule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .common import payload, setup, start_model, train_phase
+
+
+def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    ctx = setup(cfg, out)
+    model, ck = start_model(ctx, "init")
+    model, state = train_phase(ctx, model, cfg.pretrain, "pretrain", out, payload(cfg, model, ck))
+    return state["metrics"]

@@ -1,0 +1,140 @@
+"""Data fixtures: CIFAR-10/100 written in the original python-pickle format."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` opcodes, as the original CIFAR pickles do.
+
+    So b"data" loads as "data" under encoding="latin1" (what torchvision uses) and as
+    b"data" under encoding="bytes" (what the CIFAR web page's loader uses)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+@dataclass
+class CifarFiles:
+    """What write_cifar wrote: pixels as NCHW uint8 arrays, labels, file MD5s."""
+
+    root: Path
+    kind: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    md5: dict[str, str]
+
+
+def _dump(path: Path, obj: dict) -> str:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(obj)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(
+    root: Path | str,
+    kind: str = "cifar10",
+    n_train: int = 50,
+    n_test: int = 20,
+    seed: int = 0,
+) -> CifarFiles:
+    """Write a small CIFAR-10/100 in the original layout and format under `root`.
+
+    Rows of b"data" are N x 3072 uint8, channel-planar (R, G, B planes), row-major,
+    i.e. exactly `images.reshape(N, 3072)` for NCHW images."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if kind == "cifar10" else 100
+    xs = [rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8) for n in (n_train, n_test)]
+    ys = [rng.integers(0, classes, n).astype(np.int64) for n in (n_train, n_test)]
+    root = Path(root)
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def entry(x: np.ndarray, y: np.ndarray, label: str) -> dict:
+        names = [f"img_{i:05d}.png".encode() for i in range(len(y))]
+        d = {b"batch_label": label.encode(), b"data": x.reshape(len(x), 3072)}
+        if kind == "cifar10":
+            return {**d, b"labels": y.tolist(), b"filenames": names}
+        return {
+            **d,
+            b"fine_labels": y.tolist(),
+            b"coarse_labels": (y // 5).tolist(),
+            b"filenames": names,
+        }
+
+    md5: dict[str, str] = {}
+    if kind == "cifar10":
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+            batch = entry(xs[0][part], ys[0][part], f"training batch {i} of 5")
+            md5[f"data_batch_{i}"] = _dump(folder / f"data_batch_{i}", batch)
+        md5["test_batch"] = _dump(
+            folder / "test_batch", entry(xs[1], ys[1], "testing batch 1 of 1")
+        )
+        meta = {
+            b"label_names": [f"class{i}".encode() for i in range(10)],
+            b"num_cases_per_batch": 10000,
+            b"num_vis": 3072,
+        }
+        md5["batches.meta"] = _dump(folder / "batches.meta", meta)
+    else:
+        md5["train"] = _dump(folder / "train", entry(xs[0], ys[0], "training batch 1 of 1"))
+        md5["test"] = _dump(folder / "test", entry(xs[1], ys[1], "testing batch 1 of 1"))
+        meta = {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        }
+        md5["meta"] = _dump(folder / "meta", meta)
+    return CifarFiles(root, kind, xs[0], ys[0], xs[1], ys[1], md5)
+
+
+def patch_cifar_md5(monkeypatch: pytest.MonkeyPatch, files: CifarFiles) -> None:
+    """Point torchvision's expected checksums at the files we wrote.
+
+    torchvision's CIFAR classes verify every file against the MD5 of the real dataset;
+    a synthetic fixture cannot match those, so we swap in the MD5s of what we wrote.
+    The check itself still runs (a corrupted file would still be rejected)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if files.kind == "cifar10" else CIFAR100
+    monkeypatch.setattr(cls, "train_list", [[f, files.md5[f]] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, files.md5[f]] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": files.md5[cls.meta["filename"]]})
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory: cifar_root(kind="cifar10", n_train=50, n_test=20, patch_md5=True) ->
+    CifarFiles written under a temporary root; with patch_md5, torchvision's expected
+    checksums are patched (for this test only) to match the files."""
+
+    def make(
+        kind: str = "cifar10",
+        n_train: int = 50,
+        n_test: int = 20,
+        patch_md5: bool = True,
+    ) -> CifarFiles:
+        files = write_cifar(tmp_path / "data", kind, n_train, n_test)
+        if patch_md5:
+            patch_cifar_md5(monkeypatch, files)
+        return files
+
+    return make
