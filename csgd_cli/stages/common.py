@@ -196,7 +196,13 @@ def train_phase(
         trainer.restore(ck)
         log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)
     metrics = trainer.fit()
-    return model, {**trainer.state(), "metrics": metrics}
+    state = {**trainer.state(), "metrics": metrics}
+    if clusters:  # detach params from the optimizer's strided buffer: fast contiguous weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+                p.grad = None
+    return model, state
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
