@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +33,43 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``:
     a kill mid-save leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(_plain(payload), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CsgdError(
+            f"could not write checkpoint {path} ({e.strerror or e})",
+            "free disk space or pass a writable hydra.run.dir",
+        ) from e
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _remove_stale_temps(path)
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.<pid>.tmp`` files left by writers that were killed mid-save."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -4]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its writer is gone: an incomplete file
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -57,16 +78,24 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     if not p.is_file():
         raise CsgdError(f"{key}={path}: no such file", f"pass {key}= a .pt file written by csgd")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for users
+            warnings.simplefilter("ignore")
+            ck = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:  # the pickle names a callable or class: loading it could run code
+            raise CsgdError(
+                f"{key}={path} refers to Python code ({found.group(1)}), which could run on load; "
+                "refused (csgd loads with weights_only=True and runs no code from a file)",
+                "only load checkpoints written by csgd",
+            ) from e
         raise CsgdError(
-            f"{key}={path} holds objects other than tensors and plain containers; refused to "
-            "load it (weights_only=True runs no code from a file)",
-            "only load checkpoints written by csgd",
+            f"{key}={path} is truncated, damaged or not a checkpoint (a pickle csgd cannot read safely)",
+            f"pass {key}= a complete .pt file written by csgd",
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # zip, pickle and storage errors of a cut or foreign file
         raise CsgdError(
-            f"{key}={path} is truncated or not a checkpoint ({type(e).__name__})",
+            f"{key}={path} is truncated, damaged or not a checkpoint ({type(e).__name__})",
             f"pass {key}= a complete .pt file written by csgd",
         ) from e
     if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED):
@@ -82,13 +111,34 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 
 
 def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
-    model = build_model(ck["arch"])
+    arch = ck["arch"]
+    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(ck["state_dict"], dict)):
+        raise CsgdError(f"{key}: the checkpoint's arch or state_dict is malformed", "use a checkpoint written by csgd")
     try:
-        model.load_state_dict(ck["state_dict"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        model = build_model(arch)
+    except CsgdError:
+        raise
+    except Exception as e:  # widths or kwargs no constructor accepts
         raise CsgdError(
-            f"{key}: weights do not fit architecture {ck['arch']['name']} ({first})",
+            f"{key}: cannot rebuild architecture {arch['name']} from the checkpoint ({type(e).__name__}: {e})",
+            "the checkpoint is damaged or was edited; use one written by csgd",
+        ) from e
+    want, got = model.state_dict(), ck["state_dict"]
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shape = [k for k in want if k in got and getattr(got[k], "shape", None) != want[k].shape]
+    if missing or extra or shape:
+        first = (missing or extra or shape)[0]
+        raise CsgdError(
+            f"{key}: weights do not fit architecture {arch['name']} ({len(missing)} missing, "
+            f"{len(extra)} unexpected, {len(shape)} of another shape; first: {first})",
+            "the checkpoint is damaged or was edited; use one written by csgd",
+        )
+    try:
+        model.load_state_dict(got)
+    except (RuntimeError, TypeError) as e:
+        raise CsgdError(
+            f"{key}: weights do not load into architecture {arch['name']} ({str(e).splitlines()[0]})",
             "the checkpoint is damaged or was edited; use one written by csgd",
         ) from e
     return model

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import signal
 import sys
+import threading
 import traceback
 from importlib.resources import files
 from pathlib import Path
@@ -42,7 +44,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, stage: str = "<stage>") -> str:
+    """A Hydra/OmegaConf composition error as one line naming the key and the fix."""
     text = str(e)
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
     if m:
@@ -53,12 +56,13 @@ def _one_line(e: BaseException) -> str:
         r"Could not override '([\w.]+)'", text
     )
     if m:
-        return f"unknown key '{m.group(1)}'; check its spelling (`csgd <stage> --cfg job` lists every key)"
-    if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
-        first = text.splitlines()[0]
-        return f"{e.full_key}: {first}; pass a value of the right type"
+        return f"unknown key '{m.group(1)}'; check its spelling (`csgd {stage} --cfg job` lists every key)"
+    cause = e if getattr(e, "full_key", None) else e.__cause__  # Hydra wraps OmegaConf's error
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        first = str(cause).splitlines()[0]
+        return f"{cause.full_key}: {first}; pass a value of the right type"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "full_key" not in ln]
-    return " ".join(lines[:2]) + "; see `csgd <stage> --help`"
+    return " ".join(lines[:2]) + f"; see `csgd {stage} --help`"
 
 
 def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
@@ -69,16 +73,21 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         points = [p for batch in BasicSweeper.split_arguments(overrides, None) for p in batch]
+    cache: dict[str, Any] = {}  # data sets and checkpoints shared by sweep points
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
         for point in points:
             try:
                 cfg = compose(config_name=stage, overrides=point)
             except Exception as e:  # Hydra/OmegaConf composition errors -> one line
-                raise CsgdError(_one_line(e)) from e
+                raise CsgdError(_one_line(e, stage)) from e
             validate(cfg)
             for key in ("ckpt", "init"):
                 if cfg[key] is not None and not Path(cfg[key]).is_file():
                     raise CsgdError(f"{key}={cfg[key]}: no such file", f"pass {key}= a .pt file written by csgd")
+            if stage != "report":
+                from .stages.common import preflight  # after the quick checks: it is slow to import
+
+                preflight(cfg, cache)
 
 
 def _task(stage: str):  # noqa: ANN202 - the Hydra task function
@@ -90,9 +99,19 @@ def _task(stage: str):  # noqa: ANN202 - the Hydra task function
         out = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
         module = importlib.import_module(f"csgd_cli.stages.{stage}")
+        from .engine import Preempted, raise_preempted
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, raise_preempted) if main_thread else None
         try:
             validate(cfg)
             result = module.main(cfg, out)
+        except Preempted as e:  # exit 143 with the command that continues the run
+            print(f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
+                  f"resume=true hydra.run.dir={out}`", file=sys.stderr)
+            if multirun:  # a preempted sweep stops: the scheduler wants the machine back
+                _status(out, "preempted", str(e))
+            raise SystemExit(e.exit_code) from None
         except CsgdError as e:
             print(f"csgd {stage}: error: {e}", file=sys.stderr)
             if not multirun:
@@ -109,6 +128,9 @@ def _task(stage: str):  # noqa: ANN202 - the Hydra task function
             _status(out, "failed", f"{type(e).__name__}: {e}")
             _failed.append(str(out))
             return None
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
         if multirun:
             _status(out, "ok", "")
         return result

@@ -55,7 +55,7 @@ def kmeans_clusters(features: torch.Tensor, k: int, seed: int) -> list[list[int]
     with warnings.catch_warnings():
         # Duplicate kernels (e.g. a model that is already converged) are fine here.
         warnings.simplefilter("ignore")
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
     groups: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(int(lab), []).append(i)

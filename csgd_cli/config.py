@@ -124,7 +124,6 @@ def _need(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and name checks that types alone cannot express; raises CsgdError."""
-    from .clustering import METHODS
     from .data import DATASETS
     from .models import list_models
 
@@ -138,7 +137,6 @@ def validate(cfg: DictConfig) -> None:
     for r in cfg.ratios:
         _need(0 < r <= 1, "ratios", list(cfg.ratios), "a list of values in (0, 1]")
     _need(list(cfg.ratios) == sorted(cfg.ratios, reverse=True), "ratios", list(cfg.ratios), "decreasing")
-    _need(cfg.clustering in METHODS, "clustering", cfg.clustering, f"one of {'|'.join(METHODS)}")
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto, cpu or cuda")
     _need(cfg.prune.method in ("csgd", "l1"), "prune.method", cfg.prune.method, "csgd or l1")
     _need(cfg.prune.tolerance > 0, "prune.tolerance", cfg.prune.tolerance, "> 0")
@@ -161,6 +159,9 @@ def validate(cfg: DictConfig) -> None:
         _need(s.eval_every >= 1, f"{name}.eval_every", s.eval_every, ">= 1")
     if cfg.init is not None and cfg.ckpt is not None and cfg.stage in ("train", "pretrain"):
         raise CsgdError("both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue")
+    from .clustering import METHODS  # last: it imports scikit-learn, slow for a quick error
+
+    _need(cfg.clustering in METHODS, "clustering", cfg.clustering, f"one of {'|'.join(METHODS)}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -27,9 +27,17 @@ from .errors import CsgdError
 
 
 class Preempted(CsgdError):
-    """SIGTERM arrived: a checkpoint was written; resume with ``resume=true``."""
+    """SIGTERM arrived: a checkpoint was written; resume with ``resume=true``.
+
+    Exit code 143 (128 + SIGTERM), what schedulers expect from a job ended by SIGTERM;
+    the CLI adds the resume command (it knows the run directory)."""
 
     exit_code = 143
+
+
+def raise_preempted(*_: Any) -> None:
+    """SIGTERM handler outside a training loop: stop at once (every file write is atomic)."""
+    raise Preempted("stopped by SIGTERM outside a training loop; every file written so far is complete")
 
 
 def dist_info() -> tuple[int, int]:
@@ -56,7 +64,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    """Python, NumPy and torch RNG states as tensors and plain values (``weights_only``-safe)."""
+    _, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": list(mt),
+        "python_gauss": gauss,
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -64,7 +81,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    random.setstate((3, tuple(st["python"]), None))
+    random.setstate((3, tuple(st["python"]), st.get("python_gauss")))
+    if "numpy" in st:
+        n = st["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -89,15 +109,37 @@ class MetricLog:
 
     def __init__(self, out: Path, phase: str, tensorboard: bool = True) -> None:
         self.phase, self.enabled = phase, is_main()
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        if self.enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.path, self.tb_dir = out / "metrics.jsonl", out / "tb"
+        self.tb = self._writer() if self.enabled and tensorboard else None
 
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+    def _writer(self, purge_step: int | None = None) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+        except ImportError:  # tensorboard is optional
+            return None
+
+    def rewind(self, step: int) -> None:
+        """On resume: drop this phase's records logged after ``step`` (the checkpoint's),
+        which the resumed run logs again."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines(keepends=True):
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if rec.get("phase") != self.phase or rec.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(self.path)
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = self._writer(purge_step=step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -165,7 +207,15 @@ class Trainer:
         self.channels_last = device.type == "cuda"
         self.log = MetricLog(out, phase)
         self.epoch, self.step_in_epoch, self.best, self.history = 0, 0, -1.0, []
+        self._reset_epoch_stats()
         self._stop = False
+
+    def _reset_epoch_stats(self) -> None:
+        """Running sums of the current epoch (checkpointed, so a resumed epoch reports
+        the same train loss/accuracy as an uninterrupted one)."""
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, #correct) as tensors (no host sync)."""
@@ -194,12 +244,17 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "best_acc": self.best,
+            "epoch_stats": {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen},
             "metrics": self.history[-1] if self.history else {},
             "history": self.history,
         }
 
     def save(self, name: str) -> Path | None:
-        return save_checkpoint(self.out / name, self.state()) if is_main() else None
+        """Write ``name`` atomically; never a diverged (non-finite) state."""
+        if not is_main():
+            return None
+        self._guard_weights()
+        return save_checkpoint(self.out / name, self.state())
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue exactly where ``ck`` (a ``last.pt`` of this phase) stopped."""
@@ -211,15 +266,35 @@ class Trainer:
         set_rng_state(ck["rng"])
         self.epoch, self.step_in_epoch = ck["epoch"], ck["step_in_epoch"]
         self.best, self.history = ck.get("best_acc", -1.0), list(ck.get("history", []))
+        es = ck.get("epoch_stats")
+        if es and self.step_in_epoch:
+            self.loss_sum = es["loss_sum"].to(self.device)
+            self.correct = es["correct"].to(self.device)
+            self.seen = int(es["seen"])
+        self.log.rewind(self.epoch * self.steps + self.step_in_epoch)
 
     # -- the loop ----------------------------------------------------------------------
     def _guard(self, loss: float, chi: float | None) -> None:
         if not math.isfinite(loss) or (chi is not None and not math.isfinite(chi)):
-            what = "loss" if not math.isfinite(loss) else "chi"
-            raise CsgdError(
-                f"{what} became non-finite at epoch {self.epoch} step {self.step_in_epoch}",
-                "lower epsilon or schedule.lr; the last good checkpoint (last.pt) is kept",
-            )
+            self._diverged("loss" if not math.isfinite(loss) else "chi")
+
+    def _guard_weights(self) -> None:
+        """Refuse to go on (or to checkpoint) once a weight or running stat is inf/NaN."""
+        ts = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if ts and not bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()):
+            self._diverged("the weights")
+
+    def _diverged(self, what: str) -> None:
+        # C-SGD phases are named train, train_r1, ...; their schedule is `schedule`.
+        csgd = self.chi_fn is not None
+        lr_key = "schedule.lr" if csgd else f"{self.phase}.lr"
+        last = self.out / "last.pt"
+        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
+        raise CsgdError(
+            f"training diverged: {what} became non-finite (inf/NaN) in phase {self.phase} at "
+            f"epoch {self.epoch} step {self.step_in_epoch}; {kept}",
+            f"lower {'epsilon or ' if csgd else ''}{lr_key} (e.g. 10x smaller) and run again",
+        )
 
     def _chi(self) -> tuple[float | None, dict[str, float]]:
         if self.chi_fn is None:
@@ -244,9 +319,9 @@ class Trainer:
         for epoch in range(self.epoch, self.sched.epochs):
             self.epoch = epoch
             self.model.train()
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device, dtype=torch.long)
-            seen, t0 = 0, time.perf_counter()
+            if self.step_in_epoch == 0:
+                self._reset_epoch_stats()
+            t0 = time.perf_counter()
             bar = tqdm(
                 self.data.train_batches(epoch, self.step_in_epoch),
                 total=self.steps,
@@ -258,9 +333,9 @@ class Trainer:
             )
             for x, y in bar:
                 loss, c = self.train_step(x, y)
-                loss_sum += loss * y.numel()
-                correct += c
-                seen += y.numel()
+                self.loss_sum += loss * y.numel()
+                self.correct += c
+                self.seen += y.numel()
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
                 if log_every and gstep % log_every == 0:
@@ -269,23 +344,19 @@ class Trainer:
                     self._guard(lv, chi)
                     lr = self.opt.param_groups[0]["lr"]
                     rec = {"step": gstep, "epoch": epoch, "loss": lv, "lr": lr}
-                    bar.set_postfix(loss=f"{lv:.3f}", acc=f"{100 * correct.item() / seen:.1f}", lr=f"{lr:.2g}", **({"chi": f"{chi:.2e}"} if chi is not None else {}))
+                    acc = 100 * self.correct.item() / self.seen
+                    post = {"chi": f"{chi:.2e}"} if chi is not None else {}
+                    bar.set_postfix(loss=f"{lv:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2g}", **post)
                     self.log.write({**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})})
-                if self.every_steps and gstep % self.every_steps == 0:
+                if self._stop or (self.every_steps and gstep % self.every_steps == 0):
                     self.save("last.pt")
-                if self._stop:
-                    self.save("last.pt")
-                    raise Preempted(
-                        f"stopped by SIGTERM at epoch {epoch} step {self.step_in_epoch}; "
-                        f"checkpoint {self.out / 'last.pt'} written",
-                        f"continue with resume=true hydra.run.dir={self.out}",
-                    )
+                self._check_preempted()
             bar.close()
             rec = {
                 "step": (epoch + 1) * self.steps,
                 "epoch": epoch + 1,
-                "train_loss": loss_sum.item() / max(seen, 1),
-                "train_acc": 100.0 * correct.item() / max(seen, 1),
+                "train_loss": self.loss_sum.item() / max(self.seen, 1),
+                "train_acc": 100.0 * self.correct.item() / max(self.seen, 1),
                 "lr": self.opt.param_groups[0]["lr"],
                 "epoch_time": time.perf_counter() - t0,
             }
@@ -294,17 +365,28 @@ class Trainer:
             if chi is not None:
                 rec.update(chi=chi, chi_groups=per)
             self.epoch, self.step_in_epoch = epoch + 1, 0
+            self._reset_epoch_stats()
             if (epoch + 1) % self.sched.eval_every == 0 or epoch + 1 == self.sched.epochs:
                 ev = evaluate(self.model, self.data, self.device, self.amp)
                 rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
             self.history.append(rec)
             self.log.write(rec)
             self._print(rec)
-            self.save("last.pt")
+            # best_acc is part of last.pt, so update it first. best.pt goes before
+            # last.pt: a kill between the two repeats this epoch, which rewrites it.
             if rec.get("test_acc", -1.0) > self.best:
                 self.best = rec["test_acc"]
                 self.save("best.pt")
+            self.save("last.pt")
+            self._check_preempted()
         return self.history[-1] if self.history else {}
+
+    def _check_preempted(self) -> None:
+        if self._stop:
+            raise Preempted(
+                f"stopped by SIGTERM in phase {self.phase} at epoch {self.epoch} step "
+                f"{self.step_in_epoch}; checkpoint {self.out / 'last.pt'} written"
+            )
 
     def _print(self, rec: dict[str, Any]) -> None:
         if not is_main():

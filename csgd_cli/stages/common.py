@@ -72,6 +72,75 @@ def check_fits(ck: dict[str, Any], path: str, key: str, data: Data) -> None:
             )
 
 
+_DATA_STAGES = ("pretrain", "train", "finetune", "eval", "prune", "run")
+_NEEDS_CKPT = {
+    "eval": "ckpt=<file.pt>",
+    "finetune": "ckpt=<pruned.pt>",
+    "prune": "ckpt=<csgd.pt or last.pt of csgd train>",
+    "check": "ckpt=<csgd.pt or last.pt>",
+}
+
+
+def preflight(cfg: DictConfig, cache: dict[str, Any] | None = None) -> None:
+    """Check what a stage will read (device, data set, checkpoints and their clusters,
+    model arguments, prune globs) before Hydra creates or touches the run directory,
+    so that bad input changes no file. Raises CsgdError.
+
+    ``cache`` (one per CLI call) keeps data sets and checkpoints shared by sweep points."""
+    cache = {} if cache is None else cache
+    stage = cfg.stage
+    if stage in _NEEDS_CKPT and cfg.ckpt is None:
+        raise CsgdError(f"csgd {stage} needs a checkpoint", f"pass {_NEEDS_CKPT[stage]}")
+    if stage == "cluster" and cfg.ckpt is None and cfg.init is None:
+        raise CsgdError("csgd cluster needs weights to cluster", "pass ckpt=<base.pt> (or init=)")
+    loaded = []
+    for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake
+        path = cfg[key]
+        if path is not None:
+            if (key, path) not in cache:
+                cache[(key, path)] = load(path, key)
+            loaded.append((key, path, *cache[(key, path)]))
+    data = None
+    if stage in _DATA_STAGES:
+        pick_device(cfg.device)
+        dkey = "data:" + to_yaml(cfg.dataset)
+        if dkey not in cache:
+            cache[dkey] = build_data(cfg.dataset, seed=0, device=torch.device("cpu"))
+        data = cache[dkey]
+    model = None
+    for key, path, model, ck in loaded:
+        if data is not None:
+            check_fits(ck, path, key, data)
+        if ck.get("clusters"):
+            clusters_fit(model, ck["clusters"], f"{key}={path}")
+        elif stage in ("train", "run", "cluster"):
+            pruned_groups(cfg, model)  # prune.include/exclude must match a group
+        if key == "ckpt" and (stage == "check" or (stage == "prune" and cfg.prune.method == "csgd")):
+            from .check import need_clusters
+
+            need_clusters(ck, path)
+    if model is None and stage in ("pretrain", "train", "run") and data is not None:
+        model = new_model(cfg, data)  # refuses model arguments the constructor does not take
+        if stage != "pretrain":
+            pruned_groups(cfg, model)  # prune.include/exclude must match a group
+
+
+def clusters_fit(model: nn.Module, clusters: Any, where: str) -> None:
+    """Refuse clusters that are malformed or do not partition the model's groups."""
+    try:
+        ok = isinstance(clusters, dict) and all(
+            isinstance(i, int) for cl in clusters.values() for c in cl for i in c
+        )
+        if ok:
+            check_clusters(channel_groups(model), clusters)
+    except CsgdError as e:
+        raise CsgdError(f"{where}: {e}") from None
+    except (TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CsgdError(f"{where}: its clusters are malformed", "recompute them with `csgd cluster`")
+
+
 def start_model(ctx: Ctx, *keys: str) -> tuple[nn.Module, dict[str, Any]]:
     """The model a stage starts from: the first of ``keys`` given, else a fresh one."""
     for key in keys:
@@ -171,6 +240,19 @@ def train_phase(
     model.to(ctx.device)
     if ctx.device.type == "cuda" and ctx.cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    last, ck = out / "last.pt", None
+    if ctx.cfg.resume and last.is_file():
+        ck = load_checkpoint(last, "resume")
+        if ck.get("phase") != phase or ck["arch"] != model.arch:
+            raise CsgdError(
+                f"{last} belongs to another phase or model, not to '{phase}'",
+                "resume in the run directory the interrupted run used (hydra.run.dir=...)",
+            )
+        if clusters and ck.get("clusters"):  # the clusters this phase was trained with
+            clusters_fit(model, ck["clusters"], str(last))
+            if ck["clusters"] != clusters:
+                log.info("resume: using the clusters stored in %s, not new ones", last)
+            clusters = ck["clusters"]
     opt = csgd_optimizer(ctx.cfg, model, clusters) if clusters else plain_sgd(model, sched)
     trainer = Trainer(
         model,
@@ -185,14 +267,7 @@ def train_phase(
         every_steps=ctx.cfg.checkpoint.every_steps,
         chi_fn=chi_fn(model, clusters) if clusters else None,
     )
-    last = out / "last.pt"
-    if ctx.cfg.resume and last.is_file():
-        ck = load_checkpoint(last, "resume")
-        if ck.get("phase") != phase or ck["arch"] != model.arch:
-            raise CsgdError(
-                f"{last} belongs to another phase or model, not to '{phase}'",
-                "resume in the run directory the interrupted run used (hydra.run.dir=...)",
-            )
+    if ck is not None:
         trainer.restore(ck)
         log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)
     metrics = trainer.fit()

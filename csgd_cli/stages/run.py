@@ -2,6 +2,13 @@
 
 With ``resume=true`` in the same ``hydra.run.dir`` it skips every phase whose output file
 exists and resumes the interrupted phase from its ``last.pt``.
+
+``prune.method=l1`` (the L1-norm baseline) skips C-SGD training and keeps the
+largest-norm filters at the same widths. To give it the same total epoch budget, its
+fine-tune runs ``finetune.epochs + rounds * schedule.epochs`` epochs (``rounds`` =
+``len(ratios)`` or 1): the epochs C-SGD would have trained are added to the fine-tune,
+with the ``finetune`` learning rate; multistep milestones stay put, a cosine schedule
+stretches over the longer run.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
 from .check import chi_report
@@ -57,6 +64,7 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 clusters = make_clusters(cfg, model, ck, ratio)
                 info = payload(cfg, model, ck, ratio=ratio, epsilon=cfg.epsilon)
                 model, ck = train_phase(ctx, model, cfg.schedule, f"train{tag}", out / f"train{tag}", info, clusters)
+                clusters = ck["clusters"]  # on resume: the ones stored in last.pt
                 save_checkpoint(csgd, ck)
             chi = chi_report(model, clusters)
             log.info("chi %.3e (relative %.3e) after C-SGD round %d", chi["chi"], chi["relative"], r + 1)
@@ -70,7 +78,8 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         model, ck = load(str(fine), "finetuned", ctx.data)
     else:
         info = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
-        model, ck = train_phase(ctx, model, cfg.finetune, "finetune", out / "finetune", info)
+        sched = l1_finetune(cfg, len(ratios)) if l1 else cfg.finetune
+        model, ck = train_phase(ctx, model, sched, "finetune", out / "finetune", info)
         save_checkpoint(fine, ck)
     rows["finetuned"] = measure(ctx, model)
     summary = {
@@ -86,6 +95,13 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     write_json(out / "summary.json", summary)
     print(table(rows))
     return summary
+
+
+def l1_finetune(cfg: DictConfig, rounds: int) -> DictConfig:
+    """The L1 baseline's fine-tune: ``finetune`` plus the epochs C-SGD would train."""
+    extra = rounds * cfg.schedule.epochs
+    log.info("L1 baseline: fine-tune %d + %d epochs (C-SGD's budget)", cfg.finetune.epochs, extra)
+    return OmegaConf.merge(cfg.finetune, {"epochs": cfg.finetune.epochs + extra})
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:

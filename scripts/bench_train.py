@@ -1,0 +1,108 @@
+"""Engine training step vs a minimal hand-written PyTorch loop, and augmentation speed.
+
+    python scripts/bench_train.py [--model resnet56] [--batch 64] [--rounds 5] [--steps 10]
+
+Both loops train the same model on the same batch on the CPU; rounds alternate between
+them so drift in machine load hits both alike. Prints images/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from csgd_cli.data import augment_batch, normalize
+from csgd_cli.engine import Trainer
+from csgd_cli.models import get_model
+from csgd_cli.stages.common import plain_sgd
+
+
+class _OneBatch:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def steps_per_epoch(self) -> int:
+        return self.n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    sched = OmegaConf.create(
+        {"epochs": 1000, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+         "norm_weight_decay": None, "kind": "multistep", "milestones": [], "gamma": 0.1,
+         "warmup_epochs": 0, "eval_every": 1, "log_every": 0}
+    )
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    m_engine, m_hand = get_model(args.model), get_model(args.model)
+    m_hand.load_state_dict(m_engine.state_dict())
+    trainer = Trainer(m_engine, _OneBatch(1000), sched, plain_sgd(m_engine, sched), device=dev,
+                      out=__import__("pathlib").Path("/tmp"), phase="bench", payload={})
+    trainer.log.enabled = False
+    opt = torch.optim.SGD(m_hand.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def hand() -> None:
+        out = m_hand(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def engine() -> None:
+        trainer.train_step(x, y)
+
+    m_engine.train()
+    m_hand.train()
+    for f in (hand, engine):
+        f()
+        f()
+    t = {"hand": 0.0, "engine": 0.0}
+    for _ in range(args.rounds):
+        for name, f in (("hand", hand), ("engine", engine)):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                f()
+            t[name] += time.perf_counter() - t0
+    n = args.rounds * args.steps * args.batch
+    ips = {k: n / v for k, v in t.items()}
+    print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, {args.rounds}x{args.steps} steps each")
+    print(f"hand-written loop : {ips['hand']:8.1f} img/s")
+    print(f"csgd engine       : {ips['engine']:8.1f} img/s")
+    print(f"ratio engine/hand : {ips['engine'] / ips['hand']:.3f}  (target >= 0.97)")
+
+    # augmentation: batched uint8 tensors (csgd) vs torchvision's PIL path, per image
+    imgs = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    normalize(augment_batch(imgs, 4, True, g), mean, std)
+    reps = 50
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        normalize(augment_batch(imgs, 4, True, g), mean, std)
+    tensor_ips = reps * 256 / (time.perf_counter() - t0)
+    from PIL import Image
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in imgs]
+    t0 = time.perf_counter()
+    for _ in range(4):
+        torch.stack([tf(im) for im in pil])
+    pil_ips = 4 * 256 / (time.perf_counter() - t0)
+    print(f"augmentation (pad-4 crop + flip + normalise), batch 256: csgd tensors {tensor_ips:,.0f} img/s, "
+          f"torchvision PIL {pil_ips:,.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Sweeps, `csgd report` and the L1 baseline.
+
+The sweeps run `python -m csgd_cli` in a subprocess with tiny settings on digits; the
+epsilon sweep runs with TensorBoard made unimportable, so its runs have no TensorBoard
+files at all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from csgd_cli.clustering import cluster_groups, target_widths
+from csgd_cli.errors import CsgdError
+from csgd_cli.groups import channel_groups
+from csgd_cli.models import get_model
+from csgd_cli.report import read_runs, write_report
+from csgd_cli.surgery import l1_selection, merge
+
+TINY = [
+    "dataset=digits",
+    "model=resnet20",
+    "schedule.epochs=1",
+    "pretrain.epochs=1",
+    "finetune.epochs=0",
+    "dataset.limit=256",
+    "eval.latency_iters=1",
+    "eval.latency_batch=8",
+    "device=cpu",
+    "prune.export=false",
+]
+
+
+def csgd(*args: str, cwd: Path, no_tensorboard: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
+    if no_tensorboard is not None:  # a `tensorboard` package whose import fails
+        stub = no_tensorboard / "tensorboard"
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "__init__.py").write_text("raise ImportError('tensorboard blocked by the test')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(no_tensorboard), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "csgd_cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def eps_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`csgd train -m epsilon=...`: three points, TensorBoard unimportable."""
+    tmp = tmp_path_factory.mktemp("eps")
+    sweep = tmp / "sweep"
+    r = csgd(
+        "train",
+        "-m",
+        "epsilon=1e-3,2e-3,1e-2",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp,
+        no_tensorboard=tmp / "stub",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def run_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`csgd run -m prune.method=csgd,l1`, C-SGD not converged after 1 epoch (force)."""
+    tmp = tmp_path_factory.mktemp("run")
+    sweep = tmp / "sweep"
+    r = csgd(
+        "run",
+        "-m",
+        "prune.method=csgd,l1",
+        "prune.force=true",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sweep
+
+
+def test_epsilon_sweep_report(eps_sweep: Path) -> None:
+    jobs = sorted(p.name for p in eps_sweep.iterdir() if (p / ".hydra").is_dir())
+    assert jobs == ["0", "1", "2"]
+    for j in jobs:
+        assert json.loads((eps_sweep / j / "status.json").read_text())["status"] == "ok"
+        assert (eps_sweep / j / "metrics.jsonl").is_file()
+        assert not (eps_sweep / j / "tb").exists()  # TensorBoard-free runs
+    cwd = eps_sweep.parent / "cwd"
+    cwd.mkdir()
+    r = csgd("report", f"dir={eps_sweep}", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert list(cwd.iterdir()) == []  # the report job leaves nothing of its own behind
+    rows = rows_of(eps_sweep / "report.csv")
+    assert len(rows) == 3
+    assert sorted(float(x["epsilon"]) for x in rows) == [1e-3, 2e-3, 1e-2]
+    assert {x["status"] for x in rows} == {"ok"}
+    assert all(0 <= float(x["acc_csgd"]) <= 100 for x in rows)
+    md = (eps_sweep / "report.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 3  # header + one row per run
+    assert table[0] in r.stdout
+    png = eps_sweep / "chi_loss.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_point_is_marked_failed(tmp_path: Path) -> None:
+    """A point that fails at run time (a damaged last.pt to resume from) is reported as
+    failed; the other point of the sweep still completes."""
+    sweep = tmp_path / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "1" / "last.pt").write_bytes(b"\x00garbage, not a checkpoint" * 10)
+    r = csgd(
+        "train",
+        "-m",
+        "resume=true",
+        "epsilon=1e-2,2e-2",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1  # the sweep reports its failed run ...
+    assert (
+        json.loads((sweep / "0" / "status.json").read_text())["status"] == "ok"
+    )  # ... but ran the rest
+    rep = write_report(sweep)
+    by_run = {x["run"]: x for x in rep["records"]}
+    assert by_run["0"]["status"] == "ok" and by_run["0"]["acc_csgd"] is not None
+    assert by_run["1"]["status"] == "failed"
+    assert "last.pt" in by_run["1"]["message"]
+    assert "failed" in (sweep / "report.md").read_text()
+
+
+def test_run_sweep_csgd_vs_l1(run_sweep: Path) -> None:
+    rep = write_report(run_sweep)
+    assert rep["plots"] == ["chi_loss.png", "acc_flops.png"]
+    assert (run_sweep / "acc_flops.png").stat().st_size > 1000
+    rec = {x["method"]: x for x in rep["records"]}
+    assert set(rec) == {"csgd", "l1"}
+    for x in rec.values():
+        assert x["status"] == "ok"
+        assert all(x[f"acc_{k}"] is not None for k in ("base", "pruned", "finetuned"))
+        assert x["params"] > 0 and 0 < x["flops_reduction"] < 1 and x["speedup"] > 0
+    assert rec["csgd"]["acc_csgd"] is not None and rec["l1"]["acc_csgd"] is None
+    assert rec["l1"]["epsilon"] is None  # epsilon means nothing to L1
+    # equal widths, and an equal epoch budget: L1 fine-tunes for the C-SGD epochs it skips
+    summaries = {
+        x["method"]: json.loads((run_sweep / x["run"] / "summary.json").read_text())
+        for x in rep["records"]
+    }
+    widths = {m: s["rows"]["pruned"]["merge_check"]["widths"] for m, s in summaries.items()}
+    assert widths["csgd"] == widths["l1"]
+    assert rec["csgd"]["epochs"] == rec["l1"]["epochs"] == 2
+    # a single run dir is a report of one row
+    single = write_report(run_sweep / rec["l1"]["run"])
+    assert [x["run"] for x in single["records"]] == ["."]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_l1_same_widths_keeps_largest_norms(ratio: float, one_thread: None) -> None:
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10, in_channels=1, image_size=8).eval()
+    groups = channel_groups(model)
+    mods = dict(model.named_modules())
+    stage = groups[0]  # layer1: conv1 and every block's conv2 meet in its residual sums
+    assert len(stage.producers) == 4
+    with torch.no_grad():  # channel 0: weak in the first producer, strong in the others
+        mods[stage.producers[0].conv].weight[0].mul_(1e-3)
+        for p in stage.producers[1:]:
+            mods[p.conv].weight[0].mul_(10)
+    ks = target_widths(groups, ratio)
+    l1 = l1_selection(model, groups, ks)
+    csgd = cluster_groups(model, groups, ks, "kmeans", seed=0)
+    for g in groups:
+        score = sum(
+            mods[p.conv].weight.detach().abs().reshape(g.width, -1).sum(1) for p in g.producers
+        )
+        kept = [c[0] for c in l1[g.name]]
+        assert len(kept) == len(csgd[g.name]) == ks[g.name]
+        assert kept == sorted(torch.topk(score, ks[g.name]).indices.tolist())
+    assert 0 in [c[0] for c in l1[stage.name]]  # scored jointly, not by the first producer
+    thin_l1 = merge(model, groups, l1, partial=True)
+    thin_csgd = merge(model, groups, csgd)
+    assert thin_l1.widths == thin_csgd.widths
+    # the kept channels are copied unchanged (sliced, never merged)
+    thin_mods = dict(thin_l1.named_modules())
+    for g in groups:
+        kept = torch.tensor([c[0] for c in l1[g.name]])
+        for p in g.producers:
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                assert torch.equal(getattr(thin_mods[p.norm], k), getattr(mods[p.norm], k)[kept])
+    kept = torch.tensor([c[0] for c in l1[stage.name]])
+    assert torch.equal(thin_mods["conv1"].weight, mods["conv1"].weight[kept])  # reads the image
+    x = torch.randn(4, 1, 8, 8)
+    assert thin_l1(x).shape == (4, 10)
+
+
+def test_l1_budget_rule() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.cli import config_dir
+    from csgd_cli.config import register_schema
+    from csgd_cli.stages.run import l1_finetune
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=compare_l1"])
+        compose("report", overrides=["dir=somewhere"])
+    assert l1_finetune(cfg, 1).epochs == cfg.finetune.epochs + cfg.schedule.epochs
+    assert l1_finetune(cfg, 3).epochs == cfg.finetune.epochs + 3 * cfg.schedule.epochs
+    assert l1_finetune(cfg, 1).lr == cfg.finetune.lr
+
+
+def _fake_run(d: Path, stage: str, epsilon: float, epochs: int) -> None:
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(
+        f"stage: {stage}\nepsilon: {epsilon}\nratio: 0.5\nratios: []\nseed: 0\n"
+        f"model: {{name: resnet20}}\ndataset: {{name: digits}}\nschedule: {{epochs: {epochs}}}\n"
+    )
+
+
+def _epoch(epoch: int, chi: float) -> str:
+    rec = {
+        "phase": "train",
+        "step": epoch * 4,
+        "epoch": epoch,
+        "train_loss": 1.0 / epoch,
+        "chi": chi,
+        "test_acc": 50.0 + epoch,
+    }
+    return json.dumps(rec) + "\n"
+
+
+def test_report_hand_made_runs(tmp_path: Path) -> None:
+    """No TensorBoard, no status.json: an unfinished run (with an epoch logged twice, as
+    after a resume) is incomplete, a preempted sweep point too, a finished one ok."""
+    _fake_run(tmp_path / "a", "train", 0.01, 3)
+    (tmp_path / "a" / "metrics.jsonl").write_text(
+        _epoch(1, 10.0) + _epoch(2, 1.0) + _epoch(2, 0.9) + '{"phase": "tr'
+    )
+    _fake_run(tmp_path / "b", "train", 0.02, 2)
+    (tmp_path / "b" / "metrics.jsonl").write_text(_epoch(1, 5.0) + _epoch(2, 0.1))
+    _fake_run(tmp_path / "c", "train", 0.03, 2)
+    (tmp_path / "c" / "status.json").write_text('{"status": "preempted", "message": "SIGTERM"}')
+    runs = {r.name: r for r in read_runs(tmp_path)}
+    assert runs["a"].status == "incomplete" and runs["a"].epochs == 2
+    assert runs["a"].curve["chi"] == [10.0, 0.9] and runs["a"].acc["csgd"] == 52.0
+    assert runs["b"].status == "ok"
+    assert runs["c"].status == "incomplete" and "preempted" in runs["c"].message
+    rep = write_report(tmp_path)
+    assert rep["plots"] == ["chi_loss.png"]  # no FLOPs measured: no accuracy-FLOPs plot
+    assert len(rows_of(tmp_path / "report.csv")) == 3
+
+
+def test_report_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(CsgdError, match="no runs found"):
+        write_report(tmp_path)
+    _fake_run(tmp_path / "0", "train", 0.01, 1)
+    (tmp_path / "0" / "metrics.jsonl").write_text(_epoch(1, 1.0))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(CsgdError, match="pip install matplotlib") as e:
+        write_report(tmp_path)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "report.csv").is_file()  # the tables are written all the same
+
+
+@pytest.mark.parametrize(
+    ("preset", "plugin", "key", "want"),
+    [
+        ("csgd_joblib", "hydra_plugins.hydra_joblib_launcher", "n_jobs", 2),
+        ("csgd_slurm", "hydra_plugins.hydra_submitit_launcher", "gpus_per_node", 1),
+    ],
+)
+def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str, want: int) -> None:
+    pytest.importorskip(plugin)  # optional extras: csgd[joblib], csgd[slurm]
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.cli import config_dir
+    from csgd_cli.config import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
+    assert cfg.hydra.launcher[key] == want
+    assert "_target_" in cfg.hydra.launcher  # the plugin's own config underneath

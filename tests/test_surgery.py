@@ -1,0 +1,84 @@
+"""Merging: exact on converged clusters (coupled stages included), widths, FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.groups import channel_groups
+from csgd_cli.metrics import chi, count_macs
+from csgd_cli.models import get_model
+from csgd_cli.surgery import merge
+
+
+def collapse(model: torch.nn.Module, clusters: dict) -> None:
+    """Make every cluster hold exact copies (what converged C-SGD produces)."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for g in channel_groups(model):
+            tensors = []
+            for p in g.producers:
+                tensors.append(mods[p.conv].weight)
+                if p.norm:
+                    bn = mods[p.norm]
+                    tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+            for c in g.consumers:
+                if c.kind == "norm":
+                    bn = mods[c.module]
+                    tensors += [
+                        t[c.offset : c.offset + g.width]
+                        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                    ]
+            for t in tensors:
+                if t.dim() == 1:
+                    t.uniform_(0.5, 1.5)  # non-trivial BN so a wrong merge shows
+            for t in tensors:
+                for members in clusters[g.name]:
+                    t[members] = t[members[0]].clone()
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "shape"),
+    [
+        ("resnet20", {}, (3, 32, 32)),
+        ("resnet56", {}, (3, 32, 32)),
+        ("vgg11", {"in_channels": 1, "image_size": 8}, (1, 8, 8)),
+        ("densenet40", {"depth": 16, "growth": 6}, (3, 16, 16)),
+    ],
+)
+def test_merge_of_exact_copies_is_exact(name: str, kw: dict, shape: tuple) -> None:
+    torch.manual_seed(0)
+    model = get_model(name, **kw).double().eval()
+    groups = channel_groups(model)
+    method = "kmeans" if name.startswith("resnet") else "even"  # k-means on VGG-16 is slow
+    clusters = cluster_groups(model, groups, target_widths(groups, 0.625), method, 0)
+    collapse(model, clusters)
+    assert chi(model, groups, clusters).item() == 0.0
+    thin = merge(model, groups, clusters).eval()
+    assert type(thin) is type(model)
+    x = torch.randn(6, *shape, dtype=torch.float64)
+    a, b = model(x), thin(x)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert thin.widths == [num_clusters(g.width, 0.625) for g in groups]
+
+
+def test_merge_is_not_exact_without_copies() -> None:
+    """Guards the test above: an unconverged model changes when merged."""
+    torch.manual_seed(0)
+    model = get_model("resnet20").double().eval()
+    groups = channel_groups(model)
+    clusters = cluster_groups(model, groups, target_widths(groups, 0.5), "even", 0)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    assert (model(x) - merge(model, groups, clusters).eval()(x)).abs().max() > 1e-3
+
+
+def test_resnet56_five_eighths_flops_match_paper() -> None:
+    model = get_model("resnet56")
+    groups = channel_groups(model)
+    clusters = cluster_groups(model, groups, target_widths(groups, 0.625), "even", 0)
+    thin = merge(model, groups, clusters)
+    stage = [w for w in thin.widths[:3]]
+    assert stage == [10, 20, 40]
+    reduction = 1 - count_macs(thin, (3, 32, 32)) / count_macs(model, (3, 32, 32))
+    assert abs(100 * reduction - 60.85) < 0.1
