@@ -90,7 +90,7 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
                 preflight(cfg, cache)
 
 
-def _task(stage: str):  # noqa: ANN202 - the Hydra task function
+def _task(stage: str):
     def task(cfg: DictConfig) -> Any:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

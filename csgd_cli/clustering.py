@@ -17,7 +17,7 @@ METHODS = ("kmeans", "even")
 
 def num_clusters(width: int, ratio: float) -> int:
     """k = round(ratio * n), at least 1 (ratio 0.625: 16 -> 10, 32 -> 20, 64 -> 40)."""
-    return max(1, int(round(ratio * width)))
+    return max(1, round(ratio * width))
 
 
 def group_features(model: nn.Module, group: ChannelGroup) -> torch.Tensor:

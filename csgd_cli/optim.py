@@ -119,7 +119,7 @@ class CentripetalSGD(torch.optim.Optimizer):
             # Row stride of every tensor in the block is the block's width D = col.
             for i in range(len(layout) - len(tensors), len(layout)):
                 p, off, _ = layout[i]
-                layout[i] = (p, off, (col,) + tuple(p.stride()[1:]))
+                layout[i] = (p, off, (col, *p.stride()[1:]))
             sizes = torch.tensor([len(c) for c in clusters[g.name]], dtype=dtype)
             labels = torch.tensor(cluster_labels(clusters[g.name], g.width), device=dev)
             self._blocks.append(
@@ -140,7 +140,7 @@ class CentripetalSGD(torch.optim.Optimizer):
         # total decay (lam + eps in groups, plain weight decay elsewhere).
         self._decay = torch.zeros(pos, device=dev, dtype=dtype)
         self._neg_eps = torch.zeros(self._cent, device=dev, dtype=dtype)
-        for blk, spans in zip(self._blocks, self._spans):
+        for blk, spans in zip(self._blocks, self._spans, strict=True):
             sl = slice(blk.start, blk.start + blk.n * blk.d)
             m_eps, m_dec = self._neg_eps[sl].view(blk.n, blk.d), self._decay[sl].view(blk.n, blk.d)
             for c0, w, ne, dec in spans:

@@ -41,7 +41,7 @@ def test_transformed_gradient_matches_dense_formula(name: str) -> None:
     for g in groups:
         m = dense_m(clusters[g.name], g.width)
 
-        def rule(name: str, rows: slice, e: float, decay: float) -> None:
+        def rule(name: str, rows: slice, e: float, decay: float, g=g, m=m) -> None:
             gg, kk = grads[name][rows].reshape(g.width, -1), kern[name][rows].reshape(g.width, -1)
             want = m @ gg + (decay + e) * kk - e * m @ kk
             expected[name][rows] = want.reshape(expected[name][rows].shape)

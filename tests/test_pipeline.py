@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from csgd_cli import load_model
 from csgd_cli.data import build_data
 from csgd_cli.engine import Trainer, evaluate
 from csgd_cli.models import get_model
 from csgd_cli.stages.common import plain_sgd
-from omegaconf import OmegaConf
 
 TINY = [
     "dataset=synthetic",
@@ -208,4 +208,4 @@ def test_cluster_is_deterministic(tmp_path: Path, method: str) -> None:
     groups = model.channel_groups()
     a = cluster_groups(model, groups, target_widths(groups, 0.625), method, seed=3)
     b = cluster_groups(model, groups, target_widths(groups, 0.625), method, seed=3)
-    assert a == b and len(a["layer1"]) == 10 and sorted(sum(a["layer3"], [])) == list(range(64))
+    assert a == b and len(a["layer1"]) == 10 and sorted(i for c in a["layer3"] for i in c) == list(range(64))

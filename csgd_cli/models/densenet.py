@@ -135,7 +135,7 @@ class CifarDenseNet(nn.Module):
                 ]
                 group = ChannelGroup(conv, width, [Producer(conv, None)], cons)
                 (heads if conv == head else dense).append(group)
-        return [heads[0]] + dense + heads[1:]
+        return [heads[0], *dense, *heads[1:]]
 
 
 def _densenet40(depth: int = 40, growth: int = 12, **kw: object) -> CifarDenseNet:

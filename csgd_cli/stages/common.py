@@ -214,7 +214,7 @@ def csgd_optimizer(cfg: DictConfig, model: nn.Module, clusters: Clusters) -> Cen
     )
 
 
-def chi_fn(model: nn.Module, clusters: Clusters):  # noqa: ANN201 - a closure
+def chi_fn(model: nn.Module, clusters: Clusters):
     groups = channel_groups(model)
 
     def f() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
