@@ -112,8 +112,15 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 
 def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
     arch = ck["arch"]
-    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(ck["state_dict"], dict)):
-        raise CsgdError(f"{key}: the checkpoint's arch or state_dict is malformed", "use a checkpoint written by csgd")
+    if not (
+        isinstance(arch, dict)
+        and isinstance(arch.get("name"), str)
+        and isinstance(ck["state_dict"], dict)
+    ):
+        raise CsgdError(
+            f"{key}: the checkpoint's arch or state_dict is malformed",
+            "use a checkpoint written by csgd",
+        )
     try:
         model = build_model(arch)
     except CsgdError:

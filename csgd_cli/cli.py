@@ -107,8 +107,11 @@ def _task(stage: str):
             validate(cfg)
             result = module.main(cfg, out)
         except Preempted as e:  # exit 143 with the command that continues the run
-            print(f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
-                  f"resume=true hydra.run.dir={out}`", file=sys.stderr)
+            print(
+                f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
+                f"resume=true hydra.run.dir={out}`",
+                file=sys.stderr,
+            )
             if multirun:  # a preempted sweep stops: the scheduler wants the machine back
                 _status(out, "preempted", str(e))
             raise SystemExit(e.exit_code) from None
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     sys.argv = [f"csgd {stage}", *rest]
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `csgd x --help | head` exits quietly
     hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(_task(stage))()
     if _failed:
         print(f"csgd {stage}: {len(_failed)} sweep run(s) failed: {', '.join(_failed)}", file=sys.stderr)

@@ -37,7 +37,9 @@ class Preempted(CsgdError):
 
 def raise_preempted(*_: Any) -> None:
     """SIGTERM handler outside a training loop: stop at once (every file write is atomic)."""
-    raise Preempted("stopped by SIGTERM outside a training loop; every file written so far is complete")
+    raise Preempted(
+        "stopped by SIGTERM outside a training loop; every file written so far is complete"
+    )
 
 
 def dist_info() -> tuple[int, int]:
@@ -71,8 +73,13 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": list(mt),
         "python_gauss": gauss,
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
     }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -84,7 +91,8 @@ def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((3, tuple(st["python"]), st.get("python_gauss")))
     if "numpy" in st:
         n = st["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -289,7 +297,11 @@ class Trainer:
         csgd = self.chi_fn is not None
         lr_key = "schedule.lr" if csgd else f"{self.phase}.lr"
         last = self.out / "last.pt"
-        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
+        kept = (
+            f"the last good checkpoint {last} is kept"
+            if last.is_file()
+            else "no checkpoint was written"
+        )
         raise CsgdError(
             f"training diverged: {what} became non-finite (inf/NaN) in phase {self.phase} at "
             f"epoch {self.epoch} step {self.step_in_epoch}; {kept}",

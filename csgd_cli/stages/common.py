@@ -115,7 +115,9 @@ def preflight(cfg: DictConfig, cache: dict[str, Any] | None = None) -> None:
             clusters_fit(model, ck["clusters"], f"{key}={path}")
         elif stage in ("train", "run", "cluster"):
             pruned_groups(cfg, model)  # prune.include/exclude must match a group
-        if key == "ckpt" and (stage == "check" or (stage == "prune" and cfg.prune.method == "csgd")):
+        if key == "ckpt" and (
+            stage == "check" or (stage == "prune" and cfg.prune.method == "csgd")
+        ):
             from .check import need_clusters
 
             need_clusters(ck, path)
@@ -138,7 +140,9 @@ def clusters_fit(model: nn.Module, clusters: Any, where: str) -> None:
     except (TypeError, AttributeError):
         ok = False
     if not ok:
-        raise CsgdError(f"{where}: its clusters are malformed", "recompute them with `csgd cluster`")
+        raise CsgdError(
+            f"{where}: its clusters are malformed", "recompute them with `csgd cluster`"
+        )
 
 
 def start_model(ctx: Ctx, *keys: str) -> tuple[nn.Module, dict[str, Any]]:
