@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from importlib.resources import files
@@ -27,7 +29,6 @@ from .errors import CsgdError
 _HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p", "--package",
                 "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--version", "--resolve", "--experimental-rerun")
-_failed: list[str] = []
 
 
 def config_dir() -> Path:
@@ -71,8 +72,10 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
     points = [overrides]
     if multirun:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        points = [p for batch in BasicSweeper.split_arguments(overrides, None) for p in batch]
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        points = [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch]
     cache: dict[str, Any] = {}  # data sets and checkpoints shared by sweep points
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
         for point in points:
@@ -120,7 +123,7 @@ def _task(stage: str):
             if not multirun:
                 raise SystemExit(e.exit_code) from None
             _status(out, "failed", str(e))
-            _failed.append(str(out))
+            _record_failure(out)
             return None
         except Exception as e:
             if not multirun:
@@ -129,7 +132,7 @@ def _task(stage: str):
             (out / "error.txt").write_text(traceback.format_exc())
             print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
             _status(out, "failed", f"{type(e).__name__}: {e}")
-            _failed.append(str(out))
+            _record_failure(out)
             return None
         finally:
             if old is not None:
@@ -139,6 +142,13 @@ def _task(stage: str):
         return result
 
     return task
+
+
+def _record_failure(out: Path) -> None:
+    log = os.environ.get("CSGD_FAIL_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{out}\n")
 
 
 def _status(out: Path, status: str, message: str) -> None:
@@ -166,9 +176,16 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [f"csgd {stage}", *rest]
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `csgd x --help | head` exits quietly
-    hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(_task(stage))()
-    if _failed:
-        print(f"csgd {stage}: {len(_failed)} sweep run(s) failed: {', '.join(_failed)}", file=sys.stderr)
+    # Sweep jobs may run in other processes (joblib launcher): they report failures here.
+    fail_log = Path(tempfile.gettempdir()) / f"csgd-{os.getpid()}-failed.txt"
+    os.environ["CSGD_FAIL_LOG"] = str(fail_log)
+    try:
+        hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(_task(stage))()
+        failed = fail_log.read_text().split() if fail_log.exists() else []
+    finally:
+        fail_log.unlink(missing_ok=True)
+    if failed:
+        print(f"csgd {stage}: {len(failed)} sweep run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
 
 
