@@ -26,9 +26,28 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import STAGES, register_schema, validate
 from .errors import CsgdError
 
-_HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p", "--package",
-                "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--version", "--resolve", "--experimental-rerun")
+_HYDRA_FLAGS = (
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "-p",
+    "--package",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--version",
+    "--resolve",
+    "--experimental-rerun",
+)
 
 
 def config_dir() -> Path:
@@ -40,8 +59,11 @@ def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: csgd <stage> [key=value ...] [-m] [--cfg job] [--help]", "", "stages:"]
     lines += [f"  {s:<{width}}  {d}" for s, d in STAGES.items()]
-    lines += ["", "`csgd <stage> --help` shows the stage's config and Hydra options.",
-              "Example: csgd run experiment=quickstart"]
+    lines += [
+        "",
+        "`csgd <stage> --help` shows the stage's config and Hydra options.",
+        "Example: csgd run experiment=quickstart",
+    ]
     return "\n".join(lines)
 
 
@@ -86,7 +108,9 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
             validate(cfg)
             for key in ("ckpt", "init"):
                 if cfg[key] is not None and not Path(cfg[key]).is_file():
-                    raise CsgdError(f"{key}={cfg[key]}: no such file", f"pass {key}= a .pt file written by csgd")
+                    raise CsgdError(
+                        f"{key}={cfg[key]}: no such file", f"pass {key}= a .pt file written by csgd"
+                    )
             if stage != "report":
                 from .stages.common import preflight  # after the quick checks: it is slow to import
 
@@ -180,17 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     fail_log = Path(tempfile.gettempdir()) / f"csgd-{os.getpid()}-failed.txt"
     os.environ["CSGD_FAIL_LOG"] = str(fail_log)
     try:
-        hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(_task(stage))()
+        hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(
+            _task(stage)
+        )()
         failed = fail_log.read_text().split() if fail_log.exists() else []
     finally:
         fail_log.unlink(missing_ok=True)
     if failed:
-        print(f"csgd {stage}: {len(failed)} sweep run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"csgd {stage}: {len(failed)} sweep run(s) failed: {', '.join(failed)}", file=sys.stderr
+        )
         raise SystemExit(1)
 
 
 def _is_hydra_key(arg: str) -> bool:
     key = arg.lstrip("+~").split("=")[0]
     return key.startswith("hydra.") or key.startswith("hydra/") or key == "hydra"
-
-

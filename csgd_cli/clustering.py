@@ -96,5 +96,3 @@ def target_widths(
     (iterative rounds prune a thinned model towards fractions of the base model)."""
     base = base or {}
     return {g.name: num_clusters(base.get(g.name, g.width), ratio) for g in groups}
-
-

@@ -101,7 +101,9 @@ class Config:
     epsilon: float = 3e-3
     norm_epsilon: float | None = None  # None: 0.1 * epsilon
     ratio: float = 0.625
-    ratios: list[float] = field(default_factory=list)  # iterative rounds, e.g. [0.8125, 0.6875, 0.625]
+    ratios: list[float] = field(
+        default_factory=list
+    )  # iterative rounds, e.g. [0.8125, 0.6875, 0.625]
     clustering: str = "kmeans"
     seed: int = 0
     device: str = "auto"
@@ -119,7 +121,9 @@ def register_schema() -> None:
 
 def _need(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise CsgdError(f"{key}={value} is out of range: it must be {rule}", f"pass a valid {key}=...")
+        raise CsgdError(
+            f"{key}={value} is out of range: it must be {rule}", f"pass a valid {key}=..."
+        )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -128,20 +132,36 @@ def validate(cfg: DictConfig) -> None:
     from .models import list_models
 
     if cfg.model.name not in list_models():
-        raise CsgdError(f"unknown model '{cfg.model.name}'", f"choose model=<{'|'.join(list_models())}>")
+        raise CsgdError(
+            f"unknown model '{cfg.model.name}'", f"choose model=<{'|'.join(list_models())}>"
+        )
     if cfg.dataset.name not in DATASETS:
-        raise CsgdError(f"unknown dataset '{cfg.dataset.name}'", f"choose dataset=<{'|'.join(DATASETS)}>")
+        raise CsgdError(
+            f"unknown dataset '{cfg.dataset.name}'", f"choose dataset=<{'|'.join(DATASETS)}>"
+        )
     _need(cfg.epsilon >= 0, "epsilon", cfg.epsilon, ">= 0")
-    _need(cfg.norm_epsilon is None or cfg.norm_epsilon >= 0, "norm_epsilon", cfg.norm_epsilon, ">= 0")
+    _need(
+        cfg.norm_epsilon is None or cfg.norm_epsilon >= 0, "norm_epsilon", cfg.norm_epsilon, ">= 0"
+    )
     _need(0 < cfg.ratio <= 1, "ratio", cfg.ratio, "in (0, 1]")
     for r in cfg.ratios:
         _need(0 < r <= 1, "ratios", list(cfg.ratios), "a list of values in (0, 1]")
-    _need(list(cfg.ratios) == sorted(cfg.ratios, reverse=True), "ratios", list(cfg.ratios), "decreasing")
+    _need(
+        list(cfg.ratios) == sorted(cfg.ratios, reverse=True),
+        "ratios",
+        list(cfg.ratios),
+        "decreasing",
+    )
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto, cpu or cuda")
     _need(cfg.prune.method in ("csgd", "l1"), "prune.method", cfg.prune.method, "csgd or l1")
     _need(cfg.prune.tolerance > 0, "prune.tolerance", cfg.prune.tolerance, "> 0")
     _need(cfg.check.tolerance > 0, "check.tolerance", cfg.check.tolerance, "> 0")
-    _need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, ">= 0")
+    _need(
+        cfg.checkpoint.every_steps >= 0,
+        "checkpoint.every_steps",
+        cfg.checkpoint.every_steps,
+        ">= 0",
+    )
     _need(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
     d = cfg.dataset
     _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
@@ -158,7 +178,9 @@ def validate(cfg: DictConfig) -> None:
         _need(s.log_every >= 0, f"{name}.log_every", s.log_every, ">= 0")
         _need(s.eval_every >= 1, f"{name}.eval_every", s.eval_every, ">= 1")
     if cfg.init is not None and cfg.ckpt is not None and cfg.stage in ("train", "pretrain"):
-        raise CsgdError("both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue")
+        raise CsgdError(
+            "both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue"
+        )
     from .clustering import METHODS  # last: it imports scikit-learn, slow for a quick error
 
     _need(cfg.clustering in METHODS, "clustering", cfg.clustering, f"one of {'|'.join(METHODS)}")

@@ -54,7 +54,9 @@ def is_main() -> bool:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise CsgdError("device=cuda but no CUDA device is available", "use device=auto or device=cpu")
+            raise CsgdError(
+                "device=cuda but no CUDA device is available", "use device=auto or device=cpu"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -170,7 +172,9 @@ class MetricLog:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: Any, device: torch.device, amp: bool = False
+) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over the whole test split."""
     model.eval()
     loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
@@ -359,7 +363,9 @@ class Trainer:
                     acc = 100 * self.correct.item() / self.seen
                     post = {"chi": f"{chi:.2e}"} if chi is not None else {}
                     bar.set_postfix(loss=f"{lv:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2g}", **post)
-                    self.log.write({**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})})
+                    self.log.write(
+                        {**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})}
+                    )
                 if self._stop or (self.every_steps and gstep % self.every_steps == 0):
                     self.save("last.pt")
                 self._check_preempted()
@@ -403,7 +409,10 @@ class Trainer:
     def _print(self, rec: dict[str, Any]) -> None:
         if not is_main():
             return
-        parts = [f"{self.phase} epoch {rec['epoch']}/{self.sched.epochs}", f"loss {rec['train_loss']:.4f}"]
+        parts = [
+            f"{self.phase} epoch {rec['epoch']}/{self.sched.epochs}",
+            f"loss {rec['train_loss']:.4f}",
+        ]
         if "test_acc" in rec:
             parts.append(f"test acc {rec['test_acc']:.2f}%")
         if "chi" in rec:

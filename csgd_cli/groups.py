@@ -85,8 +85,7 @@ def check_clusters(groups: Sequence[ChannelGroup], clusters: Clusters) -> None:
         flat = sorted(i for c in cl for i in c)
         if flat != list(range(by_name[name].width)) or any(len(c) == 0 for c in cl):
             raise CsgdError(
-                f"clusters of group '{name}' do not partition its {by_name[name].width} "
-                "channels",
+                f"clusters of group '{name}' do not partition its {by_name[name].width} channels",
                 "recompute them with `csgd cluster` on this checkpoint",
             )
 

@@ -44,7 +44,9 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 
 
 def _is_dense(p: torch.Tensor) -> bool:
-    return p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    return p.is_contiguous() or (
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 class CentripetalSGD(torch.optim.Optimizer):

@@ -21,7 +21,9 @@ from .models import get_model
 _NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _reduce_dim(t: torch.Tensor, dim: int, segments: list[tuple[int, int, list[list[int]]]], summed: bool) -> torch.Tensor:
+def _reduce_dim(
+    t: torch.Tensor, dim: int, segments: list[tuple[int, int, list[list[int]]]], summed: bool
+) -> torch.Tensor:
     """Rebuild ``t`` along ``dim``: listed segments are merged by cluster, the rest copied."""
     pieces, pos = [], 0
     for offset, width, clusters in sorted(segments, key=lambda s: s[0]):
@@ -45,7 +47,9 @@ def l1_selection(model: nn.Module, groups: Sequence[ChannelGroup], ks: dict[str,
     for g in groups:
         if g.name not in ks:
             continue
-        score = sum(mods[p.conv].weight.detach().abs().reshape(g.width, -1).sum(1) for p in g.producers)
+        score = sum(
+            mods[p.conv].weight.detach().abs().reshape(g.width, -1).sum(1) for p in g.producers
+        )
         keep = torch.topk(score, min(ks[g.name], g.width)).indices.sort().values
         out[g.name] = [[int(i)] for i in keep]
     return out

@@ -44,7 +44,14 @@ def main() -> None:
             cl = cluster_groups(m, groups, target_widths(groups, args.ratio), "kmeans", 0)
             opt = CentripetalSGD(m, groups, cl, lr=0.03, epsilon=3e-3, weight_decay=1e-4)
         else:
-            opt = torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
+            opt = torch.optim.SGD(
+                m.parameters(),
+                lr=0.03,
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=1e-4,
+                foreach=True,
+            )
         return m, opt
 
     (m_sgd, sgd), (m_cs, cs) = build("sgd"), build("csgd")
@@ -75,12 +82,18 @@ def main() -> None:
         step_t["csgd"].append(timed(step(m_cs, cs), 5))
     s_sgd, s_cs = statistics.median(step_t["sgd"]), statistics.median(step_t["csgd"])
     n_groups = len(m_cs.channel_groups())
-    print(f"{args.model}, {n_groups} groups clustered at ratio {args.ratio}, batch {args.batch}, CPU, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
-    print(f"optimizer step : foreach SGD {1e3 * o_sgd:7.3f} ms | C-SGD {1e3 * o_cs:7.3f} ms | "
-          f"ratio {o_cs / o_sgd:.2f} (target <= 1.5)")
-    print(f"training step  : plain SGD   {1e3 * s_sgd:7.1f} ms | C-SGD {1e3 * s_cs:7.1f} ms | "
-          f"ratio {s_cs / s_sgd:.3f} (target <= 1.02)")
+    print(
+        f"{args.model}, {n_groups} groups clustered at ratio {args.ratio}, batch {args.batch}, CPU, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} alternating rounds"
+    )
+    print(
+        f"optimizer step : foreach SGD {1e3 * o_sgd:7.3f} ms | C-SGD {1e3 * o_cs:7.3f} ms | "
+        f"ratio {o_cs / o_sgd:.2f} (target <= 1.5)"
+    )
+    print(
+        f"training step  : plain SGD   {1e3 * s_sgd:7.1f} ms | C-SGD {1e3 * s_cs:7.1f} ms | "
+        f"ratio {s_cs / s_sgd:.3f} (target <= 1.02)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,18 +39,39 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cpu")
     sched = OmegaConf.create(
-        {"epochs": 1000, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
-         "norm_weight_decay": None, "kind": "multistep", "milestones": [], "gamma": 0.1,
-         "warmup_epochs": 0, "eval_every": 1, "log_every": 0}
+        {
+            "epochs": 1000,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 1e-4,
+            "norm_weight_decay": None,
+            "kind": "multistep",
+            "milestones": [],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+            "eval_every": 1,
+            "log_every": 0,
+        }
     )
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     m_engine, m_hand = get_model(args.model), get_model(args.model)
     m_hand.load_state_dict(m_engine.state_dict())
-    trainer = Trainer(m_engine, _OneBatch(1000), sched, plain_sgd(m_engine, sched), device=dev,
-                      out=__import__("pathlib").Path("/tmp"), phase="bench", payload={})
+    trainer = Trainer(
+        m_engine,
+        _OneBatch(1000),
+        sched,
+        plain_sgd(m_engine, sched),
+        device=dev,
+        out=__import__("pathlib").Path("/tmp"),
+        phase="bench",
+        payload={},
+    )
     trainer.log.enabled = False
-    opt = torch.optim.SGD(m_hand.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        m_hand.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
 
     def hand() -> None:
         out = m_hand(x)
@@ -76,7 +97,9 @@ def main() -> None:
             t[name] += time.perf_counter() - t0
     n = args.rounds * args.steps * args.batch
     ips = {k: n / v for k, v in t.items()}
-    print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, {args.rounds}x{args.steps} steps each")
+    print(
+        f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, {args.rounds}x{args.steps} steps each"
+    )
     print(f"hand-written loop : {ips['hand']:8.1f} img/s")
     print(f"csgd engine       : {ips['engine']:8.1f} img/s")
     print(f"ratio engine/hand : {ips['engine'] / ips['hand']:.3f}  (target >= 0.97)")
@@ -94,14 +117,23 @@ def main() -> None:
     from PIL import Image
     from torchvision import transforms as T
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in imgs]
     t0 = time.perf_counter()
     for _ in range(4):
         torch.stack([tf(im) for im in pil])
     pil_ips = 4 * 256 / (time.perf_counter() - t0)
-    print(f"augmentation (pad-4 crop + flip + normalise), batch 256: csgd tensors {tensor_ips:,.0f} img/s, "
-          f"torchvision PIL {pil_ips:,.0f} img/s")
+    print(
+        f"augmentation (pad-4 crop + flip + normalise), batch 256: csgd tensors {tensor_ips:,.0f} img/s, "
+        f"torchvision PIL {pil_ips:,.0f} img/s"
+    )
 
 
 if __name__ == "__main__":

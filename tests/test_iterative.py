@@ -30,14 +30,28 @@ def test_iterative_rounds_prune_towards_fractions_of_the_base(tmp_path: Path) ->
     assert r1.widths[:3] == [12, 24, 48] and r2.widths[:3] == [8, 16, 32]
     assert r2.widths[3:] == [8] * 3 + [16] * 3 + [32] * 3
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["rows"]) == ["base", "csgd_r1", "pruned_r1", "csgd_r2", "pruned_r2", "finetuned"]
+    assert list(summary["rows"]) == [
+        "base",
+        "csgd_r1",
+        "pruned_r1",
+        "csgd_r2",
+        "pruned_r2",
+        "finetuned",
+    ]
     ck = torch.load(out / "csgd_r2.pt", weights_only=True)
     assert len(ck["clusters"]["layer1"]) == 8 and ck["base_widths"]["layer1"] == 16
 
 
 def test_only_selected_groups_are_pruned(tmp_path: Path) -> None:
     out = tmp_path / "sel"
-    csgd("run", *DIGITS, "ratio=0.5", "prune.include=[layer3*]", "prune.exclude=[layer3.2.conv1]", f"hydra.run.dir={out}")
+    csgd(
+        "run",
+        *DIGITS,
+        "ratio=0.5",
+        "prune.include=[layer3*]",
+        "prune.exclude=[layer3.2.conv1]",
+        f"hydra.run.dir={out}",
+    )
     thin = load_model(out / "pruned.pt")
     names = [g.name for g in thin.channel_groups()]
     widths = dict(zip(names, thin.widths, strict=True))

@@ -58,9 +58,7 @@ def check_groups(model: nn.Module) -> None:
         assert g.producers, g.name
         for p in g.producers:
             conv = mods[p.conv]
-            out = (
-                conv.out_channels if isinstance(conv, nn.Conv2d) else conv.out_features
-            )
+            out = conv.out_channels if isinstance(conv, nn.Conv2d) else conv.out_features
             assert out == g.width, p.conv
             produced.append(p.conv)
             if p.norm is not None:
@@ -80,9 +78,7 @@ def check_groups(model: nn.Module) -> None:
     spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for g in groups:
         for c in g.consumers:
-            spans.setdefault((c.module, c.kind), []).append(
-                (c.offset, c.offset + g.width)
-            )
+            spans.setdefault((c.module, c.kind), []).append((c.offset, c.offset + g.width))
     for (name, kind), sp in spans.items():
         m = mods[name]
         dim = m.num_features if kind == "norm" else getattr(m, "in_channels", None)
@@ -92,9 +88,7 @@ def check_groups(model: nn.Module) -> None:
     # Each parameter-holding module produces for at most one group.
     assert len(produced) == len(set(produced))
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    assert sorted(convs) == sorted(
-        p for p in produced if isinstance(mods[p], nn.Conv2d)
-    )
+    assert sorted(convs) == sorted(p for p in produced if isinstance(mods[p], nn.Conv2d))
 
 
 @pytest.mark.parametrize(("name", "kw", "shape"), PARAMS)
@@ -218,10 +212,7 @@ def test_vgg_layout_and_small_inputs() -> None:
     pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3  # 8 -> 4 -> 2 -> 1, then the remaining pools are skipped
     groups = model.channel_groups()
-    assert (
-        groups[0].name == "features.0"
-        and groups[-1].consumers[0].module == "classifier.0"
-    )
+    assert groups[0].name == "features.0" and groups[-1].consumers[0].module == "classifier.0"
     assert len(get_model("vgg11").widths) == 8 and len(get_model("vgg19").widths) == 16
     # Skipped pools keep the module indices, so the state_dict keys match any image size.
     assert list(model.state_dict()) == list(get_model("vgg16").state_dict())

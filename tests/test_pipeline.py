@@ -208,4 +208,8 @@ def test_cluster_is_deterministic(tmp_path: Path, method: str) -> None:
     groups = model.channel_groups()
     a = cluster_groups(model, groups, target_widths(groups, 0.625), method, seed=3)
     b = cluster_groups(model, groups, target_widths(groups, 0.625), method, seed=3)
-    assert a == b and len(a["layer1"]) == 10 and sorted(i for c in a["layer3"] for i in c) == list(range(64))
+    assert (
+        a == b
+        and len(a["layer1"]) == 10
+        and sorted(i for c in a["layer3"] for i in c) == list(range(64))
+    )

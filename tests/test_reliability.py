@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ TIMEOUT = 300
 VOLATILE = {"config", "epoch_time", "time", "pruned_from"}
 
 
+_STARTED: list[subprocess.Popen] = []  # ended at module teardown if a failure left them
+
+
 def cmd(stage: str, run_dir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "csgd_cli", stage, *TINY, *args, f"hydra.run.dir={run_dir}"]
 
@@ -52,6 +56,7 @@ def start(stage: str, run_dir: Path, *args: str) -> subprocess.Popen:
             cmd(stage, run_dir, *args), env=ENV, stdout=subprocess.DEVNULL, stderr=err
         )
     proc.err_path = err_path  # type: ignore[attr-defined]
+    _STARTED.append(proc)
     return proc
 
 
@@ -142,7 +147,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """Plain SGD: model, momentum buffers, scheduler, RNG, BN statistics, best.pt, the
     epoch's running loss and metrics.jsonl all continue exactly."""
     target = random.Random(5).choice(
-        [s for s in range(3, 2 * STEPS - 3) if 2 <= s % STEPS < STEPS - 3]
+        [s for s in range(2, 2 * STEPS) if 2 <= s % STEPS <= 8]  # >= 7 steps to spare
     )
     ref = start("pretrain", tmp_path / "ref", *PRETRAIN)
     run_dir = tmp_path / "killed"
@@ -177,7 +182,7 @@ def test_csgd_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """C-SGD: SIGTERM writes last.pt at that very step and exits 143 with one line; the
     resumed run restores the flat momentum buffer and takes the clusters from last.pt
     (it even asks for other clusters, which must be ignored)."""
-    stop_at = random.Random(7).randrange(STEPS + 2, 2 * STEPS - 3)  # epoch 2
+    stop_at = random.Random(7).randrange(STEPS + 2, STEPS + 9)  # mid epoch 2
     ref = start("train", tmp_path / "ref", *CSGD)
     run_dir = tmp_path / "stopped"
     metrics = run_dir / "metrics.jsonl"
@@ -232,7 +237,7 @@ def seed0_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_run_resumes_in_the_phase_it_stopped(tmp_path: Path, seed0_run: Any) -> None:
     run_dir = tmp_path / "killed"
-    kill_at = STEPS + random.Random(11).randrange(2, STEPS - 3)  # C-SGD epoch 2
+    kill_at = STEPS + random.Random(11).randrange(2, 9)  # mid C-SGD epoch 2
     rc, _ = interrupt_at(
         start("run", run_dir, *RUN), run_dir / "train" / "metrics.jsonl", kill_at, signal.SIGKILL
     )
@@ -351,24 +356,33 @@ def test_failing_save_keeps_previous_checkpoint(
 
 
 # -- 4. divergence guard -----------------------------------------------------------------
-def test_divergence_stops_with_a_hint_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+DIVERGE = [
+    "schedule.epochs=3",
+    "schedule.milestones=[1]",
+    "schedule.gamma=1e8",
+    "schedule.log_every=0",
+    "epsilon=0.05",
+    "ratio=0.5",
+    "checkpoint.every_steps=1",
+]
+
+
+def test_divergence_stops_with_a_hint_and_keeps_the_last_good_checkpoint(background: Any) -> None:
     """Epoch 1 trains normally; from epoch 2 the lr is multiplied by 1e8. Per-step logging
     is off, so the guard on every save (every step) is what catches the NaN weights."""
-    args = ["schedule.epochs=3", "schedule.milestones=[1]", "schedule.gamma=1e8", "schedule.log_every=0",
-            "epsilon=0.05", "ratio=0.5", "checkpoint.every_steps=1"]  # fmt: skip
-    rc, err = run("train", tmp_path / "run", *args)
+    run_dir = background["diverge"]
+    rc, err = background["wait"]("diverge")
     assert rc == 2, err
     line = one_line(err)
-    assert (
-        "non-finite" in line and "epsilon" in line and "schedule.lr" in line and "last.pt" in line
-    ), line
+    assert "non-finite" in line and "epsilon" in line and "schedule.lr" in line, line
+    assert f"{run_dir / 'last.pt'} is kept" in line, line
     for name in ("last.pt", "best.pt"):
-        ck = load(tmp_path / "run" / name)
+        ck = load(run_dir / name)
         assert all(
             torch.isfinite(t).all() for t in ck["state_dict"].values() if t.is_floating_point()
         )
-    assert load(tmp_path / "run" / "best.pt")["epoch"] == 1
-    assert load(tmp_path / "run" / "last.pt")["epoch"] == 1  # stopped inside epoch 2
+    assert load(run_dir / "best.pt")["epoch"] == 1
+    assert load(run_dir / "last.pt")["epoch"] == 1  # stopped inside epoch 2
 
 
 # -- 6. safe loading ---------------------------------------------------------------------
@@ -406,10 +420,28 @@ def test_crafted_pickle_is_refused_by_load_model(tmp_path: Path, kind: str) -> N
     assert not marker.exists()
 
 
-def test_crafted_pickle_is_refused_by_the_cli(tmp_path: Path) -> None:
-    path, marker = _crafted(tmp_path, "system")
-    rc, err = run("eval", tmp_path / "eval", f"ckpt={path}")
+def test_crafted_pickle_is_refused_by_the_cli(background: Any) -> None:
+    rc, err = background["wait"]("eval")
     assert rc == 2
     line = one_line(err)
-    assert "refused" in line and "posix.system" in line and str(path) in line, line
-    assert not marker.exists() and not (tmp_path / "eval").exists()
+    assert "refused" in line and "posix.system" in line and str(background["evil"]) in line, line
+    assert not background["marker"].exists() and not background["eval"].exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Short runs that only need checking at the end, started with the first test so
+    that they fill the CPU the kill/resume tests leave idle. At teardown, every process
+    this module started and that still runs (a failed test's) is killed."""
+    root = tmp_path_factory.mktemp("background")
+    evil, marker = _crafted(root, "system")
+    dirs = {"diverge": root / "diverge", "eval": root / "eval"}
+    procs = {
+        "diverge": start("train", dirs["diverge"], *DIVERGE),
+        "eval": start("eval", dirs["eval"], f"ckpt={evil}"),
+    }
+    yield {**dirs, "evil": evil, "marker": marker, "wait": lambda name: finish(procs[name])}
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

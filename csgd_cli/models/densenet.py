@@ -63,18 +63,14 @@ class CifarDenseNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 7 or (depth - 4) % 3 != 0:
-            raise TypeError(
-                f"depth must be 3n+4 with n >= 1 (e.g. 40, 100), got {depth}"
-            )
+            raise TypeError(f"depth must be 3n+4 with n >= 1 (e.g. 40, 100), got {depth}")
         n = self.layers_per_block = (depth - 4) // 3
         self.depth, self.growth = depth, growth
         if widths is None:
             c1 = stem + n * growth
             widths = [stem] + [growth] * (N_BLOCKS * n) + [c1, c1 + n * growth]
         if len(widths) != 1 + N_BLOCKS * n + N_BLOCKS - 1:
-            raise TypeError(
-                f"widths needs {N_BLOCKS * n + N_BLOCKS} entries for depth {depth}"
-            )
+            raise TypeError(f"widths needs {N_BLOCKS * n + N_BLOCKS} entries for depth {depth}")
         self.widths = [int(w) for w in widths]
         self.conv0 = nn.Conv2d(in_channels, self.widths[0], 3, 1, 1, bias=False)
         cin, size = self.widths[0], int(image_size)
@@ -115,9 +111,7 @@ class CifarDenseNet(nn.Module):
             # Readers of the block's concatenation after layer i: (norm, conv) pairs.
             readers = [(f"{blk}.{i}.norm", f"{blk}.{i}.conv") for i in range(n)]
             readers.append(
-                (f"trans{b + 1}.norm", f"trans{b + 1}.conv")
-                if b < N_BLOCKS - 1
-                else ("norm", "fc")
+                (f"trans{b + 1}.norm", f"trans{b + 1}.conv") if b < N_BLOCKS - 1 else ("norm", "fc")
             )
             head = "conv0" if b == 0 else f"trans{b}.conv"
             head_w = w[0] if b == 0 else w[1 + N_BLOCKS * n + b - 1]

@@ -65,7 +65,9 @@ class CifarResNet(nn.Module):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
                 # Projection decided by structure, not width, so thin nets keep the layout.
-                blocks.append(BasicBlock(cin, inner_w[s * n + b], stage_w[s], stride, s > 0 and b == 0))
+                blocks.append(
+                    BasicBlock(cin, inner_w[s * n + b], stage_w[s], stride, s > 0 and b == 0)
+                )
                 cin = stage_w[s]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

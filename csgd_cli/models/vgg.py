@@ -49,9 +49,7 @@ class CifarVGG(nn.Module):
         if widths is None:
             widths = [int(c) for c in config if c != "M"]
         if len(widths) != n_conv:
-            raise TypeError(
-                f"widths needs {n_conv} entries (one per conv), got {len(widths)}"
-            )
+            raise TypeError(f"widths needs {n_conv} entries (one per conv), got {len(widths)}")
         self.widths = [int(w) for w in widths]
         layers: list[nn.Module] = []
         self.conv_idx: list[int] = []  # index in ``features`` of every conv, in order
@@ -86,9 +84,7 @@ class CifarVGG(nn.Module):
         groups = []
         for k, i in enumerate(self.conv_idx):
             nxt = (
-                f"features.{self.conv_idx[k + 1]}"
-                if k + 1 < len(self.conv_idx)
-                else "classifier.0"
+                f"features.{self.conv_idx[k + 1]}" if k + 1 < len(self.conv_idx) else "classifier.0"
             )
             groups.append(
                 ChannelGroup(

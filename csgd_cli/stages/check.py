@@ -21,7 +21,11 @@ def chi_report(model: nn.Module, clusters: Clusters, affine: bool = False) -> di
     """Total chi, chi relative to the kernels' squared norm, the largest deviation."""
     terms = chi_terms(model, channel_groups(model), clusters, affine)
     per = {
-        k: {"chi": v["chi"].item(), "relative": (v["chi"] / v["norm"]).item(), "max_dev": v["max"].item()}
+        k: {
+            "chi": v["chi"].item(),
+            "relative": (v["chi"] / v["norm"]).item(),
+            "max_dev": v["max"].item(),
+        }
         for k, v in terms.items()
     }
     total = sum(v["chi"].item() for v in terms.values())
@@ -56,7 +60,13 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_clusters(channel_groups(model), clusters)
     rep = chi_report(model, clusters)
     for name, g in rep["groups"].items():
-        log.info("%-28s chi %.3e  relative %.3e  max dev %.3e", name, g["chi"], g["relative"], g["max_dev"])
+        log.info(
+            "%-28s chi %.3e  relative %.3e  max dev %.3e",
+            name,
+            g["chi"],
+            g["relative"],
+            g["max_dev"],
+        )
     # Kernels alone are the paper's chi; a merge is exact only if gamma/beta match too.
     full = chi_report(model, clusters, affine=True)
     rep["affine_relative"], rep["affine_max_dev"] = full["relative"], full["max_dev"]

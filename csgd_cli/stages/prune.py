@@ -34,7 +34,9 @@ def merge_checked(
     model.to(ctx.device).eval()
     if l1:
         groups = pruned_groups(cfg, model)
-        clusters = l1_selection(model, groups, target_widths(groups, cfg.ratio, base_widths(model, ck)))
+        clusters = l1_selection(
+            model, groups, target_widths(groups, cfg.ratio, base_widths(model, ck))
+        )
     thin = merge(model, channel_groups(model), clusters, partial=l1).eval()
     x, _ = ctx.data.sample_batch(256)
     a, b = model(x).double(), thin(x).double()
@@ -77,7 +79,9 @@ def export(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def save_pruned(ctx: Ctx, thin: nn.Module, ck: dict[str, Any], rep: dict[str, Any], src: str, path: Path) -> None:
+def save_pruned(
+    ctx: Ctx, thin: nn.Module, ck: dict[str, Any], rep: dict[str, Any], src: str, path: Path
+) -> None:
     info = payload(ctx.cfg, thin, ck, pruned_from=src, merge_check=rep, metrics=rep)
     save_checkpoint(path, {**info, "state_dict": thin.state_dict()})
     if ctx.cfg.prune.export:
@@ -87,7 +91,9 @@ def save_pruned(ctx: Ctx, thin: nn.Module, ck: dict[str, Any], rep: dict[str, An
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.ckpt is None:
-        raise CsgdError("csgd prune needs a checkpoint", "pass ckpt=<csgd.pt or last.pt of csgd train>")
+        raise CsgdError(
+            "csgd prune needs a checkpoint", "pass ckpt=<csgd.pt or last.pt of csgd train>"
+        )
     model, ck = load(cfg.ckpt, "ckpt")
     clusters = need_clusters(ck, cfg.ckpt) if cfg.prune.method == "csgd" else None
     ctx = setup(cfg, out)

@@ -43,7 +43,9 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         save_checkpoint(base, {**payload(cfg, model, ck), "state_dict": model.state_dict()})
     else:
         model, ck = new_model(cfg, ctx.data), {}
-        model, ck = train_phase(ctx, model, cfg.pretrain, "pretrain", out / "pretrain", payload(cfg, model, ck))
+        model, ck = train_phase(
+            ctx, model, cfg.pretrain, "pretrain", out / "pretrain", payload(cfg, model, ck)
+        )
         save_checkpoint(base, ck)
     rows["base"] = measure(ctx, model)
     l1 = cfg.prune.method == "l1"
@@ -63,12 +65,20 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             else:
                 clusters = make_clusters(cfg, model, ck, ratio)
                 info = payload(cfg, model, ck, ratio=ratio, epsilon=cfg.epsilon)
-                model, ck = train_phase(ctx, model, cfg.schedule, f"train{tag}", out / f"train{tag}", info, clusters)
+                model, ck = train_phase(
+                    ctx, model, cfg.schedule, f"train{tag}", out / f"train{tag}", info, clusters
+                )
                 clusters = ck["clusters"]  # on resume: the ones stored in last.pt
                 save_checkpoint(csgd, ck)
             chi = chi_report(model, clusters)
-            log.info("chi %.3e (relative %.3e) after C-SGD round %d", chi["chi"], chi["relative"], r + 1)
-            rows[f"csgd{tag}"] = {**measure(ctx, model), "chi": chi["chi"], "chi_relative": chi["relative"]}
+            log.info(
+                "chi %.3e (relative %.3e) after C-SGD round %d", chi["chi"], chi["relative"], r + 1
+            )
+            rows[f"csgd{tag}"] = {
+                **measure(ctx, model),
+                "chi": chi["chi"],
+                "chi_relative": chi["relative"],
+            }
         thin, rep = merge_checked(ctx, model, ck, clusters)
         save_pruned(ctx, thin, ck, rep, str(out / f"csgd{tag}.pt") if not l1 else str(base), pruned)
         model, ck = load(str(pruned), "pruned", ctx.data)
