@@ -8,17 +8,17 @@ For a group's kernels ``K`` (one row per channel), raw gradient ``G``, weight de
 then plain momentum (optionally Nesterov) SGD runs on ``G'``. Norm gamma/beta and conv
 biases of the group use ``norm_epsilon`` (default 0.1 eps) and ``norm_weight_decay``.
 
-Why a flat buffer: torch's foreach SGD costs a few microseconds per tensor; the
+Why a flat buffer: torch's foreach SGD costs a few microseconds per tensor, and the
 per-layer matrix products of the reference code cost 5-8x that step. Here every
-parameter and gradient is a view into one buffer laid out group by group, each group a
-contiguous ``(n, D)`` matrix (row ``i`` = channel ``i`` of all its tensors), so the
-cluster mean is one ``index_add_`` + one ``index_select`` per group and everything else
-is a handful of whole-buffer operations.
+parameter and gradient is a contiguous view into one buffer (so the forward pass sees
+ordinary dense weights), ``G - eps K``, the decay and the momentum update are
+whole-buffer operations, and the cluster mean is, per group, one ``cat`` of its tensors'
+rows into an ``(n, D)`` matrix, one ``index_add_`` and one ``index_select``; one
+``_foreach_copy_`` writes every group's result back.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,16 +31,11 @@ from .groups import ChannelGroup, Clusters, cluster_labels
 
 @dataclass
 class _Block:
-    start: int  # offset of the group's (n, D) matrix in the flat buffer
-    n: int
-    d: int
+    rows: list[torch.Tensor]  # (n, d_t) row views of ``G - eps K`` for each tensor, in order
+    tmp: torch.Tensor  # (n, D) scratch: the group's rows side by side
+    mean: torch.Tensor  # (k, D) scratch: cluster means
     labels: torch.Tensor  # cluster index per row
     inv_size: torch.Tensor  # (k, 1): 1 / |H|
-    copies: list[tuple[nn.Parameter, int, int]]  # norm-consumer slices: (param, offset, col)
-
-
-# Params are strided views of the flat buffer by design; autograd still accumulates in place.
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 def _is_dense(p: torch.Tensor) -> bool:
@@ -53,8 +48,8 @@ class CentripetalSGD(torch.optim.Optimizer):
     """Momentum SGD whose pruned groups receive the centripetal gradient.
 
     Parameters outside every pruned group train as plain SGD with ``weight_decay``
-    (``norm_weight_decay`` for 1-d tensors: norms and biases). Use ``zero_grad()`` of
-    this optimizer: gradients live in its buffer and are zeroed in place.
+    (``plain_norm_weight_decay`` for 1-d tensors: norms and biases). Use ``zero_grad()``
+    of this optimizer: gradients live in its buffer and are zeroed in place.
     """
 
     def __init__(
@@ -79,87 +74,92 @@ class CentripetalSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.epsilon = epsilon
         norm_eps = 0.1 * epsilon if norm_epsilon is None else norm_epsilon
-        plain_norm_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
+        plain_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
         mods = dict(model.named_modules())
-        self._spans: list[list[tuple[int, int, float, float]]] = []
         dev, dtype = params[0].device, params[0].dtype
-        layout: list[tuple[nn.Parameter, int, tuple[int, ...]]] = []  # (param, offset, strides)
-        self._blocks: list[_Block] = []
-        seen: set[int] = set()
-        pos = 0
-        for g in groups:
-            if g.name not in clusters:
-                continue
-            tensors: list[tuple[nn.Parameter, bool]] = []  # (param, is_kernel)
-            for prod in g.producers:
-                conv = mods[prod.conv]
-                tensors.append((conv.weight, True))
-                if getattr(conv, "bias", None) is not None:
-                    tensors.append((conv.bias, False))
-                if prod.norm is not None:
-                    tensors += [(mods[prod.norm].weight, False), (mods[prod.norm].bias, False)]
-            spans, col = [], 0
-            for p, is_kernel in tensors:
-                if id(p) in seen or p.shape[0] != g.width or not _is_dense(p):
-                    raise CsgdError(
-                        f"group '{g.name}' cannot be laid out (shared, mis-sized or strided "
-                        "parameter)",
-                        "check the model's channel_groups()",
-                    )
-                seen.add(id(p))
-                e, wd = (epsilon, weight_decay) if is_kernel else (norm_eps, norm_weight_decay)
-                layout.append((p, pos + col, None))
-                spans.append((col, p[0].numel(), -e, e + wd))
-                col += p[0].numel()
-            copies = []
-            for c in g.consumers:
-                if c.kind == "norm":
-                    for p in (mods[c.module].weight, mods[c.module].bias):
-                        copies.append((p, c.offset, col))
-                        spans.append((col, 1, -norm_eps, 0.0))
-                        col += 1
-            # Row stride of every tensor in the block is the block's width D = col.
-            for i in range(len(layout) - len(tensors), len(layout)):
-                p, off, _ = layout[i]
-                layout[i] = (p, off, (col, *p.stride()[1:]))
-            sizes = torch.tensor([len(c) for c in clusters[g.name]], dtype=dtype)
-            labels = torch.tensor(cluster_labels(clusters[g.name], g.width), device=dev)
-            self._blocks.append(
-                _Block(pos, g.width, col, labels, (1.0 / sizes).to(dev).unsqueeze(1), copies)
-            )
-            self._spans.append(spans)
-            pos += g.width * col
-        self._cent = pos
-        plain = [p for p in params if id(p) not in seen]
-        plain_off = {}
-        for p in plain:
-            layout.append((p, pos, tuple(p.stride())))
-            plain_off[id(p)] = pos
+        # Every parameter gets a dense slot in the flat buffers, in model order.
+        offset, pos = {}, 0
+        for p in params:
+            if not _is_dense(p):
+                raise CsgdError("a parameter is not dense", "call model.contiguous() first")
+            offset[id(p)] = pos
             pos += p.numel()
         self._flat_p = torch.zeros(pos, device=dev, dtype=dtype)
         self._flat_g = torch.zeros(pos, device=dev, dtype=dtype)
-        # Per-element coefficients, computed once: -eps for the centripetal pull, and the
-        # total decay (lam + eps in groups, plain weight decay elsewhere).
+        self._a = torch.zeros(pos, device=dev, dtype=dtype)  # G - eps K
+        self._neg_eps = torch.zeros(pos, device=dev, dtype=dtype)
         self._decay = torch.zeros(pos, device=dev, dtype=dtype)
-        self._neg_eps = torch.zeros(self._cent, device=dev, dtype=dtype)
-        for blk, spans in zip(self._blocks, self._spans, strict=True):
-            sl = slice(blk.start, blk.start + blk.n * blk.d)
-            m_eps, m_dec = self._neg_eps[sl].view(blk.n, blk.d), self._decay[sl].view(blk.n, blk.d)
-            for c0, w, ne, dec in spans:
-                m_eps[:, c0 : c0 + w] = ne
-                m_dec[:, c0 : c0 + w] = dec
-        for p in plain:
-            off = plain_off[id(p)]
-            self._decay[off : off + p.numel()] = plain_norm_wd if p.dim() == 1 else weight_decay
-        for blk in self._blocks:  # norm-consumer slices: centripetal decay on those entries
-            for p, off, _ in blk.copies:
-                o = plain_off[id(p)]
-                self._decay[o + off : o + off + blk.n] = norm_eps + norm_weight_decay
+        for p in params:
+            o = offset[id(p)]
+            self._decay[o : o + p.numel()] = plain_wd if p.dim() == 1 else weight_decay
+
+        def rows(buf: torch.Tensor, p: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+            """Channel rows of ``p`` (channel ``start + i`` is row ``i``) in ``buf``."""
+            o = offset[id(p)] + start * (p.numel() // p.shape[0])
+            return buf[o : o + n * (p.numel() // p.shape[0])].view(n, -1)
+
+        self._blocks: list[_Block] = []
+        dst: list[torch.Tensor] = []  # gradient rows written back ...
+        src: list[torch.Tensor] = []  # ... from these columns of the blocks' scratch
+        owned: set[int] = set()
+        for g in groups:
+            if g.name not in clusters:
+                continue
+            members: list[
+                tuple[torch.Tensor, int, float, float]
+            ] = []  # (param, first row, eps, decay)
+            for prod in g.producers:
+                conv = mods[prod.conv]
+                members.append((conv.weight, 0, epsilon, weight_decay))
+                extra = [conv.bias] if getattr(conv, "bias", None) is not None else []
+                if prod.norm is not None:
+                    extra += [mods[prod.norm].weight, mods[prod.norm].bias]
+                members += [(t, 0, norm_eps, norm_weight_decay) for t in extra]
+            n_prod = len(members)
+            for c in g.consumers:  # BN over a concatenation: its slice joins the group
+                if c.kind == "norm":
+                    for t in (mods[c.module].weight, mods[c.module].bias):
+                        members.append((t, c.offset, norm_eps, norm_weight_decay))
+            for i, (p, start, e, wd) in enumerate(members):
+                producer = i < n_prod
+                if (
+                    id(p) not in offset
+                    or (producer and p.shape[0] != g.width)
+                    or start + g.width > p.shape[0]
+                ):
+                    raise CsgdError(
+                        f"group '{g.name}' does not fit its tensors (frozen or mis-sized)",
+                        "check the model's channel_groups()",
+                    )
+                key = (id(p), start)
+                if key in owned:
+                    raise CsgdError(
+                        f"group '{g.name}' shares a tensor with another group",
+                        "check channel_groups()",
+                    )
+                owned.add(key)
+                rows(self._neg_eps, p, g.width, start).fill_(-e)
+                rows(self._decay, p, g.width, start).fill_(e + wd)
+            a_rows = [rows(self._a, p, g.width, s) for p, s, _, _ in members]
+            d = sum(r.shape[1] for r in a_rows)
+            tmp = torch.zeros(g.width, d, device=dev, dtype=dtype)
+            col = 0
+            for (p, s, _, _), r in zip(members, a_rows, strict=True):
+                dst.append(rows(self._flat_g, p, g.width, s))
+                src.append(tmp[:, col : col + r.shape[1]])
+                col += r.shape[1]
+            k = len(clusters[g.name])
+            sizes = torch.tensor([len(c) for c in clusters[g.name]], dtype=dtype, device=dev)
+            labels = torch.tensor(cluster_labels(clusters[g.name], g.width), device=dev)
+            mean = torch.zeros(k, d, device=dev, dtype=dtype)
+            self._blocks.append(_Block(a_rows, tmp, mean, labels, (1.0 / sizes).unsqueeze(1)))
+        self._dst, self._src = dst, src
         self._views: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            for p, off, strides in layout:
-                pv = self._flat_p.as_strided(p.shape, strides, off)
-                gv = self._flat_g.as_strided(p.shape, strides, off)
+            for p in params:
+                o = offset[id(p)]
+                pv = self._flat_p.as_strided(p.shape, p.stride(), o)
+                gv = self._flat_g.as_strided(p.shape, p.stride(), o)
                 pv.copy_(p)
                 p.data = pv
                 if p.grad is not None:
@@ -189,22 +189,14 @@ class CentripetalSGD(torch.optim.Optimizer):
     def transform_(self) -> None:
         """Replace every gradient by its C-SGD form G' (weight decay included), in place."""
         self._attach()
-        g, p, c = self._flat_g, self._flat_p, self._cent
-        for blk in self._blocks:
-            gm = g[blk.start : blk.start + blk.n * blk.d].view(blk.n, blk.d)
-            pm = p[blk.start : blk.start + blk.n * blk.d].view(blk.n, blk.d)
-            for q, off, col in blk.copies:
-                gm[:, col].copy_(q.grad[off : off + blk.n])
-                pm[:, col].copy_(q.data[off : off + blk.n])
-        a = torch.addcmul(g[:c], p[:c], self._neg_eps)  # G - eps K
-        for blk in self._blocks:
-            am = a[blk.start : blk.start + blk.n * blk.d].view(blk.n, blk.d)
-            mean = torch.zeros(blk.inv_size.shape[0], blk.d, device=a.device, dtype=a.dtype)
-            mean.index_add_(0, blk.labels, am).mul_(blk.inv_size)
-            gm = g[blk.start : blk.start + blk.n * blk.d].view(blk.n, blk.d)
-            torch.index_select(mean, 0, blk.labels, out=gm)
-            for q, off, col in blk.copies:
-                q.grad[off : off + blk.n].copy_(gm[:, col])
+        g, p = self._flat_g, self._flat_p
+        if self._blocks:
+            torch.addcmul(g, p, self._neg_eps, out=self._a)  # G - eps K
+            for blk in self._blocks:
+                torch.cat(blk.rows, dim=1, out=blk.tmp)
+                blk.mean.zero_().index_add_(0, blk.labels, blk.tmp).mul_(blk.inv_size)
+                torch.index_select(blk.mean, 0, blk.labels, out=blk.tmp)
+            torch._foreach_copy_(self._dst, self._src)  # mean_H (G - eps K) into G
         g.addcmul_(p, self._decay)  # + (lam + eps) K, or plain weight decay
 
     @torch.no_grad()

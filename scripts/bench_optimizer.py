@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.625)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=40, help="whole training steps per kind")
     args = ap.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
@@ -76,10 +77,12 @@ def main() -> None:
 
         return f
 
+    # steps alternate one by one so that load drift hits both alike; medians per kind
     step_t = {"sgd": [], "csgd": []}
-    for _ in range(args.rounds):
-        step_t["sgd"].append(timed(step(m_sgd, sgd), 5))
-        step_t["csgd"].append(timed(step(m_cs, cs), 5))
+    f_sgd, f_cs = step(m_sgd, sgd), step(m_cs, cs)
+    for i in range(args.steps):  # which goes first alternates too
+        for kind in ("sgd", "csgd") if i % 2 else ("csgd", "sgd"):
+            step_t[kind].append(timed(f_sgd if kind == "sgd" else f_cs, 1))
     s_sgd, s_cs = statistics.median(step_t["sgd"]), statistics.median(step_t["csgd"])
     n_groups = len(m_cs.channel_groups())
     print(
