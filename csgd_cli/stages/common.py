@@ -271,15 +271,17 @@ def train_phase(
         every_steps=ctx.cfg.checkpoint.every_steps,
         chi_fn=chi_fn(model, clusters) if clusters else None,
     )
+    if ctx.cfg.resume and ck is None:
+        log.warning("resume=true but %s does not exist: %s starts from its beginning", last, phase)
     if ck is not None:
         trainer.restore(ck)
         log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)
     metrics = trainer.fit()
     state = {**trainer.state(), "metrics": metrics}
-    if clusters:  # detach params from the optimizer's strided buffer: fast contiguous weights
+    if clusters:  # untie params from the optimizer's flat buffer so it can be freed
         with torch.no_grad():
             for p in model.parameters():
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
+                p.data = p.data.clone(memory_format=torch.preserve_format)
                 p.grad = None
     return model, state
 
