@@ -11,6 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# A tiny ResNet-20 on 256 digits: CLI runs that finish in seconds.
+TINY_DIGITS = [
+    "model=resnet20",
+    "+model.kwargs.widths=[4,8,8,4,4,4,8,8,8,8,8,8]",
+    "dataset=digits",
+    "dataset.limit=256",
+    "dataset.batch_size=16",
+    "device=cpu",
+    "eval.latency_iters=1",
+    "eval.latency_batch=8",
+]
+
 
 class _Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2 `str` opcodes, as the original CIFAR pickles do.

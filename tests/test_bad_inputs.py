@@ -19,17 +19,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_DIGITS as TINY
 
-TINY = [
-    "model=resnet20",
-    "+model.kwargs.widths=[4,8,8,4,4,4,8,8,8,8,8,8]",
-    "dataset=digits",
-    "dataset.limit=256",
-    "dataset.batch_size=16",
-    "device=cpu",
-    "eval.latency_iters=1",
-    "eval.latency_batch=8",
-]
 EARLIER = [
     *TINY,
     "pretrain.epochs=1",

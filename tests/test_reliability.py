@@ -23,17 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIGITS as TINY
 
-TINY = [
-    "model=resnet20",
-    "+model.kwargs.widths=[4,8,8,4,4,4,8,8,8,8,8,8]",
-    "dataset=digits",
-    "dataset.limit=256",
-    "dataset.batch_size=16",
-    "device=cpu",
-    "eval.latency_iters=1",
-    "eval.latency_batch=8",
-]
 STEPS = 16  # 256 images / batch 16
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
