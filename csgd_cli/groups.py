@@ -73,20 +73,30 @@ def select_groups(
     return chosen
 
 
-def check_clusters(groups: Sequence[ChannelGroup], clusters: Clusters) -> None:
-    """Refuse clusters that do not partition the channels of the model's groups."""
+def check_clusters(groups: Sequence[ChannelGroup], clusters: object, where: str = "") -> None:
+    """Refuse clusters that are malformed or do not partition the model's groups' channels.
+
+    ``where`` (e.g. ``"ckpt=x.pt"``) prefixes the message: clusters come from files."""
+    fix = "recompute them with `csgd cluster` on this checkpoint"
+    pre = f"{where}: " if where else ""
+    well_formed = isinstance(clusters, dict) and all(
+        isinstance(cl, list)
+        and all(isinstance(c, list) and all(isinstance(i, int) for i in c) for c in cl)
+        for cl in clusters.values()
+    )
+    if not well_formed:
+        raise CsgdError(f"{pre}its clusters are malformed", fix)
     by_name = {g.name: g for g in groups}
     for name, cl in clusters.items():
         if name not in by_name:
             raise CsgdError(
-                f"clusters name group '{name}', which this model does not have",
-                "recompute them with `csgd cluster` on this checkpoint",
+                f"{pre}clusters name group '{name}', which this model does not have", fix
             )
         flat = sorted(i for c in cl for i in c)
         if flat != list(range(by_name[name].width)) or any(len(c) == 0 for c in cl):
             raise CsgdError(
-                f"clusters of group '{name}' do not partition its {by_name[name].width} channels",
-                "recompute them with `csgd cluster` on this checkpoint",
+                f"{pre}clusters of group '{name}' do not partition its {by_name[name].width} channels",
+                fix,
             )
 
 

@@ -173,7 +173,14 @@ class CentripetalSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _attach(self) -> None:
-        """Re-point params/grads at the buffer if something replaced them."""
+        """Re-point params/grads at the buffer if something replaced them.
+
+        ``model.zero_grad()`` (set to None) or ``model.to(...)`` replaces every tensor, so
+        the first parameter tells: the hot path costs one check, not a loop."""
+        p0, pv0, gv0 = self._views[0]
+        g0 = p0.grad
+        if g0 is not None and g0.data_ptr() == gv0.data_ptr() and p0.data_ptr() == pv0.data_ptr():
+            return
         for p, pv, gv in self._views:
             if p.data_ptr() != pv.data_ptr():
                 pv.copy_(p.data)

@@ -104,3 +104,17 @@ def test_chi_shrinks_by_predicted_factor() -> None:
         prev = now
     # the singleton cluster only decays: it has no deviation to begin with
     assert prev > 0
+
+
+def test_model_zero_grad_does_not_detach_the_buffer() -> None:
+    """``model.zero_grad()`` sets grads to None; the next step must still train every
+    parameter (the optimizer re-attaches them to its buffer)."""
+    torch.manual_seed(0)
+    m = get_model("resnet20")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = CentripetalSGD(m, m.channel_groups(), {}, lr=0.1, epsilon=0.0)
+    before = [p.detach().clone() for p in m.parameters()]
+    m.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))

@@ -112,7 +112,7 @@ def preflight(cfg: DictConfig, cache: dict[str, Any] | None = None) -> None:
         if data is not None:
             check_fits(ck, path, key, data)
         if ck.get("clusters"):
-            clusters_fit(model, ck["clusters"], f"{key}={path}")
+            check_clusters(channel_groups(model), ck["clusters"], f"{key}={path}")
         elif stage in ("train", "run", "cluster"):
             pruned_groups(cfg, model)  # prune.include/exclude must match a group
         if key == "ckpt" and (
@@ -125,24 +125,6 @@ def preflight(cfg: DictConfig, cache: dict[str, Any] | None = None) -> None:
         model = new_model(cfg, data)  # refuses model arguments the constructor does not take
         if stage != "pretrain":
             pruned_groups(cfg, model)  # prune.include/exclude must match a group
-
-
-def clusters_fit(model: nn.Module, clusters: Any, where: str) -> None:
-    """Refuse clusters that are malformed or do not partition the model's groups."""
-    try:
-        ok = isinstance(clusters, dict) and all(
-            isinstance(i, int) for cl in clusters.values() for c in cl for i in c
-        )
-        if ok:
-            check_clusters(channel_groups(model), clusters)
-    except CsgdError as e:
-        raise CsgdError(f"{where}: {e}") from None
-    except (TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise CsgdError(
-            f"{where}: its clusters are malformed", "recompute them with `csgd cluster`"
-        )
 
 
 def start_model(ctx: Ctx, *keys: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -172,7 +154,7 @@ def clusters_for(cfg: DictConfig, model: nn.Module, ck: dict[str, Any]) -> Clust
     """Clusters given with the checkpoint (checked against the model), else new ones."""
     cl = ck.get("clusters")
     if cl:
-        check_clusters(channel_groups(model), cl)
+        check_clusters(channel_groups(model), cl, "clusters given with the checkpoint")
         return cl
     return make_clusters(cfg, model, ck, cfg.ratio)
 
@@ -253,7 +235,7 @@ def train_phase(
                 "resume in the run directory the interrupted run used (hydra.run.dir=...)",
             )
         if clusters and ck.get("clusters"):  # the clusters this phase was trained with
-            clusters_fit(model, ck["clusters"], str(last))
+            check_clusters(channel_groups(model), ck["clusters"], str(last))
             if ck["clusters"] != clusters:
                 log.info("resume: using the clusters stored in %s, not new ones", last)
             clusters = ck["clusters"]
