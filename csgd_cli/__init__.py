@@ -1,7 +1,26 @@
-"""csgd: prune deep CNNs with Centripetal SGD (Ding et al., CVPR 2019)."""
+"""csgd: prune deep CNNs with Centripetal SGD (Ding et al., CVPR 2019).
 
-from .checkpoint import load_model
-from .models import get_model, list_models, register_model
+The public names load lazily, so ``csgd --help`` and a bad override never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["get_model", "list_models", "load_model", "register_model"]
 __version__ = "0.1.0"
+
+_WHERE = {
+    "load_model": "checkpoint",
+    "get_model": "models",
+    "list_models": "models",
+    "register_model": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'csgd_cli' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CsgdError
+from .files import atomic_write
 from .models import get_model
 
 REQUIRED = ("arch", "state_dict")
@@ -30,30 +32,18 @@ def _plain(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``:
-    a kill mid-save leaves the previous file intact."""
+    """Write atomically (``files.atomic_write``): a kill mid-save leaves the previous
+    file intact; temporary files of writers killed earlier are removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buf = io.BytesIO()
+    torch.save(_plain(payload), buf)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(_plain(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, buf.getvalue())
     except OSError as e:
         raise CsgdError(
             f"could not write checkpoint {path} ({e.strerror or e})",
             "free disk space or pass a writable hydra.run.dir",
         ) from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     _remove_stale_temps(path)
     return path
 
@@ -98,6 +88,10 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
             f"{key}={path} is truncated, damaged or not a checkpoint ({type(e).__name__})",
             f"pass {key}= a complete .pt file written by csgd",
         ) from e
+    if key == "init" and isinstance(ck, dict) and "arch" not in ck:  # torchvision's .pth
+        from .models.torchvision_models import arch_of_state_dict
+
+        return {"arch": arch_of_state_dict(ck, str(path), key), "state_dict": dict(ck)}
     if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED):
         raise CsgdError(
             f"{key}={path} is not a csgd checkpoint (no arch/state_dict)",
@@ -131,9 +125,12 @@ def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
             "the checkpoint is damaged or was edited; use one written by csgd",
         ) from e
     want, got = model.state_dict(), ck["state_dict"]
+    shape_ok = arch.get("group_widths") is not None  # a merged traced model: resized below
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     shape = [k for k in want if k in got and getattr(got[k], "shape", None) != want[k].shape]
+    if shape_ok:
+        shape = []
     if missing or extra or shape:
         first = (missing or extra or shape)[0]
         raise CsgdError(
@@ -142,7 +139,13 @@ def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
             "the checkpoint is damaged or was edited; use one written by csgd",
         )
     try:
-        model.load_state_dict(got)
+        if shape_ok:
+            from .surgery import fit_to_state_dict
+
+            fit_to_state_dict(model, got)
+            model.arch = arch
+        else:
+            model.load_state_dict(got)
     except (RuntimeError, TypeError) as e:
         raise CsgdError(
             f"{key}: weights do not load into architecture {arch['name']} ({str(e).splitlines()[0]})",
@@ -154,3 +157,64 @@ def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild any checkpoint csgd writes (base, C-SGD, pruned) in eval mode."""
     return model_from_checkpoint(load_checkpoint(path)).eval()
+
+
+# -- what a stage reads from and writes into checkpoints -------------------------------
+def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Fields every checkpoint carries besides the training state."""
+    from omegaconf import OmegaConf
+
+    return {
+        "arch": model.arch,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "stage": cfg.stage,
+        "seed": cfg.seed,
+        "base_widths": base_widths(model, ck),
+        "clusters": None,
+        **extra,
+    }
+
+
+def base_widths(model: nn.Module, ck: dict[str, Any]) -> dict[str, int]:
+    """Original width of every group (kept across iterative rounds)."""
+    if ck.get("base_widths"):
+        return dict(ck["base_widths"])
+    from .groups import channel_groups
+
+    return {g.name: g.width for g in channel_groups(model)}
+
+
+def check_fits(ck: dict[str, Any], path: str, key: str, info: Any) -> None:
+    """Refuse a model built for another data shape (classes, input channels)."""
+    kw = ck["arch"].get("kwargs", {})
+    for name, want in (("num_classes", info.num_classes), ("in_channels", info.in_channels)):
+        if name in kw and kw[name] != want:
+            raise CsgdError(
+                f"{key}={path} was built for {name}={kw[name]} but dataset {info.name} has {want}",
+                "pass the dataset= the checkpoint was trained on",
+            )
+
+
+def check_arch(ck: dict[str, Any], path: str, key: str, model_name: str) -> None:
+    """Refuse weights of another architecture than an explicit ``model=``."""
+    have = ck["arch"].get("name")
+    if have != model_name:
+        raise CsgdError(
+            f"{key}={path} holds a {have} but model={model_name} was given",
+            f"drop model= to continue the {have}, or pass {key}= a {model_name} checkpoint",
+        )
+
+
+def need_clusters(ck: dict[str, Any], path: str) -> dict[str, list[list[int]]]:
+    """The checkpoint's clusters, or a one-line error saying which stage makes them."""
+    if ck.get("clusters"):
+        return ck["clusters"]
+    if ck.get("pruned_from") is not None:
+        raise CsgdError(
+            f"ckpt={path} is a pruned (already merged) model: it has no clusters to check",
+            "pass the C-SGD checkpoint it came from (csgd.pt or last.pt of csgd train)",
+        )
+    raise CsgdError(
+        f"ckpt={path} has no clusters (it was not C-SGD trained)",
+        "run `csgd train init=<this file>` first",
+    )

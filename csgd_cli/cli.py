@@ -14,7 +14,6 @@ import re
 import signal
 import sys
 import tempfile
-import threading
 import traceback
 from importlib.resources import files
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import STAGES, register_schema, validate
 from .errors import CsgdError
+from .files import in_main_thread
 
 _HYDRA_FLAGS = (
     "-h",
@@ -58,7 +58,7 @@ def config_dir() -> Path:
 def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: csgd <stage> [key=value ...] [-m] [--cfg job] [--help]", "", "stages:"]
-    lines += [f"  {s:<{width}}  {d}" for s, d in STAGES.items()]
+    lines += [f"  {s:<{width}}  {d.help}" for s, d in STAGES.items()]
     lines += [
         "",
         "`csgd <stage> --help` shows the stage's config and Hydra options.",
@@ -88,17 +88,25 @@ def _one_line(e: BaseException, stage: str = "<stage>") -> str:
     return " ".join(lines[:2]) + f"; see `csgd {stage} --help`"
 
 
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The override list of every point of a ``-m`` sweep, as Hydra's basic sweeper
+    runs them (``a=1,2 b=x,y`` -> four points, in its order).
+
+    Hydra has no public API for this; its ``BasicSweeper.split_arguments`` is the one
+    private call csgd makes, kept here and pinned by ``tests/test_config.py``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch]
+
+
 def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
     from hydra import compose, initialize_config_dir
 
-    points = [overrides]
-    if multirun:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        points = [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch]
-    cache: dict[str, Any] = {}  # data sets and checkpoints shared by sweep points
+    points = expand_sweep(overrides) if multirun else [overrides]
+    cache: dict[Any, Any] = {}  # data sets and checkpoints shared by sweep points
+    need = STAGES[stage]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
         for point in points:
             try:
@@ -106,15 +114,13 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
             except Exception as e:  # Hydra/OmegaConf composition errors -> one line
                 raise CsgdError(_one_line(e, stage)) from e
             validate(cfg)
-            for key in ("ckpt", "init"):
-                if cfg[key] is not None and not Path(cfg[key]).is_file():
-                    raise CsgdError(
-                        f"{key}={cfg[key]}: no such file", f"pass {key}= a .pt file written by csgd"
-                    )
-            if stage != "report":
-                from .stages.common import preflight  # after the quick checks: it is slow to import
+            if need.data or need.weights or need.fresh:
+                from .preflight import preflight  # after the quick checks: it imports torch
 
-                preflight(cfg, cache)
+                explicit = {o.lstrip("+~").split("=")[0].split(".")[0] for o in point}
+                if not any(o.lstrip("+~").startswith(("model=", "model.name=")) for o in point):
+                    explicit.discard("model")
+                preflight(cfg, sorted(explicit), cache)
 
 
 def _task(stage: str):
@@ -126,14 +132,25 @@ def _task(stage: str):
         out = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
         module = importlib.import_module(f"csgd_cli.stages.{stage}")
-        from .engine import Preempted, raise_preempted
+        from . import distributed
+        from .engine import Preempted, pick_device, raise_preempted
 
-        main_thread = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGTERM, raise_preempted) if main_thread else None
+        def stop_others(code: int, message: str) -> None:
+            """Under torchrun: stop every rank; only the first rank to fail reports."""
+            first = distributed.fail(code, message)
+            if first is not None:  # another rank failed first and said why
+                raise SystemExit(first) from None
+
+        old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
         try:
             validate(cfg)
+            if not multirun:  # torchrun: join the job; every rank uses rank 0's run dir
+                distributed.init(pick_device(cfg.device), cfg.dist)
+                out = distributed.shared_run_dir(out)
             result = module.main(cfg, out)
+            distributed.shutdown()
         except Preempted as e:  # exit 143 with the command that continues the run
+            stop_others(e.exit_code, str(e))
             print(
                 f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
                 f"resume=true hydra.run.dir={out}`",
@@ -143,6 +160,7 @@ def _task(stage: str):
                 _status(out, "preempted", str(e))
             raise SystemExit(e.exit_code) from None
         except CsgdError as e:
+            stop_others(e.exit_code, str(e))
             print(f"csgd {stage}: error: {e}", file=sys.stderr)
             if not multirun:
                 raise SystemExit(e.exit_code) from None
@@ -151,6 +169,7 @@ def _task(stage: str):
             return None
         except Exception as e:
             if not multirun:
+                stop_others(1, f"{type(e).__name__}: {e}")
                 raise
             # One failed sweep point must not stop the others; keep its traceback.
             (out / "error.txt").write_text(traceback.format_exc())
@@ -190,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
             raise CsgdError(f"unknown stage '{stage}'", f"choose one of: {', '.join(STAGES)}")
         register_schema()
         multirun = "-m" in rest or "--multirun" in rest
+        if multirun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CsgdError(
+                "a sweep (-m) cannot run under torchrun", "start one torchrun job per point"
+            )
+        if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 writes .hydra/
+            rest = [*rest, "hydra.output_subdir=null"]
         if not any(a.split("=")[0] in _HYDRA_FLAGS for a in rest):
             overrides = [a for a in rest if not a.startswith("-") and not _is_hydra_key(a)]
             _compose_all(stage, overrides, multirun)

@@ -2,37 +2,85 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
 from .errors import CsgdError
-from .groups import ChannelGroup, Clusters
+from .groups import (
+    ChannelGroup,
+    Clusters,
+    canonical,
+    channel_groups,
+    check_clusters,
+    segment_rows,
+    select_groups,
+)
 
 METHODS = ("kmeans", "even")
 
 
-def num_clusters(width: int, ratio: float) -> int:
-    """k = round(ratio * n), at least 1 (ratio 0.625: 16 -> 10, 32 -> 20, 64 -> 40)."""
-    return max(1, round(ratio * width))
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise CsgdError(f"clustering={method} is unknown", f"pass clustering=<{'|'.join(METHODS)}>")
 
 
-def group_features(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """One row per channel: the kernels of all the group's producers, side by side.
+def num_clusters(width: int, ratio: float, round_to: int = 1) -> int:
+    """k = round(ratio * n), at least 1 (ratio 0.625: 16 -> 10, 32 -> 20, 64 -> 40).
+
+    ``round_to`` > 1: the nearest multiple of it, at least ``round_to`` and never above
+    ``width``; a group narrower than ``round_to`` stays whole (runtimes compute channels
+    in blocks of 8 or 16, so a width of 10 costs what 16 does)."""
+    k = max(1, round(ratio * width))
+    if round_to <= 1:
+        return k
+    if width < round_to:
+        return width
+    return min(width, max(round_to, math.floor(k / round_to + 0.5) * round_to))  # ties up
+
+
+def split_k(k: int, segments: Sequence[tuple[int, int]]) -> list[int]:
+    """Split ``k`` clusters over segments in proportion to their widths (largest
+    remainder), each segment getting at least 1 and at most its width."""
+    widths = [b - a for a, b in segments]
+    total = sum(widths)
+    share = [k * w / total for w in widths]
+    ks = [min(w, max(1, int(s))) for s, w in zip(share, widths, strict=True)]
+    order = sorted(range(len(ks)), key=lambda i: share[i] - int(share[i]), reverse=True)
+    while sum(ks) < min(k, total):
+        grew = False
+        for i in order:
+            if sum(ks) < k and ks[i] < widths[i]:
+                ks[i] += 1
+                grew = True
+        if not grew:
+            break
+    while sum(ks) > max(k, len(ks)):
+        i = max(range(len(ks)), key=lambda j: ks[j])
+        ks[i] -= 1
+    return ks
+
+
+def segment_features(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+    """Per segment, one row per channel: the kernels of all its producers side by side.
 
     Coupled producers (a residual stage) must end with identical channels in *every*
     producer for the merge to be exact, so they are clustered on their joint kernels.
     Each producer's block is scaled to unit Frobenius norm so that no layer dominates.
     """
-    mods = dict(model.named_modules())
-    blocks = []
-    for p in group.producers:
-        w = mods[p.conv].weight.detach().float().reshape(group.width, -1).cpu()
-        blocks.append(w / w.norm().clamp_min(1e-12))
-    return torch.cat(blocks, dim=1)
+    out = []
+    for _a, _b, blocks in segment_rows(model, group, ("kernel",)):
+        cols = []
+        for r in blocks:
+            w = r.tensor.detach().narrow(0, r.row, r.n).float().reshape(r.n, -1).cpu()
+            cols.append(w / w.norm().clamp_min(1e-12))
+        out.append(torch.cat(cols, dim=1))
+    return out
 
 
 def even_clusters(width: int, k: int) -> list[list[int]]:
@@ -74,25 +122,52 @@ def cluster_groups(
     method: str = "kmeans",
     seed: int = 0,
 ) -> Clusters:
-    """Clusters (lists of channel indices) for every group in ``ks`` (name -> k)."""
-    if method not in METHODS:
-        raise CsgdError(f"unknown clustering '{method}'", f"use one of: {', '.join(METHODS)}")
+    """Clusters (lists of channel indices) for every group in ``ks`` (name -> k); a
+    group written by several producers in segments is clustered segment by segment."""
+    check_method(method)
     out: Clusters = {}
     for g in groups:
         if g.name not in ks:
             continue
-        k = min(ks[g.name], g.width)
-        if method == "even":
-            out[g.name] = even_clusters(g.width, k)
-        else:
-            out[g.name] = kmeans_clusters(group_features(model, g), k, seed)
+        segs = g.segments()
+        feats = segment_features(model, g) if method == "kmeans" else [None] * len(segs)
+        cl: list[list[int]] = []
+        for (a, b), k, f in zip(segs, split_k(min(ks[g.name], g.width), segs), feats, strict=True):
+            local = even_clusters(b - a, k) if f is None else kmeans_clusters(f, k, seed)
+            cl += [[a + i for i in c] for c in local]
+        out[g.name] = canonical(cl)
     return out
 
 
 def target_widths(
-    groups: Sequence[ChannelGroup], ratio: float, base: dict[str, int] | None = None
+    groups: Sequence[ChannelGroup],
+    ratio: float,
+    base: dict[str, int] | None = None,
+    round_to: int = 1,
 ) -> dict[str, int]:
     """Width of each group after merging at ``ratio`` of its *original* width ``base``
-    (iterative rounds prune a thinned model towards fractions of the base model)."""
+    (iterative rounds prune a thinned model towards fractions of the base model),
+    rounded to a multiple of ``round_to``; never wider than the group is now."""
     base = base or {}
-    return {g.name: num_clusters(base.get(g.name, g.width), ratio) for g in groups}
+    return {
+        g.name: min(g.width, num_clusters(base.get(g.name, g.width), ratio, round_to))
+        for g in groups
+    }
+
+
+def clusters_for_config(
+    cfg: Any, model: nn.Module, ck: dict[str, Any], ratio: float | None = None
+) -> Clusters:
+    """Clusters of the config's pruned groups (``prune.include``/``exclude``) at
+    ``ratio`` (default ``cfg.ratio``) of the original widths, rounded to
+    ``prune.round_to``; clusters stored in ``ck`` win (checked against the model)."""
+    from .checkpoint import base_widths
+
+    groups = channel_groups(model)
+    if ck.get("clusters") and ratio is None:
+        check_clusters(groups, ck["clusters"], "clusters given with the checkpoint")
+        return ck["clusters"]
+    chosen = select_groups(groups, list(cfg.prune.include), list(cfg.prune.exclude))
+    r = cfg.ratio if ratio is None else ratio
+    ks = target_widths(chosen, r, base_widths(model, ck), cfg.prune.round_to)
+    return cluster_groups(model, chosen, ks, cfg.clustering, cfg.seed)

@@ -10,16 +10,64 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import CsgdError
 
-STAGES = {
-    "pretrain": "train the base model with plain SGD",
-    "cluster": "cluster the channels of every pruned group (k-means or even)",
-    "train": "C-SGD training: pull each cluster's filters to their centre",
-    "check": "report chi (kernel deviation); exit 0 when ready to merge",
-    "prune": "merge clusters into a physically thinner network",
-    "finetune": "plain SGD on a (pruned) checkpoint",
-    "eval": "accuracy, loss, params, FLOPs, latency of a checkpoint",
-    "run": "the whole pipeline: pretrain, cluster, train, check, prune, finetune, eval",
-    "report": "tables and plots over a run or sweep directory",
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage needs; one preflight (``csgd_cli.preflight``) reads these."""
+
+    help: str
+    data: bool = False  # reads the data set
+    weights: str | None = None  # "ckpt": needs ckpt=; "ckpt|init": either; None: optional
+    hint: str = "ckpt=<file.pt>"  # what to pass when the weights are missing
+    clusters: bool = False  # the ckpt must carry clusters (prune: unless prune.method=l1)
+    fresh: bool = False  # builds a fresh model from model= when no weights are given
+    groups: bool = False  # uses prune.include/exclude to choose groups
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage("train the base model with plain SGD", data=True, fresh=True),
+    "groups": Stage("list every channel group: name, width, members, excluded or not", fresh=True),
+    "cluster": Stage(
+        "cluster the channels of every pruned group (k-means or even)",
+        weights="ckpt|init",
+        hint="ckpt=<base.pt> (or init=)",
+        groups=True,
+    ),
+    "train": Stage(
+        "C-SGD training: pull each cluster's filters to their centre",
+        data=True,
+        fresh=True,
+        groups=True,
+    ),
+    "check": Stage(
+        "report chi (kernel deviation); exit 0 when ready to merge",
+        weights="ckpt",
+        hint="ckpt=<csgd.pt or last.pt>",
+        clusters=True,
+    ),
+    "prune": Stage(
+        "merge clusters into a physically thinner network",
+        data=True,
+        weights="ckpt",
+        hint="ckpt=<csgd.pt or last.pt of csgd train>",
+        clusters=True,
+    ),
+    "finetune": Stage(
+        "plain SGD on a (pruned) checkpoint", data=True, weights="ckpt", hint="ckpt=<pruned.pt>"
+    ),
+    "eval": Stage(
+        "accuracy, loss, params, FLOPs, latency of a checkpoint", data=True, weights="ckpt"
+    ),
+    "export": Stage(
+        "export a checkpoint to ONNX (checked in onnxruntime)", data=True, weights="ckpt"
+    ),
+    "run": Stage(
+        "the whole pipeline: pretrain, cluster, train, check, prune, finetune, eval",
+        data=True,
+        fresh=True,
+        groups=True,
+    ),
+    "report": Stage("tables and plots over a run or sweep directory"),
 }
 
 
@@ -27,6 +75,7 @@ STAGES = {
 class ModelConf:
     name: str = "resnet56"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    _target_: str | None = None  # model=custom: dotted path of a callable returning a module
 
 
 @dataclass
@@ -39,9 +88,10 @@ class DatasetConf:
     download: bool = True
     augment: bool = True
     num_workers: int = 4
-    num_train: int = 2048
-    num_test: int = 512
-    image_size: int = 224
+    num_train: int = 512  # synthetic only
+    num_test: int = 256
+    image_size: int = 224  # imagenet; synthetic: conf/dataset/synthetic.yaml (32)
+    num_classes: int | None = None  # synthetic only (default 10)
 
 
 @dataclass
@@ -68,6 +118,7 @@ class PruneConf:
     force: bool = False
     tolerance: float = 1e-4  # largest |logit diff| / largest |logit| accepted at merge
     export: bool = True
+    round_to: int = 1  # cluster counts rounded to a multiple of this (8, 16: runtime blocks)
 
 
 @dataclass
@@ -79,11 +130,21 @@ class CheckConf:
 class EvalConf:
     latency_batch: int = 64
     latency_iters: int = 10
+    backend: str = "eager"  # eager | channels_last | compile | onnxruntime
 
 
 @dataclass
 class CheckpointConf:
     every_steps: int = 0
+
+
+@dataclass
+class DistConf:
+    """torchrun jobs (see README, "Several GPUs or machines")."""
+
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (every rank)
+    backend: str = "auto"  # auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
+    timeout_s: float = 1800.0  # longest wait in one collective before the job fails
 
 
 @dataclass
@@ -97,6 +158,7 @@ class Config:
     check: CheckConf = field(default_factory=CheckConf)
     eval: EvalConf = field(default_factory=EvalConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    dist: DistConf = field(default_factory=DistConf)
     stage: str = MISSING
     epsilon: float = 3e-3
     norm_epsilon: float | None = None  # None: 0.1 * epsilon
@@ -112,6 +174,8 @@ class Config:
     init: str | None = None
     ckpt: str | None = None
     resume: bool = False
+    compile: bool = False  # training step under torch.compile
+    format: str = "onnx"  # csgd export
     dir: str | None = None  # csgd report: the run or sweep directory
 
 
@@ -128,17 +192,6 @@ def _need(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and name checks that types alone cannot express; raises CsgdError."""
-    from .data import DATASETS
-    from .models import list_models
-
-    if cfg.model.name not in list_models():
-        raise CsgdError(
-            f"unknown model '{cfg.model.name}'", f"choose model=<{'|'.join(list_models())}>"
-        )
-    if cfg.dataset.name not in DATASETS:
-        raise CsgdError(
-            f"unknown dataset '{cfg.dataset.name}'", f"choose dataset=<{'|'.join(DATASETS)}>"
-        )
     _need(cfg.epsilon >= 0, "epsilon", cfg.epsilon, ">= 0")
     _need(
         cfg.norm_epsilon is None or cfg.norm_epsilon >= 0, "norm_epsilon", cfg.norm_epsilon, ">= 0"
@@ -163,10 +216,13 @@ def validate(cfg: DictConfig) -> None:
         ">= 0",
     )
     _need(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
+    _need(cfg.prune.round_to >= 1, "prune.round_to", cfg.prune.round_to, ">= 1")
+    _need(cfg.format in ("onnx",), "format", cfg.format, "onnx")
+    backends = ("eager", "channels_last", "compile", "onnxruntime")
+    _need(cfg.eval.backend in backends, "eval.backend", cfg.eval.backend, "|".join(backends))
     d = cfg.dataset
     _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
     _need(d.eval_batch_size >= 1, "dataset.eval_batch_size", d.eval_batch_size, ">= 1")
-    _need(d.limit is None or d.limit >= 1, "dataset.limit", d.limit, ">= 1 (or null)")
     for name in ("schedule", "pretrain", "finetune"):
         s = cfg[name]
         _need(s.epochs >= 0, f"{name}.epochs", s.epochs, ">= 0")
@@ -181,9 +237,19 @@ def validate(cfg: DictConfig) -> None:
         raise CsgdError(
             "both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue"
         )
-    from .clustering import METHODS  # last: it imports scikit-learn, slow for a quick error
+    # Last: names need the registries, which import torch / scikit-learn (slow to load).
+    from .clustering import check_method
+    from .data import check_dataset_name
+    from .models import known_model, list_models
 
-    _need(cfg.clustering in METHODS, "clustering", cfg.clustering, f"one of {'|'.join(METHODS)}")
+    if not known_model(cfg.model.name):
+        raise CsgdError(
+            f"unknown model '{cfg.model.name}'",
+            f"choose model=<{'|'.join(list_models())}>, or model=torchvision "
+            "model.name=<a torchvision.models classification builder>",
+        )
+    check_dataset_name(cfg.dataset.name)
+    check_method(cfg.clustering)
 
 
 def to_yaml(cfg: DictConfig) -> str:

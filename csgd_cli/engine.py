@@ -1,7 +1,11 @@
 """One training/evaluation loop for every stage: devices, AMP, logging, checkpoints.
 
-Multi-process hooks live in two places only: ``dist_info`` decides which process
-writes files and logs; ``build_data(..., rank, world)`` decides how data is sharded.
+Under torchrun (``csgd_cli.distributed``) the same loop runs on every rank: the model
+goes under DDP inside ``fit`` (SyncBatchNorm with ``dist.sync_bn``), each rank takes its
+part of the global batch (``build_data``), logged losses, epoch sums and ``evaluate``
+are reduced over ranks, every rank stops at the same step on SIGTERM, and only rank 0
+writes checkpoints and logs (``save`` is collective: every rank calls it). With one
+process every reduction is the identity and nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import save_checkpoint
 from .errors import CsgdError
+from .files import atomic_write, in_main_thread, read_jsonl
 
 
 class Preempted(CsgdError):
@@ -42,13 +48,28 @@ def raise_preempted(*_: Any) -> None:
     )
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+dist_info = distributed.rank_world  # (rank, world size); (0, 1) for a single process
+is_main = distributed.is_main
 
 
-def is_main() -> bool:
-    return dist_info()[0] == 0
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+class FlatGradScaler(torch.amp.GradScaler):
+    """fp16 loss scaling whose unscale and inf/NaN check is one kernel over the
+    optimizer's flat gradient buffer when it has one (``CentripetalSGD._flat_g``: every
+    ``param.grad`` is a view into it); other optimizers go tensor by tensor."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):  # type: ignore[override]
+        flat = getattr(optimizer, "_flat_g", None)
+        if flat is None:
+            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        with torch.no_grad():
+            torch._amp_foreach_non_finite_check_and_unscale_([flat], found_inf, inv_scale)
+        return {flat.device: found_inf}
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,17 +157,12 @@ class MetricLog:
         if not self.enabled:
             return
         if self.path.is_file():
-            keep = []
-            for line in self.path.read_text().splitlines(keepends=True):
-                try:
-                    rec = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    continue
-                if rec.get("phase") != self.phase or rec.get("step", 0) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(self.path)
+            keep = [
+                json.dumps(r) + "\n"
+                for r in read_jsonl(self.path)
+                if r.get("phase") != self.phase or r.get("step", 0) <= step
+            ]
+            atomic_write(self.path, "".join(keep))
         if self.tb is not None:
             self.tb.close()
             self.tb = self._writer(purge_step=step + 1)
@@ -175,16 +191,21 @@ class MetricLog:
 def evaluate(
     model: nn.Module, data: Any, device: torch.device, amp: bool = False
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over the whole test split."""
+    """Top-1 accuracy (%) and mean cross-entropy over the whole test split.
+
+    Under torchrun each rank evaluates its shard and the sums are reduced, so every
+    rank returns the whole split's figures: call it on every rank."""
     model.eval()
     loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    on = amp and device.type == "cuda"
     for x, y in data.test_batches():
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=on):
             out = model(x)
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         n += y.numel()
-    return {"acc": 100.0 * correct.item() / max(n, 1), "loss": loss.item() / max(n, 1)}
+    loss_sum, right, n = distributed.all_sum([loss.item(), correct.item(), n], device)
+    return {"acc": 100.0 * right / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
 class Trainer:
@@ -208,19 +229,27 @@ class Trainer:
         amp: bool = True,
         every_steps: int = 0,
         chi_fn: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+        compile: bool = False,
     ) -> None:
         self.model, self.data, self.sched, self.opt = model, data, sched, optimizer
         self.device, self.out, self.phase, self.payload = device, out, phase, payload
         self.amp = amp and device.type == "cuda"
         self.every_steps, self.chi_fn = every_steps, chi_fn
+        # compile: forward/backward under torch.compile; the optimizer step stays eager
+        self.forward = torch.compile(model) if compile else model
+        self._compile = compile  # fit() compiles the DDP wrapper instead in a job
         self.steps = data.steps_per_epoch()
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(sched, self.steps))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = amp_dtype(device)
+        self.scaler = FlatGradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.channels_last = device.type == "cuda"
         self.log = MetricLog(out, phase)
         self.epoch, self.step_in_epoch, self.best, self.history = 0, 0, -1.0, []
         self._reset_epoch_stats()
         self._stop = False
+        # test hook: CSGD_TEST_FAIL=<rank>:<global step> makes that rank raise there
+        hook = os.environ.get("CSGD_TEST_FAIL", "")
+        self._fail_at = tuple(int(v) for v in hook.split(":")) if hook else None
 
     def _reset_epoch_stats(self) -> None:
         """Running sums of the current epoch (checkpointed, so a resumed epoch reports
@@ -233,8 +262,8 @@ class Trainer:
         """One optimisation step; returns (loss, #correct) as tensors (no host sync)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, enabled=self.amp):
-            out = self.model(x)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            out = self.forward(x)
             loss = F.cross_entropy(out, y)
         self.opt.zero_grad()
         self.scaler.scale(loss).backward()
@@ -244,7 +273,12 @@ class Trainer:
         return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- checkpoints -------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, epoch_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        stats = epoch_stats or {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "seen": self.seen,
+        }
         return {
             **self.payload,
             "phase": self.phase,
@@ -256,17 +290,32 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "best_acc": self.best,
-            "epoch_stats": {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen},
+            "epoch_stats": stats,
             "metrics": self.history[-1] if self.history else {},
             "history": self.history,
         }
 
     def save(self, name: str) -> Path | None:
-        """Write ``name`` atomically; never a diverged (non-finite) state."""
-        if not is_main():
-            return None
+        """Write ``name`` atomically; never a diverged (non-finite) state. Collective in
+        a job: rank 0 writes (with the epoch's sums over every rank), then all go on."""
         self._guard_weights()
-        return save_checkpoint(self.out / name, self.state())
+        stats = None
+        if distributed.active():
+            loss_sum, correct, seen = self._epoch_sums()
+            stats = {
+                "loss_sum": torch.tensor(loss_sum, dtype=torch.float32),
+                "correct": torch.tensor(int(correct)),
+                "seen": int(seen),
+            }
+        path = save_checkpoint(self.out / name, self.state(stats)) if is_main() else None
+        distributed.barrier()
+        return path
+
+    def _epoch_sums(self) -> list[float]:
+        """The running epoch sums (loss x samples, correct, seen) over every rank."""
+        return distributed.all_sum(
+            [self.loss_sum.item(), self.correct.item(), self.seen], self.device
+        )
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue exactly where ``ck`` (a ``last.pt`` of this phase) stopped."""
@@ -279,7 +328,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = ck["epoch"], ck["step_in_epoch"]
         self.best, self.history = ck.get("best_acc", -1.0), list(ck.get("history", []))
         es = ck.get("epoch_stats")
-        if es and self.step_in_epoch:
+        if es and self.step_in_epoch and is_main():  # rank 0 carries the job's sums
             self.loss_sum = es["loss_sum"].to(self.device)
             self.correct = es["correct"].to(self.device)
             self.seen = int(es["seen"])
@@ -322,10 +371,17 @@ class Trainer:
         self._stop = True
 
     def fit(self) -> dict[str, Any]:
-        old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        old = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main_thread() else None
+        plain = self.forward
+        net = distributed.wrap(self.model, self.device)  # DDP in a job, else the model
+        if net is not self.model:
+            self.forward = torch.compile(net) if self._compile else net
         try:
             return self._fit()
         finally:
+            self.forward = plain  # drops the DDP wrapper and its gradient hooks
+            del net
+            distributed.unwrap(self.model)
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
             self.log.close()
@@ -354,8 +410,12 @@ class Trainer:
                 self.seen += y.numel()
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
+                if self._fail_at == (distributed.rank_world()[0], gstep):
+                    raise RuntimeError(f"CSGD_TEST_FAIL: rank failed on purpose at step {gstep}")
                 if log_every and gstep % log_every == 0:
                     lv = loss.item()
+                    if distributed.active():  # the global batch's loss, the same on every rank
+                        lv = distributed.all_sum([lv], self.device)[0] / distributed.rank_world()[1]
                     chi, per = self._chi()
                     self._guard(lv, chi)
                     lr = self.opt.param_groups[0]["lr"]
@@ -366,15 +426,17 @@ class Trainer:
                     self.log.write(
                         {**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})}
                     )
-                if self._stop or (self.every_steps and gstep % self.every_steps == 0):
+                stop = distributed.any_rank(self._stop, self.device)  # one step for all ranks
+                if stop or (self.every_steps and gstep % self.every_steps == 0):
                     self.save("last.pt")
-                self._check_preempted()
+                self._check_preempted(stop)
             bar.close()
+            loss_sum, correct, seen = self._epoch_sums()
             rec = {
                 "step": (epoch + 1) * self.steps,
                 "epoch": epoch + 1,
-                "train_loss": self.loss_sum.item() / max(self.seen, 1),
-                "train_acc": 100.0 * self.correct.item() / max(self.seen, 1),
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": 100.0 * correct / max(seen, 1),
                 "lr": self.opt.param_groups[0]["lr"],
                 "epoch_time": time.perf_counter() - t0,
             }
@@ -396,11 +458,11 @@ class Trainer:
                 self.best = rec["test_acc"]
                 self.save("best.pt")
             self.save("last.pt")
-            self._check_preempted()
+            self._check_preempted(distributed.any_rank(self._stop, self.device))
         return self.history[-1] if self.history else {}
 
-    def _check_preempted(self) -> None:
-        if self._stop:
+    def _check_preempted(self, stop: bool) -> None:
+        if stop:
             raise Preempted(
                 f"stopped by SIGTERM in phase {self.phase} at epoch {self.epoch} step "
                 f"{self.step_in_epoch}; checkpoint {self.out / 'last.pt'} written"
@@ -418,9 +480,3 @@ class Trainer:
         if "chi" in rec:
             parts.append(f"chi {rec['chi']:.3e}")
         tqdm.write(" | ".join(parts))
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

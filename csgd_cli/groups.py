@@ -1,35 +1,59 @@
 """Channel groups: the one description of a network's coupled channels.
 
-A group is a set of channels that must be clustered together. Its *producers* write
-those channels (a conv/linear output, plus the per-channel norm right after it); its
-*consumers* read them, at a channel offset: ``input`` consumers (a conv or linear input)
-get the cluster's input slices summed at merge time, ``norm`` consumers (a BN over a
-concatenation, as in DenseNet) are sliced and also get the centripetal update. Every
-stage (cluster, train, chi, merge) works on these and never on a model's own code.
+A group is a set of channels that must be clustered together. Its *members* are the
+layers that touch those channels, each of one of three kinds:
+
+- ``out``: a conv/linear whose output rows write the channels (a *producer*): sliced at
+  merge, centripetal. Producers may write only a segment of the group (a concatenation
+  of two convs that a per-channel layer then couples); clusters never cross segments.
+- ``channel``: a per-channel layer over the channels (a BN, a depthwise conv, a BN over a
+  concatenation at an offset): sliced at merge, centripetal.
+- ``in``: a conv/linear that reads the channels as inputs: the cluster's input slices
+  are summed into the kept one at merge. ``repeat`` > 1 is a linear layer after a
+  ``flatten`` of a map larger than 1x1, where each channel owns ``repeat`` columns.
+
+``MEMBER_TENSORS`` is the one table of handlers per kind: which tensors of a module a
+member touches, along which dimension, and whether they are kernels, affine parameters
+or buffers. Clustering, the optimizer, chi and the merge all read it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
 from torch import nn
 
 from .errors import CsgdError
 
 Clusters = dict[str, list[list[int]]]
+Kind = Literal["out", "channel", "in"]
+Role = Literal["kernel", "affine", "buffer"]
 
 
 @dataclass(frozen=True)
-class Producer:
+class Member:
+    module: str
+    kind: Kind
+    offset: int = 0  # first channel of the module's dimension that belongs to the group
+    start: int = 0  # first group channel this member covers
+    length: int | None = None  # group channels covered (None: from start to the end)
+    repeat: int = 1  # ``in`` only: input columns per channel (flatten of an HxW map)
+
+    def span(self, width: int) -> tuple[int, int]:
+        """(first, end) group channels this member covers."""
+        return self.start, self.start + (width - self.start if self.length is None else self.length)
+
+
+class Producer(NamedTuple):
     conv: str
     norm: str | None = None
 
 
-@dataclass(frozen=True)
-class Consumer:
+class Consumer(NamedTuple):
     module: str
     offset: int = 0
     kind: Literal["input", "norm"] = "input"
@@ -39,44 +63,184 @@ class Consumer:
 class ChannelGroup:
     name: str
     width: int
-    producers: list[Producer] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    excluded: str | None = None  # why this group cannot be merged exactly (never pruned)
+
+    @property
+    def producers(self) -> list[Producer]:
+        """Read-only view: each ``out`` member with the norm declared right after it."""
+        out, ms = [], self.members
+        for i, m in enumerate(ms):
+            if m.kind == "out":
+                nxt = ms[i + 1] if i + 1 < len(ms) else None
+                paired = nxt is not None and nxt.kind == "channel" and nxt.offset == 0
+                out.append(Producer(m.module, nxt.module if paired else None))
+        return out
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        """Read-only view: readers (``input``) and per-channel layers at an offset that
+        are not a producer's own norm (``norm``, e.g. a BN over a concatenation)."""
+        own = {p.norm for p in self.producers}
+        return [
+            Consumer(m.module, m.offset, "input" if m.kind == "in" else "norm")
+            for m in self.members
+            if m.kind == "in" or (m.kind == "channel" and m.module not in own)
+        ]
+
+    def of_kind(self, *kinds: Kind) -> list[Member]:
+        return [m for m in self.members if m.kind in kinds]
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Contiguous channel ranges written by the same producers: clusters stay inside
+        one (two channels merge exactly only if computed the same way from one input)."""
+        cuts = {0, self.width}
+        for m in self.of_kind("out", "channel"):
+            cuts.update(m.span(self.width))
+        edges = sorted(c for c in cuts if 0 <= c <= self.width)
+        return list(itertools.pairwise(edges))
+
+
+def producer(conv: str, norm: str | None = None) -> list[Member]:
+    """A conv writing the group's channels, and the norm right after it."""
+    return [Member(conv, "out")] + ([Member(norm, "channel")] if norm else [])
+
+
+def reader(module: str, offset: int = 0, norm: str | None = None) -> list[Member]:
+    """A conv/linear reading the channels at ``offset`` (and a BN over its input)."""
+    # the reader first: a norm right after an ``out`` member is that producer's own
+    return [Member(module, "in", offset)] + ([Member(norm, "channel", offset)] if norm else [])
+
+
+# -- the handler table: (module, kind) -> [(tensor name, dim, role)] -------------------
+TensorSpec = tuple[str, int, Role]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+
+
+def _out_tensors(m: nn.Module) -> list[TensorSpec]:
+    if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)):
+        return [("weight", 0, "kernel")] + ([("bias", 0, "affine")] if m.bias is not None else [])
+    raise CsgdError(f"{type(m).__name__} cannot produce channels of a group", "exclude it")
+
+
+def _channel_tensors(m: nn.Module) -> list[TensorSpec]:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        specs: list[TensorSpec] = []
+        if m.affine:
+            specs += [("weight", 0, "affine"), ("bias", 0, "affine")]
+        if m.track_running_stats:
+            specs += [("running_mean", 0, "buffer"), ("running_var", 0, "buffer")]
+        return specs
+    if _is_depthwise(m):
+        return [("weight", 0, "kernel")] + ([("bias", 0, "affine")] if m.bias is not None else [])
+    raise CsgdError(f"{type(m).__name__} is not a per-channel layer", "exclude its group")
+
+
+def _in_tensors(m: nn.Module) -> list[TensorSpec]:
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)) and m.groups != 1:
+        raise CsgdError("a grouped conv's input cannot be summed by channel", "exclude its group")
+    if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)):
+        return [("weight", 1, "kernel")]
+    raise CsgdError(f"{type(m).__name__} cannot read channels of a group", "exclude it")
+
+
+MEMBER_TENSORS: dict[str, Callable[[nn.Module], list[TensorSpec]]] = {
+    "out": _out_tensors,
+    "channel": _channel_tensors,
+    "in": _in_tensors,
+}
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows of one tensor that belong to group channels ``[start, start + n)``:
+    ``tensor.narrow(0, row, n)`` (a view), with its role (kernel, affine)."""
+
+    key: str  # state_dict key
+    tensor: object  # the parameter or buffer (torch.Tensor)
+    row: int
+    start: int
+    n: int
+    role: Role
+
+
+def member_rows(model: nn.Module, group: ChannelGroup, roles: Sequence[Role]) -> list[RowBlock]:
+    """Every centripetal row block of the group's ``out`` and ``channel`` members:
+    what the optimizer pulls together, chi measures and k-means reads."""
+    mods = dict(model.named_modules())
+    out = []
+    for m in group.of_kind("out", "channel"):
+        mod = mods[m.module]
+        first, end = m.span(group.width)
+        for name, _dim, role in MEMBER_TENSORS[m.kind](mod):
+            if role in roles:
+                t = getattr(mod, name)
+                out.append(RowBlock(f"{m.module}.{name}", t, m.offset, first, end - first, role))
+    return out
+
+
+def segment_rows(
+    model: nn.Module, group: ChannelGroup, roles: Sequence[Role]
+) -> list[tuple[int, int, list[RowBlock]]]:
+    """Per segment ``(a, b)``: the row blocks of ``member_rows`` restricted to it, so
+    every block covers the whole segment (segments are cut at every member's span)."""
+    blocks = member_rows(model, group, roles)
+    out = []
+    for a, b in group.segments():
+        part = [
+            replace(r, row=r.row + a - r.start, start=a, n=b - a)
+            for r in blocks
+            if r.start <= a and b <= r.start + r.n
+        ]
+        out.append((a, b, part))
+    return out
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The model's groups, in the order of its ``widths`` spec."""
+    """The model's groups: declared by the model, else traced from one forward pass."""
     fn = getattr(model, "channel_groups", None)
-    if fn is None:
-        raise CsgdError(
-            f"model {type(model).__name__} declares no channel groups",
-            "use a model from `csgd_cli.list_models()`",
-        )
-    return fn()
+    if fn is not None:
+        return fn()
+    from .tracing import traced_groups  # lazy: only models without declarations pay
+
+    return traced_groups(model)
+
+
+def prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
+    return [g for g in groups if g.excluded is None]
 
 
 def select_groups(
     groups: Sequence[ChannelGroup], include: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[ChannelGroup]:
-    """Groups whose names match an ``include`` glob and no ``exclude`` glob."""
+    """Prunable groups whose names match an ``include`` glob and no ``exclude`` glob."""
     chosen = [
         g
-        for g in groups
+        for g in prunable(groups)
         if any(fnmatch.fnmatchcase(g.name, p) for p in include)
         and not any(fnmatch.fnmatchcase(g.name, p) for p in exclude)
     ]
     if not chosen:
-        names = ", ".join(g.name for g in groups[:6])
+        names = ", ".join(g.name for g in prunable(groups)[:6])
         raise CsgdError(
-            f"prune.include={list(include)} matches no channel group",
-            f"use globs over the group names (e.g. {names}, ...) or '*'",
+            f"prune.include={list(include)} matches no prunable channel group",
+            f"use globs over the group names (e.g. {names}, ...; `csgd groups` lists them) or '*'",
         )
     return chosen
 
 
-def check_clusters(groups: Sequence[ChannelGroup], clusters: object, where: str = "") -> None:
-    """Refuse clusters that are malformed or do not partition the model's groups' channels.
+def canonical(clusters: list[list[int]]) -> list[list[int]]:
+    """Members sorted, clusters ordered by their first member (the one a merge keeps)."""
+    return sorted((sorted(c) for c in clusters), key=lambda c: c[0])
 
-    ``where`` (e.g. ``"ckpt=x.pt"``) prefixes the message: clusters come from files."""
+
+def check_clusters(groups: Sequence[ChannelGroup], clusters: object, where: str = "") -> None:
+    """Refuse clusters that are malformed, do not partition a group's channels, cross a
+    producer segment or touch an excluded group. ``where`` (e.g. ``"ckpt=x.pt"``)
+    prefixes the message: clusters come from files."""
     fix = "recompute them with `csgd cluster` on this checkpoint"
     pre = f"{where}: " if where else ""
     well_formed = isinstance(clusters, dict) and all(
@@ -88,16 +252,33 @@ def check_clusters(groups: Sequence[ChannelGroup], clusters: object, where: str 
         raise CsgdError(f"{pre}its clusters are malformed", fix)
     by_name = {g.name: g for g in groups}
     for name, cl in clusters.items():
-        if name not in by_name:
+        g = by_name.get(name)
+        if g is None:
             raise CsgdError(
                 f"{pre}clusters name group '{name}', which this model does not have", fix
             )
+        if g.excluded is not None and len(cl) < g.width:
+            raise CsgdError(f"{pre}group '{name}' cannot be pruned ({g.excluded})", fix)
         flat = sorted(i for c in cl for i in c)
-        if flat != list(range(by_name[name].width)) or any(len(c) == 0 for c in cl):
+        if flat != list(range(g.width)) or any(len(c) == 0 for c in cl):
             raise CsgdError(
-                f"{pre}clusters of group '{name}' do not partition its {by_name[name].width} channels",
+                f"{pre}clusters of group '{name}' do not partition its {g.width} channels", fix
+            )
+        seg = segment_of(g)
+        if any(len({seg[i] for i in c}) > 1 for c in cl):
+            raise CsgdError(
+                f"{pre}a cluster of group '{name}' spans channels written by different layers",
                 fix,
             )
+
+
+def segment_of(group: ChannelGroup) -> list[int]:
+    """Segment index of each channel."""
+    lab = [0] * group.width
+    for s, (a, b) in enumerate(group.segments()):
+        for i in range(a, b):
+            lab[i] = s
+    return lab
 
 
 def cluster_labels(clusters: list[list[int]], width: int) -> list[int]:
@@ -107,3 +288,16 @@ def cluster_labels(clusters: list[list[int]], width: int) -> list[int]:
         for i in members:
             labels[i] = c
     return labels
+
+
+def describe(groups: Sequence[ChannelGroup]) -> str:
+    """A table of every group: name, width, members by kind, excluded or not and why."""
+    lines = []
+    for g in groups:
+        kinds = {k: [m.module for m in g.of_kind(k)] for k in ("out", "channel", "in")}
+        state = f"EXCLUDED: {g.excluded}" if g.excluded else "prunable"
+        lines.append(f"{g.name}  width {g.width}  {state}")
+        for k, label in (("out", "producers"), ("channel", "per-channel"), ("in", "readers")):
+            if kinds[k]:
+                lines.append(f"    {label:<12} {', '.join(kinds[k])}")
+    return "\n".join(lines)

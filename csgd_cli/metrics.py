@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .groups import ChannelGroup, Clusters, cluster_labels
-
-
-@torch.no_grad()
-def group_kernels(model: nn.Module, group: ChannelGroup, affine: bool = False) -> torch.Tensor:
-    """The group's producer kernels, one row per channel (all producers side by side);
-    with ``affine`` also their biases and norm gamma/beta (all must match to merge)."""
-    mods = dict(model.named_modules())
-    cols = []
-    for p in group.producers:
-        conv = mods[p.conv]
-        cols.append(conv.weight.detach().reshape(group.width, -1))
-        if affine:
-            extra = [conv.bias] if getattr(conv, "bias", None) is not None else []
-            if p.norm is not None:
-                extra += [mods[p.norm].weight, mods[p.norm].bias]
-            cols += [t.detach().reshape(group.width, 1) for t in extra]
-    return torch.cat(cols, dim=1)
+from .groups import ChannelGroup, Clusters, cluster_labels, segment_rows
 
 
 @torch.no_grad()
@@ -35,19 +19,70 @@ def chi_terms(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per group: ``chi`` = sum_H sum_i ||K_i - mean_H K||^2, ``norm`` = ||K||^2 and
     ``max`` = the largest member distance to its cluster centre (tensors: no host sync).
-    ``affine`` adds biases and norm gamma/beta to the rows (see ``group_kernels``)."""
+
+    ``K`` holds exactly the rows the optimizer pulls together: every kernel of the
+    group's producers and per-channel members (``affine``: also their biases and norm
+    gamma/beta, a BN over a concatenation at its offset included; all must match for
+    the merge to be exact)."""
+    roles = ("kernel", "affine") if affine else ("kernel",)
     out = {}
     for g in groups:
         if g.name not in clusters:
             continue
-        k = group_kernels(model, g, affine).double()
-        lab = torch.tensor(cluster_labels(clusters[g.name], g.width), device=k.device)
-        size = torch.tensor([len(c) for c in clusters[g.name]], device=k.device, dtype=k.dtype)
-        mean = torch.zeros(len(size), k.shape[1], device=k.device, dtype=k.dtype)
-        mean.index_add_(0, lab, k).div_(size.unsqueeze(1))
-        dev = (k - mean.index_select(0, lab)).pow(2).sum(1)
-        out[g.name] = {"chi": dev.sum(), "norm": k.pow(2).sum(), "max": dev.max().sqrt()}
+        chi = norm = mx = None
+        for a, b, blocks in segment_rows(model, g, roles):
+            n = b - a
+            k = torch.cat(
+                [r.tensor.detach().narrow(0, r.row, n).reshape(n, -1).double() for r in blocks], 1
+            )
+            local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
+            lab = torch.tensor(cluster_labels(local, n), device=k.device)
+            size = torch.tensor([len(c) for c in local], device=k.device, dtype=k.dtype)
+            mean = torch.zeros(len(local), k.shape[1], device=k.device, dtype=k.dtype)
+            mean.index_add_(0, lab, k).div_(size.unsqueeze(1))
+            dev = (k - mean.index_select(0, lab)).pow(2).sum(1)
+            c, nn_, m = dev.sum(), k.pow(2).sum(), dev.max().sqrt()
+            chi, norm = (c, nn_) if chi is None else (chi + c, norm + nn_)
+            mx = m if mx is None else torch.maximum(mx, m)
+        out[g.name] = {"chi": chi, "norm": norm, "max": mx}
     return out
+
+
+def chi_report(
+    model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters, affine: bool = False
+) -> dict[str, Any]:
+    """Total chi, chi relative to the kernels' squared norm, the largest deviation,
+    and the same per group (plain floats, for check.json and logs)."""
+    terms = chi_terms(model, groups, clusters, affine)
+    per = {
+        k: {
+            "chi": v["chi"].item(),
+            "relative": (v["chi"] / v["norm"]).item(),
+            "max_dev": v["max"].item(),
+        }
+        for k, v in terms.items()
+    }
+    total = sum(v["chi"] for v in per.values())
+    norm = sum(v["norm"].item() for v in terms.values())
+    return {
+        "chi": total,
+        "relative": total / max(norm, 1e-30),
+        "max_dev": max((v["max_dev"] for v in per.values()), default=0.0),
+        "groups": per,
+    }
+
+
+def chi_fn(
+    model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters
+) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(total, per-group) chi as tensors, for the training loop's logs."""
+
+    def f() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        per = {k: v["chi"] for k, v in chi_terms(model, groups, clusters).items()}
+        total = torch.stack(list(per.values())).sum() if per else torch.zeros(())
+        return total, per
+
+    return f
 
 
 def chi(model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters) -> torch.Tensor:
@@ -101,3 +136,39 @@ def latency(
             times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
     return {"latency_ms": med * 1e3, "throughput": batch_size / med, "batch_size": batch_size}
+
+
+def measure(
+    model: nn.Module, data: Any, device: torch.device, eval_cfg: Any, amp: bool = False
+) -> dict[str, Any]:
+    """Everything eval.json reports: top-1, loss, params, MACs, latency, throughput."""
+    from .engine import evaluate
+
+    i = data.info
+    model.to(device).eval()
+    shape = (i.in_channels, i.image_size, i.image_size)
+    res: dict[str, Any] = dict(evaluate(model, data, device, amp))
+    res.update(params=count_params(model), macs=count_macs(model, shape))
+    res.update(latency(model, shape, eval_cfg.latency_batch, device, iters=eval_cfg.latency_iters))
+    res["device"] = str(device)
+    return res
+
+
+def summary_table(rows: dict[str, dict[str, Any]]) -> str:
+    """``csgd run``'s closing table: one row per model (base, csgd, pruned, ...)."""
+    from .files import table
+
+    base = rows["base"]["latency_ms"]
+    cells = [
+        [
+            name,
+            f"{r['acc']:.2f}",
+            f"{r['params']:,}",
+            f"{r['macs'] / 1e6:.2f}",
+            f"{r['latency_ms']:.2f}",
+            f"{base / r['latency_ms']:.2f}x",
+        ]
+        for name, r in rows.items()
+    ]
+    head = ["model", "top-1 %", "params", "MACs (M)", "latency ms", "speed-up"]
+    return table(head, cells, [False] + [True] * 5)

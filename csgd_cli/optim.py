@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CsgdError
-from .groups import ChannelGroup, Clusters, cluster_labels
+from .groups import ChannelGroup, Clusters, channel_groups, cluster_labels, segment_rows
 
 
 @dataclass
@@ -70,12 +71,10 @@ class CentripetalSGD(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if nesterov and momentum <= 0:
             raise CsgdError("Nesterov momentum needs momentum > 0", "set schedule.momentum")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, epsilon=epsilon)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov)
         super().__init__(params, defaults)
-        self.epsilon = epsilon
         norm_eps = 0.1 * epsilon if norm_epsilon is None else norm_epsilon
         plain_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
-        mods = dict(model.named_modules())
         dev, dtype = params[0].device, params[0].dtype
         # Every parameter gets a dense slot in the flat buffers, in model order.
         offset, pos = {}, 0
@@ -101,58 +100,44 @@ class CentripetalSGD(torch.optim.Optimizer):
         self._blocks: list[_Block] = []
         dst: list[torch.Tensor] = []  # gradient rows written back ...
         src: list[torch.Tensor] = []  # ... from these columns of the blocks' scratch
-        owned: set[int] = set()
+        owned: set[tuple[int, int]] = set()
+        role_eps = {"kernel": (epsilon, weight_decay), "affine": (norm_eps, norm_weight_decay)}
         for g in groups:
             if g.name not in clusters:
                 continue
-            members: list[
-                tuple[torch.Tensor, int, float, float]
-            ] = []  # (param, first row, eps, decay)
-            for prod in g.producers:
-                conv = mods[prod.conv]
-                members.append((conv.weight, 0, epsilon, weight_decay))
-                extra = [conv.bias] if getattr(conv, "bias", None) is not None else []
-                if prod.norm is not None:
-                    extra += [mods[prod.norm].weight, mods[prod.norm].bias]
-                members += [(t, 0, norm_eps, norm_weight_decay) for t in extra]
-            n_prod = len(members)
-            for c in g.consumers:  # BN over a concatenation: its slice joins the group
-                if c.kind == "norm":
-                    for t in (mods[c.module].weight, mods[c.module].bias):
-                        members.append((t, c.offset, norm_eps, norm_weight_decay))
-            for i, (p, start, e, wd) in enumerate(members):
-                producer = i < n_prod
-                if (
-                    id(p) not in offset
-                    or (producer and p.shape[0] != g.width)
-                    or start + g.width > p.shape[0]
-                ):
-                    raise CsgdError(
-                        f"group '{g.name}' does not fit its tensors (frozen or mis-sized)",
-                        "check the model's channel_groups()",
-                    )
-                key = (id(p), start)
-                if key in owned:
-                    raise CsgdError(
-                        f"group '{g.name}' shares a tensor with another group",
-                        "check channel_groups()",
-                    )
-                owned.add(key)
-                rows(self._neg_eps, p, g.width, start).fill_(-e)
-                rows(self._decay, p, g.width, start).fill_(e + wd)
-            a_rows = [rows(self._a, p, g.width, s) for p, s, _, _ in members]
-            d = sum(r.shape[1] for r in a_rows)
-            tmp = torch.zeros(g.width, d, device=dev, dtype=dtype)
-            col = 0
-            for (p, s, _, _), r in zip(members, a_rows, strict=True):
-                dst.append(rows(self._flat_g, p, g.width, s))
-                src.append(tmp[:, col : col + r.shape[1]])
-                col += r.shape[1]
-            k = len(clusters[g.name])
-            sizes = torch.tensor([len(c) for c in clusters[g.name]], dtype=dtype, device=dev)
-            labels = torch.tensor(cluster_labels(clusters[g.name], g.width), device=dev)
-            mean = torch.zeros(k, d, device=dev, dtype=dtype)
-            self._blocks.append(_Block(a_rows, tmp, mean, labels, (1.0 / sizes).unsqueeze(1)))
+            for a, b, blocks in segment_rows(model, g, ("kernel", "affine")):
+                n = b - a
+                local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
+                for r in blocks:
+                    p = r.tensor
+                    if id(p) not in offset or r.row + n > p.shape[0]:
+                        raise CsgdError(
+                            f"group '{g.name}' does not fit its tensors (frozen or mis-sized)",
+                            "check the model's channel_groups()",
+                        )
+                    for i in range(r.row, r.row + n):  # one owner per row
+                        if (id(p), i) in owned:
+                            raise CsgdError(
+                                f"group '{g.name}' shares {r.key} with another group",
+                                "check channel_groups()",
+                            )
+                        owned.add((id(p), i))
+                    e, wd = role_eps[r.role]
+                    rows(self._neg_eps, p, n, r.row).fill_(-e)
+                    rows(self._decay, p, n, r.row).fill_(e + wd)
+                a_rows = [rows(self._a, r.tensor, n, r.row) for r in blocks]
+                d = sum(x.shape[1] for x in a_rows)
+                tmp = torch.zeros(n, d, device=dev, dtype=dtype)
+                col = 0
+                for r, x in zip(blocks, a_rows, strict=True):
+                    dst.append(rows(self._flat_g, r.tensor, n, r.row))
+                    src.append(tmp[:, col : col + x.shape[1]])
+                    col += x.shape[1]
+                sizes = torch.tensor([len(c) for c in local], dtype=dtype, device=dev)
+                labels = torch.tensor(cluster_labels(local, n), device=dev)
+                mean = torch.zeros(len(local), d, device=dev, dtype=dtype)
+                inv = (1.0 / sizes).unsqueeze(1)
+                self._blocks.append(_Block(a_rows, tmp, mean, labels, inv))
         self._dst, self._src = dst, src
         self._views: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
@@ -221,3 +206,34 @@ class CentripetalSGD(torch.optim.Optimizer):
             upd = g
         self._flat_p.add_(upd, alpha=-lr)
         return loss
+
+
+def plain_sgd(model: nn.Module, sched: Any) -> torch.optim.SGD:
+    """Momentum SGD of a ``schedule`` config; ``norm_weight_decay`` for 1-d tensors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.dim() == 1 and sched.norm_weight_decay is not None else decay).append(p)
+    groups = [{"params": decay, "weight_decay": sched.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": sched.norm_weight_decay})
+    return torch.optim.SGD(
+        groups, lr=sched.lr, momentum=sched.momentum, nesterov=sched.nesterov and sched.momentum > 0
+    )
+
+
+def csgd_optimizer(
+    model: nn.Module, clusters: Clusters, sched: Any, epsilon: float, norm_epsilon: float | None
+) -> CentripetalSGD:
+    """The C-SGD optimizer of a ``schedule`` config for ``model``'s groups."""
+    return CentripetalSGD(
+        model,
+        channel_groups(model),
+        clusters,
+        lr=sched.lr,
+        epsilon=epsilon,
+        momentum=sched.momentum,
+        nesterov=sched.nesterov and sched.momentum > 0,
+        weight_decay=sched.weight_decay,
+        norm_epsilon=norm_epsilon,
+        plain_norm_weight_decay=sched.norm_weight_decay,
+    )

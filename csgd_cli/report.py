@@ -9,7 +9,6 @@ present: ``status.json`` (sweeps), ``summary.json`` (``csgd run``) and every
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .errors import CsgdError
+from .files import atomic_write, read_json, read_jsonl, table
 
 ACC_KEYS = ("base", "csgd", "pruned", "finetuned")
 # Which accuracy column a training phase fills when a run has no summary.json.
@@ -94,25 +94,12 @@ def _load_cfg(run: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
     """Epoch records (those with ``train_loss``) per phase, one per epoch (the last
     logged wins, so a resumed phase that re-logged an epoch counts once)."""
     phases: dict[str, dict[int, dict[str, Any]]] = {}
     for path in [run / "metrics.jsonl", *sorted(run.glob("*/metrics.jsonl"))]:
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short by a crash
-                continue
+        for rec in read_jsonl(path):
             if "train_loss" in rec and "epoch" in rec:
                 phases.setdefault(rec.get("phase", "?"), {})[int(rec["epoch"])] = rec
     return {ph: [recs[e] for e in sorted(recs)] for ph, recs in phases.items()}
@@ -170,14 +157,14 @@ def read_run(path: Path, root: Path) -> Run:
         accs = [r["test_acc"] for r in recs if "test_acc" in r]
         if col and accs:
             run.acc[col] = accs[-1]
-    summary = _read_json(path / "summary.json")
+    summary = read_json(path / "summary.json")
     if summary:
         run.rows = summary.get("rows", {})
         for col in ACC_KEYS:
             keys = [k for k in run.rows if k == col or k.startswith(f"{col}_r")]
             run.acc[col] = run.rows[keys[-1]]["acc"] if keys else None
     run.curve = csgd_curve(metrics)
-    status = _read_json(path / "status.json")
+    status = read_json(path / "status.json")
     if status:
         run.status, run.message = status.get("status", "incomplete"), status.get("message", "")
         if run.status not in ("ok", "failed"):  # e.g. preempted: resumable, not done
@@ -242,27 +229,8 @@ def _fmt(key: str, v: Any) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     cells = [[_fmt(k, r[k]) for k in COLUMNS] for r in records]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS.values())]
     right = [k not in ("run", "model", "dataset", "method", "status") for k in COLUMNS]
-
-    def line(row: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right, strict=True)
-            )
-            + " |"
-        )
-
-    sep = (
-        "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if r else ("-" * (w + 2))
-            for w, r in zip(widths, right, strict=True)
-        )
-        + "|"
-    )
-    return "\n".join([line(list(COLUMNS.values())), sep, *(line(c) for c in cells)])
+    return table(list(COLUMNS.values()), cells, right)
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -385,7 +353,7 @@ def write_report(root: Path) -> dict[str, Any]:
             *(f"- `{r['run']}` ({r['status']}): {r['message']}" for r in failed),
             "",
         ]
-    (root / "report.md").write_text("\n".join(md))
+    atomic_write(root / "report.md", "\n".join(md))
     plots = []
     for name, fn, title in (
         ("chi_loss.png", plot_chi_loss, "Chi and training loss per epoch"),
@@ -394,5 +362,5 @@ def write_report(root: Path) -> dict[str, Any]:
         if fn(runs, root / name):
             plots.append(name)
             md += [f"## {title}", "", f"![{title}]({name})", ""]
-    (root / "report.md").write_text("\n".join(md))
+    atomic_write(root / "report.md", "\n".join(md))
     return {"dir": str(root), "runs": len(runs), "table": table, "records": records, "plots": plots}

@@ -1,102 +1,181 @@
-"""Centripetal optimizer vs torch's foreach SGD, and a whole C-SGD step vs plain SGD.
+"""Centripetal optimizer vs torch's foreach SGD: optimizer step, whole step, peak memory.
 
     python scripts/bench_optimizer.py [--model resnet56] [--ratio 0.625] [--batch 64]
+                                      [--rounds 9] [--steps 8] [--no-memory]
 
 Same model, same parameters, every conv group clustered at ``ratio`` (5/8: every conv
-pruned as in the paper). Rounds alternate between the two so load drift hits both.
+pruned as in the paper). Timings come in rounds that alternate between the two (and
+which goes first), so drift in machine load hits both alike; each round gives one
+C-SGD/SGD ratio, and the figures are the min/median/max over rounds. The whole step is
+split into zero_grad, forward, backward and optimizer so an extra cost shows where it
+goes. Peak memory: each optimizer trains in its own fresh subprocess; the figure is the
+peak resident set (``ru_maxrss``) and its growth over the process before the model was
+built (imports, input batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from csgd_cli.clustering import cluster_groups, target_widths
+from csgd_cli.groups import channel_groups
 from csgd_cli.models import get_model
 from csgd_cli.optim import CentripetalSGD
 
+KINDS = ("sgd", "csgd")
+PHASES = ("zero_grad", "forward", "backward", "optimizer")
 
-def timed(f, n: int) -> float:
+
+def build(kind: str, args: argparse.Namespace):
+    torch.manual_seed(0)
+    m = get_model(args.model)
+    if kind == "csgd":
+        groups = channel_groups(m)
+        cl = cluster_groups(m, groups, target_widths(groups, args.ratio), "kmeans", 0)
+        opt = CentripetalSGD(m, groups, cl, lr=0.03, epsilon=3e-3, weight_decay=1e-4)
+    else:
+        opt = torch.optim.SGD(
+            m.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True
+        )
+    return m.train(), opt
+
+
+def step_phases(m, opt, x, y) -> list[float]:
+    """One training step; seconds spent in each of PHASES."""
     t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    return (time.perf_counter() - t0) / n
+    opt.zero_grad()
+    t1 = time.perf_counter()
+    loss = F.cross_entropy(m(x), y)
+    t2 = time.perf_counter()
+    loss.backward()
+    t3 = time.perf_counter()
+    opt.step()
+    t4 = time.perf_counter()
+    return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+
+
+def spread(xs: list[float], scale: float = 1.0, fmt: str = "8.3f") -> str:
+    return "  ".join(
+        f"{name} {scale * v:{fmt}}"
+        for name, v in (("min", min(xs)), ("median", statistics.median(xs)), ("max", max(xs)))
+    )
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def memory_child(kind: str, args: argparse.Namespace) -> None:
+    """Runs in a fresh process: peak RSS of ``--mem-steps`` training steps of one kind."""
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    start = rss_kib()
+    m, opt = build(kind, args)
+    for _ in range(args.mem_steps):
+        step_phases(m, opt, x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"start": start, "peak": peak}))
+
+
+def memory(args: argparse.Namespace) -> None:
+    res: dict[str, list[dict[str, int]]] = {k: [] for k in KINDS}
+    for i in range(args.mem_runs):
+        for kind in KINDS if i % 2 == 0 else KINDS[::-1]:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", kind, *sys.argv[1:]],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            res[kind].append(json.loads(out.strip().splitlines()[-1]))
+    peak = {k: statistics.median(r["peak"] for r in v) / 1024 for k, v in res.items()}
+    grow = {k: statistics.median(r["peak"] - r["start"] for r in v) / 1024 for k, v in res.items()}
+    print(
+        f"peak memory    : plain SGD {peak['sgd']:7.1f} MiB | C-SGD {peak['csgd']:7.1f} MiB | "
+        f"ratio {peak['csgd'] / peak['sgd']:.3f} (target <= 1.05; whole process, "
+        f"median of {args.mem_runs} fresh processes each, {args.mem_steps} steps)"
+    )
+    print(
+        f"  of which the training itself (peak - RSS before the model): plain SGD "
+        f"{grow['sgd']:7.1f} MiB | C-SGD {grow['csgd']:7.1f} MiB | ratio "
+        f"{grow['csgd'] / grow['sgd']:.3f}"
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--ratio", type=float, default=0.625)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=40, help="whole training steps per kind")
+    ap.add_argument("--rounds", type=int, default=9, help="alternating rounds")
+    ap.add_argument("--steps", type=int, default=8, help="whole training steps per kind per round")
+    ap.add_argument("--opt-steps", type=int, default=100, help="optimizer steps per round")
+    ap.add_argument("--mem-runs", type=int, default=3, help="fresh processes per kind")
+    ap.add_argument("--mem-steps", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args)
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-
-    def build(kind: str):
-        m = get_model(args.model)
-        groups = m.channel_groups()
-        if kind == "csgd":
-            cl = cluster_groups(m, groups, target_widths(groups, args.ratio), "kmeans", 0)
-            opt = CentripetalSGD(m, groups, cl, lr=0.03, epsilon=3e-3, weight_decay=1e-4)
-        else:
-            opt = torch.optim.SGD(
-                m.parameters(),
-                lr=0.03,
-                momentum=0.9,
-                nesterov=True,
-                weight_decay=1e-4,
-                foreach=True,
-            )
-        return m, opt
-
-    (m_sgd, sgd), (m_cs, cs) = build("sgd"), build("csgd")
-    for m, opt in ((m_sgd, sgd), (m_cs, cs)):
-        opt.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
-
-    # 1) optimizer step alone (gradients in place)
-    opt_t = {"sgd": [], "csgd": []}
-    for _ in range(args.rounds):
-        opt_t["sgd"].append(timed(sgd.step, 200))
-        opt_t["csgd"].append(timed(cs.step, 200))
-    o_sgd, o_cs = statistics.median(opt_t["sgd"]), statistics.median(opt_t["csgd"])
-
-    # 2) whole training step: forward, backward, optimizer
-    def step(m, opt):
-        def f() -> None:
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-
-        return f
-
-    # steps alternate one by one so that load drift hits both alike; medians per kind
-    step_t = {"sgd": [], "csgd": []}
-    f_sgd, f_cs = step(m_sgd, sgd), step(m_cs, cs)
-    for i in range(args.steps):  # which goes first alternates too
-        for kind in ("sgd", "csgd") if i % 2 else ("csgd", "sgd"):
-            step_t[kind].append(timed(f_sgd if kind == "sgd" else f_cs, 1))
-    s_sgd, s_cs = statistics.median(step_t["sgd"]), statistics.median(step_t["csgd"])
-    n_groups = len(m_cs.channel_groups())
+    built = {k: build(k, args) for k in KINDS}
+    for m, opt in built.values():  # warm-up: allocator, oneDNN primitive caches
+        for _ in range(2):
+            step_phases(m, opt, x, y)
+    n_groups = len(channel_groups(built["csgd"][0]))
     print(
-        f"{args.model}, {n_groups} groups clustered at ratio {args.ratio}, batch {args.batch}, CPU, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds} alternating rounds"
+        f"{args.model}, {n_groups} groups clustered at ratio {args.ratio}, batch {args.batch}, "
+        f"CPU, {torch.get_num_threads()} threads, {args.rounds} alternating rounds"
     )
-    print(
-        f"optimizer step : foreach SGD {1e3 * o_sgd:7.3f} ms | C-SGD {1e3 * o_cs:7.3f} ms | "
-        f"ratio {o_cs / o_sgd:.2f} (target <= 1.5)"
-    )
-    print(
-        f"training step  : plain SGD   {1e3 * s_sgd:7.1f} ms | C-SGD {1e3 * s_cs:7.1f} ms | "
-        f"ratio {s_cs / s_sgd:.3f} (target <= 1.02)"
-    )
+
+    # 1) the optimizer step alone (gradients in place)
+    opt_t: dict[str, list[float]] = {k: [] for k in KINDS}
+    for i in range(args.rounds):
+        for kind in KINDS if i % 2 else KINDS[::-1]:
+            opt = built[kind][1]
+            t0 = time.perf_counter()
+            for _ in range(args.opt_steps):
+                opt.step()
+            opt_t[kind].append((time.perf_counter() - t0) / args.opt_steps)
+    ratios = [c / s for s, c in zip(opt_t["sgd"], opt_t["csgd"], strict=True)]
+    for kind, label in (("sgd", "foreach SGD"), ("csgd", "C-SGD")):
+        print(f"optimizer step : {label:11s} ms  {spread(opt_t[kind], 1e3)}")
+    print(f"  C-SGD / SGD per round      {spread(ratios, fmt='8.3f')}   (target median <= 1.3)")
+
+    # 2) whole training steps: rounds of ``steps`` steps per kind, phases timed
+    ph: dict[str, list[list[float]]] = {k: [] for k in KINDS}  # per round: median per phase
+    tot: dict[str, list[float]] = {k: [] for k in KINDS}  # per round: median whole step
+    for i in range(args.rounds):
+        for kind in KINDS if i % 2 else KINDS[::-1]:
+            m, opt = built[kind]
+            rows = [step_phases(m, opt, x, y) for _ in range(args.steps)]
+            tot[kind].append(statistics.median(sum(r) for r in rows))
+            ph[kind].append([statistics.median(r[j] for r in rows) for j in range(len(PHASES))])
+    ratios = [c / s for s, c in zip(tot["sgd"], tot["csgd"], strict=True)]
+    for kind, label in (("sgd", "plain SGD"), ("csgd", "C-SGD")):
+        print(f"training step  : {label:11s} ms  {spread(tot[kind], 1e3, '8.1f')}")
+    print(f"  C-SGD / SGD per round      {spread(ratios, fmt='8.3f')}   (target median <= 1.02)")
+    print("  where the time goes (median over rounds, ms):")
+    for j, name in enumerate(PHASES):
+        s = statistics.median(r[j] for r in ph["sgd"])
+        c = statistics.median(r[j] for r in ph["csgd"])
+        print(
+            f"    {name:10s} plain SGD {1e3 * s:8.2f} | C-SGD {1e3 * c:8.2f} | "
+            f"C-SGD - SGD {1e3 * (c - s):+7.2f}"
+        )
+    if not args.no_memory:
+        memory(args)
 
 
 if __name__ == "__main__":

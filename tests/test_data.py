@@ -29,7 +29,6 @@ def cfg(**kw: object) -> SimpleNamespace:
         "num_workers": 0,
         "num_train": 64,
         "num_test": 32,
-        "image_size": 16,
     }
     return SimpleNamespace(**{**base, **kw})
 
@@ -178,15 +177,17 @@ def test_resume_from_start_step_is_bit_identical() -> None:
 
 
 def test_sharding_is_disjoint_and_covers_the_epoch() -> None:
+    """batch_size is the global batch: each rank takes its half of every step's
+    single-process batch (tests/test_distributed.py checks augmentation too)."""
     kw = {"seed": 1, "device": CPU, "world": 2}
     ranks = [build_data(cfg(num_train=65), rank=r, **kw) for r in (0, 1)]
-    idx = [d.epoch_indices(4) for d in ranks]
-    assert len(idx[0]) == len(idx[1]) == 32 and not set(idx[0].tolist()) & set(idx[1].tolist())
-    assert ranks[0].steps_per_epoch() == ranks[1].steps_per_epoch() == 4
-    single = build_data(cfg(num_train=65), seed=1, device=CPU).epoch_indices(4)
-    assert sorted(torch.cat(idx).tolist()) == sorted(single[:64].tolist())
-    ys = [torch.cat([y for _, y in d.train_batches(4)]) for d in ranks]
-    assert torch.equal(ys[0], ranks[0].train_y[idx[0]])
+    single = build_data(cfg(num_train=65), seed=1, device=CPU)
+    assert torch.equal(ranks[0].epoch_indices(4), single.epoch_indices(4))
+    assert ranks[0].steps_per_epoch() == ranks[1].steps_per_epoch() == 8
+    ys = [[y for _, y in d.train_batches(4)] for d in ranks]
+    assert all(len(y) == 4 for y in ys[0] + ys[1])
+    whole = [y for _, y in single.train_batches(4)]
+    assert all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*ys, whole, strict=True))
 
 
 def test_fewer_samples_than_batch_gives_one_full_batch() -> None:
@@ -256,6 +257,7 @@ def test_imagenet_folder_batches_and_resume(tmp_path: Path) -> None:
     c = cfg(
         name="imagenet",
         root=str(tmp_path),
+        image_size=16,
         batch_size=2,
         eval_batch_size=4,
         augment=True,

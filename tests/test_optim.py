@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from csgd_cli.clustering import cluster_groups, target_widths
-from csgd_cli.groups import ChannelGroup, Consumer, Producer
+from csgd_cli.groups import ChannelGroup, producer, reader
 from csgd_cli.metrics import chi
 from csgd_cli.models import get_model
 from csgd_cli.optim import CentripetalSGD
@@ -87,7 +87,7 @@ def test_chi_shrinks_by_predicted_factor() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 6, 3, bias=False).double()
     net = nn.Sequential(conv)
-    group = ChannelGroup("g", 6, [Producer("0")], [Consumer("out")])
+    group = ChannelGroup("g", 6, producer("0") + reader("out"))
     clusters = {"g": [[0, 1, 2], [3, 4], [5]]}
     lr, lam, eps = 0.1, 1e-2, 0.5
     opt = CentripetalSGD(

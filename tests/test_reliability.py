@@ -171,8 +171,8 @@ CSGD = [
 
 def test_csgd_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """C-SGD: SIGTERM writes last.pt at that very step and exits 143 with one line; the
-    resumed run restores the flat momentum buffer and takes the clusters from last.pt
-    (it even asks for other clusters, which must be ignored)."""
+    resumed run restores the flat momentum buffer and takes the clusters, epsilon and
+    weight decays from last.pt (it even asks for others, which must be ignored)."""
     stop_at = random.Random(7).randrange(STEPS + 2, STEPS + 9)  # mid epoch 2
     ref = start("train", tmp_path / "ref", *CSGD)
     run_dir = tmp_path / "stopped"
@@ -187,8 +187,12 @@ def test_csgd_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> None:
     )
     assert 0 < ck["step_in_epoch"] < STEPS
     assert ck["clusters"] and "flat_momentum" in next(iter(ck["optimizer"]["state"].values()))
-    # Were clusters recomputed on resume, `clustering=even` would change them.
-    rc, err = run("train", run_dir, *CSGD, "resume=true", "clustering=even")
+    # Were clusters recomputed on resume, `clustering=even` would change them; epsilon,
+    # norm_epsilon and the weight decays come from last.pt too, not the command line.
+    changed = ["epsilon=0.5", "norm_epsilon=0.2", "schedule.weight_decay=0.01"]
+    rc, err = run("train", run_dir, *CSGD, "resume=true", "clustering=even", *changed)
+    log = (run_dir / "train.log").read_text()  # Hydra's job log
+    assert "resume: epsilon comes from" in log and "resume: schedule comes from" in log, log
     assert rc == 0, err
     assert finish(ref)[0] == 0
     a, b = load(tmp_path / "ref" / "last.pt"), load(run_dir / "last.pt")

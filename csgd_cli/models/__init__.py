@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,14 +30,34 @@ def list_models() -> list[str]:
 def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model; the result remembers ``arch`` so it can be rebuilt."""
     if name not in _REGISTRY:
-        raise CsgdError(f"unknown model '{name}'", f"choose one of: {', '.join(list_models())}")
+        if torchvision_models.builder_name(name) is None:
+            raise CsgdError(
+                f"unknown model '{name}'",
+                f"choose one of: {', '.join(list_models())}, or a torchvision builder",
+            )
+        builder = functools.partial(torchvision_models.build, name)  # traced groups
+    else:
+        builder = _REGISTRY[name]
     try:
-        model = _REGISTRY[name](**kwargs)
+        model = builder(**kwargs)
     except TypeError as e:
         raise CsgdError(f"bad arguments for model '{name}': {e}", "check the model config") from e
-    model.arch = {"name": name, "kwargs": dict(kwargs, widths=list(model.widths))}
+    kw = dict(kwargs, widths=list(model.widths)) if hasattr(model, "widths") else dict(kwargs)
+    model.arch = {"name": name, "kwargs": kw}  # declared models: rebuilt from ``widths``
     return model
 
 
+def known_model(name: str) -> bool:
+    """A registered model or a torchvision classification builder."""
+    return name in _REGISTRY or torchvision_models.builder_name(name) is not None
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal (fan_out, ReLU) init of every conv, as the CIFAR ResNet papers do."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 # Importing the families registers them.
-from . import densenet, resnet_cifar, vgg  # noqa: E402,F401
+from . import custom, densenet, resnet_cifar, resnet_preact, torchvision_models, vgg  # noqa: E402, F401

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, Consumer, Producer
-from . import register_model
+from ..groups import ChannelGroup, producer, reader
+from . import kaiming_init, register_model
 
 N_BLOCKS = 3
 
@@ -88,9 +88,7 @@ class CifarDenseNet(nn.Module):
         self.norm = nn.BatchNorm2d(cin)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv0(x)
@@ -116,18 +114,16 @@ class CifarDenseNet(nn.Module):
             head = "conv0" if b == 0 else f"trans{b}.conv"
             head_w = w[0] if b == 0 else w[1 + N_BLOCKS * n + b - 1]
             # (producer, width, offset, index of the first reader)
-            members = [(head, head_w, 0, 0)]
+            convs = [(head, head_w, 0, 0)]
             offset = head_w
             for i in range(n):
-                members.append((f"{blk}.{i}.conv", w[1 + b * n + i], offset, i + 1))
+                convs.append((f"{blk}.{i}.conv", w[1 + b * n + i], offset, i + 1))
                 offset += w[1 + b * n + i]
-            for conv, width, off, first in members:
-                cons = [
-                    c
-                    for nm, cv in readers[first:]
-                    for c in (Consumer(nm, off, "norm"), Consumer(cv, off, "input"))
-                ]
-                group = ChannelGroup(conv, width, [Producer(conv, None)], cons)
+            for conv, width, off, first in convs:
+                members = producer(conv)
+                for nm, cv in readers[first:]:
+                    members += reader(cv, off, norm=nm)
+                group = ChannelGroup(conv, width, members)
                 (heads if conv == head else dense).append(group)
         return [heads[0], *dense, *heads[1:]]
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, Consumer, Producer
-from . import register_model
+from ..groups import ChannelGroup, producer, reader
+from . import kaiming_init, register_model
 
 
 class BasicBlock(nn.Module):
@@ -73,9 +73,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(stage_w[2], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
@@ -87,29 +85,27 @@ class CifarResNet(nn.Module):
         n, groups, inner = self.blocks_per_stage, [], []
         for s in range(3):
             stage = f"layer{s + 1}"
-            prod = [Producer("conv1", "bn1")] if s == 0 else []
-            cons = []
+            members = producer("conv1", "bn1") if s == 0 else []
             for b in range(n):
                 blk = f"{stage}.{b}"
                 if s > 0 and b == 0:
-                    prod.append(Producer(f"{blk}.shortcut.0", f"{blk}.shortcut.1"))
-                prod.append(Producer(f"{blk}.conv2", f"{blk}.bn2"))
+                    members += producer(f"{blk}.shortcut.0", f"{blk}.shortcut.1")
+                members += producer(f"{blk}.conv2", f"{blk}.bn2")
                 if s == 0 or b > 0:  # block 0 of later stages reads the previous stage
-                    cons.append(Consumer(f"{blk}.conv1"))
+                    members += reader(f"{blk}.conv1")
                 inner.append(
                     ChannelGroup(
                         f"{blk}.conv1",
                         self.widths[3 + s * n + b],
-                        [Producer(f"{blk}.conv1", f"{blk}.bn1")],
-                        [Consumer(f"{blk}.conv2")],
+                        producer(f"{blk}.conv1", f"{blk}.bn1") + reader(f"{blk}.conv2"),
                     )
                 )
             if s < 2:
                 nxt = f"layer{s + 2}.0"
-                cons += [Consumer(f"{nxt}.conv1"), Consumer(f"{nxt}.shortcut.0")]
+                members += reader(f"{nxt}.conv1") + reader(f"{nxt}.shortcut.0")
             else:
-                cons.append(Consumer("fc"))
-            groups.append(ChannelGroup(stage, self.widths[s], prod, cons))
+                members += reader("fc")
+            groups.append(ChannelGroup(stage, self.widths[s], members))
         return groups + inner
 
 

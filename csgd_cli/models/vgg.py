@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, Consumer, Producer
-from . import register_model
+from ..groups import ChannelGroup, producer, reader
+from . import kaiming_init, register_model
 
 # Comma-separated conv output widths; "M" is a 2x2 max-pool.
 CONFIGS = {
@@ -72,9 +72,7 @@ class CifarVGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(cin, hidden), nn.ReLU(True), nn.Linear(hidden, num_classes)
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
@@ -90,8 +88,7 @@ class CifarVGG(nn.Module):
                 ChannelGroup(
                     f"features.{i}",
                     self.widths[k],
-                    [Producer(f"features.{i}", f"features.{i + 1}")],
-                    [Consumer(nxt)],
+                    producer(f"features.{i}", f"features.{i + 1}") + reader(nxt),
                 )
             )
         return groups

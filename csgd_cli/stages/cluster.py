@@ -8,19 +8,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..checkpoint import save_checkpoint
-from ..errors import CsgdError
-from .common import load, make_clusters, payload
+from ..checkpoint import payload, save_checkpoint
+from ..clustering import clusters_for_config
+from ..session import load
 
 log = logging.getLogger("csgd")
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    src = cfg.ckpt or cfg.init
-    if src is None:
-        raise CsgdError("csgd cluster needs weights to cluster", "pass ckpt=<base.pt> (or init=)")
-    model, ck = load(src, "ckpt" if cfg.ckpt else "init")
-    clusters = make_clusters(cfg, model, ck, cfg.ratio)
+    key = "ckpt" if cfg.ckpt else "init"
+    model, ck = load(cfg[key], key)
+    clusters = clusters_for_config(cfg, model, ck, cfg.ratio)
     for name, cl in clusters.items():
         n = sum(len(c) for c in cl)
         log.info("%-28s %4d -> %4d clusters (largest %d)", name, n, len(cl), max(map(len, cl)))

@@ -6,33 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from torch import nn
 
-from ..engine import evaluate
-from ..errors import CsgdError
-from ..metrics import count_macs, count_params, latency
-from .common import Ctx, load, setup, write_json
-
-
-def measure(ctx: Ctx, model: nn.Module) -> dict[str, Any]:
-    """Everything eval.json reports, for one model on the context's test split."""
-    i = ctx.data.info
-    model.to(ctx.device).eval()
-    shape = (i.in_channels, i.image_size, i.image_size)
-    res: dict[str, Any] = dict(evaluate(model, ctx.data, ctx.device, ctx.cfg.amp))
-    res.update(params=count_params(model), macs=count_macs(model, shape))
-    e = ctx.cfg.eval
-    res.update(latency(model, shape, e.latency_batch, ctx.device, iters=e.latency_iters))
-    res["device"] = str(ctx.device)
-    return res
+from ..files import write_json
+from ..metrics import measure
+from ..session import load, setup
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    if cfg.ckpt is None:
-        raise CsgdError("csgd eval needs a checkpoint", "pass ckpt=<file.pt>")
     ctx = setup(cfg, out)
-    model, _ = load(cfg.ckpt, "ckpt", ctx.data)
-    res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **measure(ctx, model)}
+    model, _ = load(cfg.ckpt, "ckpt", ctx.data.info)
+    res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp)
+    res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **res}
     write_json(out / "eval.json", res)
     print(
         f"top-1 {res['acc']:.2f}%  loss {res['loss']:.4f}  params {res['params']:,}  "

@@ -7,15 +7,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..errors import CsgdError
-from .common import load, payload, setup, train_phase
+from ..checkpoint import payload
+from ..session import load, setup
+from ..training import train_phase
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    if cfg.ckpt is None:
-        raise CsgdError("csgd finetune needs a checkpoint", "pass ckpt=<pruned.pt>")
     ctx = setup(cfg, out)
-    model, ck = load(cfg.ckpt, "ckpt", ctx.data)
+    model, ck = load(cfg.ckpt, "ckpt", ctx.data.info)
     info = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
     model, state = train_phase(ctx, model, cfg.finetune, "finetune", out, info)
     return state["metrics"]

@@ -7,7 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .common import payload, setup, start_model, train_phase
+from ..checkpoint import payload
+from ..session import setup, start_model
+from ..training import train_phase
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:

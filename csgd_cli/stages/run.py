@@ -2,13 +2,9 @@
 
 With ``resume=true`` in the same ``hydra.run.dir`` it skips every phase whose output file
 exists and resumes the interrupted phase from its ``last.pt``.
-
-``prune.method=l1`` (the L1-norm baseline) skips C-SGD training and keeps the
-largest-norm filters at the same widths. To give it the same total epoch budget, its
-fine-tune runs ``finetune.epochs + rounds * schedule.epochs`` epochs (``rounds`` =
-``len(ratios)`` or 1): the epochs C-SGD would have trained are added to the fine-tune,
-with the ``finetune`` learning rate; multistep milestones stay put, a cosine schedule
-stretches over the longer run.
+``prune.method=l1`` (the L1-norm baseline) skips C-SGD training, keeps the largest-norm
+filters at the same widths and fine-tunes for the epochs C-SGD would have trained too
+(``training.budget_schedule``).
 """
 
 from __future__ import annotations
@@ -17,110 +13,55 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..checkpoint import save_checkpoint
-from .check import chi_report
-from .common import load, make_clusters, new_model, payload, setup, train_phase, write_json
-from .eval import measure
-from .prune import merge_checked, save_pruned
+from ..checkpoint import payload
+from ..files import write_json
+from ..groups import channel_groups
+from ..metrics import chi_report, measure, summary_table
+from ..session import load, setup
+from ..surgery import prune_for_config, save_pruned
+from ..training import base_phase, budget_schedule, csgd_phase, once, train_phase
 
 log = logging.getLogger("csgd")
 
 
-def _done(cfg: DictConfig, path: Path) -> bool:
-    return bool(cfg.resume) and path.is_file()
-
-
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
-    rows: dict[str, dict[str, Any]] = {}
-    base = out / "base.pt"
-    if _done(cfg, base):
-        model, ck = load(str(base), "base", ctx.data)
-    elif cfg.init is not None:
-        model, ck = load(cfg.init, "init", ctx.data)
-        save_checkpoint(base, {**payload(cfg, model, ck), "state_dict": model.state_dict()})
-    else:
-        model, ck = new_model(cfg, ctx.data), {}
-        model, ck = train_phase(
-            ctx, model, cfg.pretrain, "pretrain", out / "pretrain", payload(cfg, model, ck)
-        )
-        save_checkpoint(base, ck)
-    rows["base"] = measure(ctx, model)
-    l1 = cfg.prune.method == "l1"
-    ratios = list(cfg.ratios) or [cfg.ratio]
+    info, l1, rows = ctx.data.info, cfg.prune.method == "l1", {}
+    measure_ = lambda m: measure(m, ctx.data, ctx.device, cfg.eval, cfg.amp)  # noqa: E731
+    model, ck = once(ctx, out / "base.pt", lambda: base_phase(ctx, out / "pretrain"))
+    rows["base"] = measure_(model)
+    ratios, (x, _) = list(cfg.ratios) or [cfg.ratio], ctx.data.sample_batch(256)
     for r, ratio in enumerate(ratios):
         tag = f"_r{r + 1}" if len(ratios) > 1 else ""
-        pruned = out / f"pruned{tag}.pt"
-        if _done(cfg, pruned):
-            model, ck = load(str(pruned), "pruned", ctx.data)
+        pruned, csgd = out / f"pruned{tag}.pt", out / f"csgd{tag}.pt"
+        if cfg.resume and pruned.is_file():
+            model, ck = load(str(pruned), "pruned", info)
             continue
-        clusters = None
         if not l1:
-            csgd = out / f"csgd{tag}.pt"
-            if _done(cfg, csgd):
-                model, ck = load(str(csgd), "csgd", ctx.data)
-                clusters = ck["clusters"]
-            else:
-                clusters = make_clusters(cfg, model, ck, ratio)
-                info = payload(cfg, model, ck, ratio=ratio, epsilon=cfg.epsilon)
-                model, ck = train_phase(
-                    ctx, model, cfg.schedule, f"train{tag}", out / f"train{tag}", info, clusters
-                )
-                clusters = ck["clusters"]  # on resume: the ones stored in last.pt
-                save_checkpoint(csgd, ck)
-            chi = chi_report(model, clusters)
-            log.info(
-                "chi %.3e (relative %.3e) after C-SGD round %d", chi["chi"], chi["relative"], r + 1
-            )
+            phase = f"train{tag}"
+            train = lambda m=model, c=ck, p=phase, q=ratio: csgd_phase(ctx, m, c, p, out / p, q)  # noqa: E731
+            model, ck = once(ctx, csgd, train)
+            chi = chi_report(model, channel_groups(model), ck["clusters"])
+            log.info("chi %.3e (relative %.3e) after round %d", chi["chi"], chi["relative"], r + 1)
             rows[f"csgd{tag}"] = {
-                **measure(ctx, model),
+                **measure_(model),
                 "chi": chi["chi"],
                 "chi_relative": chi["relative"],
             }
-        thin, rep = merge_checked(ctx, model, ck, clusters)
-        save_pruned(ctx, thin, ck, rep, str(out / f"csgd{tag}.pt") if not l1 else str(base), pruned)
-        model, ck = load(str(pruned), "pruned", ctx.data)
-        rows[f"pruned{tag}"] = {**measure(ctx, model), "merge_check": rep}
-    fine = out / "finetuned.pt"
-    if _done(cfg, fine):
-        model, ck = load(str(fine), "finetuned", ctx.data)
-    else:
-        info = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
-        sched = l1_finetune(cfg, len(ratios)) if l1 else cfg.finetune
-        model, ck = train_phase(ctx, model, sched, "finetune", out / "finetune", info)
-        save_checkpoint(fine, ck)
-    rows["finetuned"] = measure(ctx, model)
-    summary = {
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "method": cfg.prune.method,
-        "ratio": ratios[-1],
-        "ratios": ratios,
-        "epsilon": cfg.epsilon,
-        "seed": cfg.seed,
-        "rows": rows,
-    }
+        thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, ratio)
+        save_pruned(cfg, thin, ck, rep, str(out / ("base.pt" if l1 else csgd.name)), pruned, x)
+        model, ck = load(str(pruned), "pruned", info)
+        rows[f"pruned{tag}"] = {**measure_(model), "merge_check": rep}
+    sched = budget_schedule(cfg, len(ratios)) if l1 else cfg.finetune
+    kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
+    fine = lambda: train_phase(ctx, model, sched, "finetune", out / "finetune", kw)  # noqa: E731
+    model, ck = once(ctx, out / "finetuned.pt", fine)
+    rows["finetuned"] = measure_(model)
+    keys = ("epsilon", "seed")
+    summary = {"model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.prune.method}
+    summary.update(ratio=ratios[-1], ratios=ratios, **{k: cfg[k] for k in keys}, rows=rows)
     write_json(out / "summary.json", summary)
-    print(table(rows))
+    print(summary_table(rows))
     return summary
-
-
-def l1_finetune(cfg: DictConfig, rounds: int) -> DictConfig:
-    """The L1 baseline's fine-tune: ``finetune`` plus the epochs C-SGD would train."""
-    extra = rounds * cfg.schedule.epochs
-    log.info("L1 baseline: fine-tune %d + %d epochs (C-SGD's budget)", cfg.finetune.epochs, extra)
-    return OmegaConf.merge(cfg.finetune, {"epochs": cfg.finetune.epochs + extra})
-
-
-def table(rows: dict[str, dict[str, Any]]) -> str:
-    head = f"{'model':<12}{'top-1 %':>9}{'params':>12}{'MACs (M)':>11}{'latency ms':>12}{'speed-up':>10}"
-    base_lat = rows["base"]["latency_ms"]
-    lines = [head, "-" * len(head)]
-    for name, r in rows.items():
-        lines.append(
-            f"{name:<12}{r['acc']:>9.2f}{r['params']:>12,}{r['macs'] / 1e6:>11.2f}"
-            f"{r['latency_ms']:>12.2f}{base_lat / r['latency_ms']:>9.2f}x"
-        )
-    return "\n".join(lines)

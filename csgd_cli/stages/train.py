@@ -7,13 +7,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .common import clusters_for, payload, setup, start_model, train_phase
+from ..session import setup, start_model
+from ..training import csgd_phase
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
     model, ck = start_model(ctx, "init", "ckpt")
-    clusters = clusters_for(cfg, model, ck)
-    info = payload(cfg, model, ck, ratio=cfg.ratio, epsilon=cfg.epsilon)
-    model, state = train_phase(ctx, model, cfg.schedule, "train", out, info, clusters)
+    model, state = csgd_phase(ctx, model, ck, "train", out)
     return state["metrics"]

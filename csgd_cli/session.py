@@ -1,0 +1,65 @@
+"""What a stage sets up: seeds, device, data, and the model it starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .checkpoint import check_fits, load_checkpoint, model_from_checkpoint
+from .data import Data, DataInfo, build_data
+from .engine import dist_info, pick_device, seed_everything
+from .models import get_model
+
+
+@dataclass
+class Ctx:
+    cfg: DictConfig
+    out: Path
+    device: torch.device
+    data: Data
+
+
+def setup(cfg: DictConfig, out: Path) -> Ctx:
+    """Seeded RNGs, the device, and this process's view of the data set."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    rank, world = dist_info()
+    data = build_data(cfg.dataset, seed=cfg.seed, device=device, rank=rank, world=world)
+    return Ctx(cfg, out, device, data)
+
+
+def new_model(cfg: DictConfig, info: DataInfo | None = None) -> nn.Module:
+    """A fresh ``model=`` network shaped for the data set (``info``), or for its
+    config's defaults when no data set is read (``csgd groups``)."""
+    shape = (
+        {
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": info.image_size,
+        }
+        if info is not None
+        else {}
+    )
+    return get_model(cfg.model.name, **{**shape, **cfg.model.kwargs})
+
+
+def load(path: str, key: str, info: DataInfo | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Model and checkpoint dict; refuses a model built for another data shape."""
+    ck = load_checkpoint(path, key)
+    model = model_from_checkpoint(ck, key)
+    if info is not None:
+        check_fits(ck, path, key, info)
+    return model, ck
+
+
+def start_model(ctx: Ctx, *keys: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a stage starts from: the first of ``keys`` given, else a fresh one."""
+    for key in keys:
+        if ctx.cfg[key] is not None:
+            return load(ctx.cfg[key], key, ctx.data.info)
+    return new_model(ctx.cfg, ctx.data.info), {}

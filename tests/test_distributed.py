@@ -1,0 +1,259 @@
+"""torchrun/DDP: a 2-process gloo job on the CPU equals the 1-process run of the same
+config, writes one run directory, stops every rank when one fails, and resumes.
+
+Real ``python -m torch.distributed.run --standalone --nproc_per_node=2 -m csgd_cli``
+jobs on a tiny ResNet-20 over 256 digits images (global batch 16: 8 per rank, 16 steps
+per epoch), one thread per process. The C-SGD runs use lr 0.002: this tiny network is
+chaotic at larger rates (two 1-process runs that differ only in their thread count
+drift apart by 100% within 32 steps at lr 0.01), which would hide what is tested here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_DIGITS as TINY
+from omegaconf import OmegaConf
+
+import csgd_cli
+from csgd_cli.data import build_data
+from csgd_cli.errors import CsgdError
+
+ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
+TIMEOUT = 300
+TRAIN = ["schedule.epochs=2", "schedule.lr=0.002", "schedule.log_every=2", "dist.sync_bn=true"]
+FAIL = "CSGD_TEST_FAIL: rank failed on purpose at step 5"
+VOLATILE = {"config", "time", "epoch_time"}
+
+
+def launch(procs: int, stage: str, run_dir: Path, *args: str, **env: str) -> subprocess.Popen:
+    """``csgd <stage>`` in one process, or under torchrun in ``procs``; stderr goes to
+    ``<run_dir>.<stage>[.resume].err`` (readable while the job runs)."""
+    head = [sys.executable, "-m", "csgd_cli"]
+    if procs > 1:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        head += [f"--nproc_per_node={procs}", "-m", "csgd_cli"]
+    argv = [*head, stage, *TINY, *args, f"hydra.run.dir={run_dir}"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    err_path = Path(f"{run_dir}.{stage}{'.resume' if 'resume=true' in args else ''}.err")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=err)
+    proc.err = err_path  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    rc = proc.wait(timeout=TIMEOUT)
+    return rc, proc.err.read_text()  # type: ignore[attr-defined]
+
+
+def logged_step(metrics: Path) -> int:
+    if not metrics.is_file():
+        return 0
+    steps = [0]
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except ValueError:  # a line being written
+            pass
+    return max(steps)
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensors(obj: Any, where: str = "") -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of a checkpoint, by path."""
+    if isinstance(obj, dict):
+        return {
+            k: v
+            for key, val in obj.items()
+            if key not in VOLATILE
+            for k, v in tensors(val, f"{where}/{key}").items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, x in enumerate(obj) for k, v in tensors(x, f"{where}/{i}").items()}
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return {where: obj}
+    return {}
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every job of this file, started side by side to share the 2 cores (each process
+    spends most of its time importing): the same C-SGD training in 1 and in 2
+    processes, a 2-process job whose rank 1 fails at step 5, and a 2-process job
+    stopped by SIGTERM at step 6 and resumed; then the prune of the 2-process result."""
+    root = tmp_path_factory.mktemp("dist")
+    t0 = time.monotonic()
+    procs = {
+        "one": launch(1, "train", root / "one", *TRAIN),
+        "two": launch(2, "train", root / "two", *TRAIN),
+        "fail": launch(2, "train", root / "fail", *TRAIN, CSGD_TEST_FAIL="1:5"),
+        "killed": launch(2, "train", root / "killed", *TRAIN),
+    }
+    res: dict[str, Any] = {"root": root, "failed_at": None, "signalled": False}
+    later = {  # started once the job they follow has ended
+        "resume": ("killed", lambda: launch(2, "train", root / "killed", *TRAIN, "resume=true")),
+        "prune": (
+            "two",
+            lambda: launch(
+                1, "prune", root / "pruned", f"ckpt={root / 'two/last.pt'}", "prune.force=true"
+            ),
+        ),
+    }
+    deadline = t0 + TIMEOUT
+    while time.monotonic() < deadline:
+        if res["failed_at"] is None and FAIL in procs["fail"].err.read_text():
+            res["failed_at"] = time.monotonic()
+        if procs["fail"].poll() is not None and "fail_ended" not in res:
+            res["fail_ended"] = time.monotonic()
+        k = procs["killed"]
+        if (
+            not res["signalled"]
+            and k.poll() is None
+            and logged_step(root / "killed/metrics.jsonl") >= 6
+        ):
+            k.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+            res["signalled"] = True
+        for name, (after, start) in later.items():
+            if name not in procs and procs[after].poll() is not None:
+                if name == "resume":
+                    res["killed_ck"] = load(root / "killed/last.pt") if res["signalled"] else None
+                procs[name] = start()
+        if len(procs) == 6 and all(p.poll() is not None for p in procs.values()):
+            break
+        time.sleep(0.02)
+    res.setdefault("fail_ended", time.monotonic())
+    for name, p in procs.items():
+        res[name] = finish(p)
+    print(f"\nall 2-process jobs of tests/test_distributed.py: {time.monotonic() - t0:.1f} s")
+    return res
+
+
+# -- data: the global batch ------------------------------------------------------------
+
+
+def test_ranks_batches_are_the_single_process_batch_cut_in_parts() -> None:
+    """Rank r takes the r-th contiguous part of each step's single-process batch, with
+    the crop and flip that sample gets in one process; eval shards cover the split."""
+    cfg = OmegaConf.create(
+        {"name": "synthetic", "num_train": 96, "num_test": 50, "batch_size": 12, "augment": True}
+    )
+    cpu = torch.device("cpu")
+    one = build_data(cfg, seed=3, device=cpu)
+    parts = [build_data(cfg, seed=3, device=cpu, rank=r, world=3) for r in range(3)]
+    assert {d.steps_per_epoch() for d in parts} == {one.steps_per_epoch()} == {8}
+    for epoch in (0, 5):
+        for step, batches in enumerate(
+            zip(
+                one.train_batches(epoch, 2),
+                *(d.train_batches(epoch, 2) for d in parts),
+                strict=True,
+            )
+        ):
+            (x, y), *mine = batches
+            assert all(len(b[1]) == 4 for b in mine), step
+            assert torch.equal(x, torch.cat([b[0] for b in mine]))
+            assert torch.equal(y, torch.cat([b[1] for b in mine]))
+    test = [torch.cat([y for _, y in d.test_batches()]) for d in parts]
+    assert torch.equal(torch.cat(test), one.test_y) and [len(t) for t in test] == [16, 17, 17]
+
+
+def test_a_global_batch_that_does_not_divide_is_refused() -> None:
+    cfg = OmegaConf.create({"name": "synthetic", "num_train": 64, "num_test": 8, "batch_size": 16})
+    with pytest.raises(CsgdError, match=r"batch_size=16 .* does not divide among 3 processes"):
+        build_data(cfg, seed=0, device=torch.device("cpu"), rank=0, world=3)
+
+
+# -- one job, one result -----------------------------------------------------------------
+
+
+def test_two_processes_equal_one_and_write_one_checkpoint(jobs: dict[str, Any]) -> None:
+    root = jobs["root"]
+    for name in ("one", "two"):
+        assert jobs[name][0] == 0, jobs[name][1][-4000:]
+    one, two = load(root / "one/last.pt"), load(root / "two/last.pt")
+    assert not any(k.startswith("module.") for k in two["state_dict"])
+    assert set(two["state_dict"]) == set(one["state_dict"])
+    assert two["clusters"] == one["clusters"]
+    a, b = tensors(one), tensors(two)
+    assert set(a) == set(b) and len(a) > 100
+    worst = max((rel_diff(a[k], b[k]), k) for k in a)
+    assert worst[0] < 1e-4, worst
+    for ra, rb in zip(one["history"], two["history"], strict=True):  # reduced metrics
+        assert ra["test_acc"] == rb["test_acc"]
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-4 * abs(ra["train_loss"])
+        assert abs(ra["test_loss"] - rb["test_loss"]) < 1e-4 * abs(ra["test_loss"])
+    # one run directory (no stray one from a second Hydra clock), written by rank 0 only
+    dirs = {p.name for p in root.iterdir() if p.is_dir()}
+    assert dirs == {"one", "two", "fail", "killed", "pruned"}
+    files = {p.name for p in (root / "two").iterdir()}
+    assert {"last.pt", "best.pt", "metrics.jsonl", ".hydra"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    recs = [json.loads(x) for x in (root / "two/metrics.jsonl").open()]
+    keys = [(r["step"], "train_loss" in r) for r in recs]
+    assert len(keys) == len(set(keys)) == 16 + 2  # one writer: 16 log steps, 2 epochs
+
+
+def test_the_two_process_checkpoint_prunes_and_loads_in_one_process(jobs: dict[str, Any]) -> None:
+    """32 steps do not collapse the clusters, so prune needs prune.force=true here: what
+    is checked is that the DDP checkpoint is an ordinary one (merge, load_model)."""
+    root = jobs["root"]
+    assert jobs["prune"][0] == 0, jobs["prune"][1][-4000:]
+    wide = csgd_cli.load_model(root / "two/last.pt")
+    thin = csgd_cli.load_model(root / "pruned/pruned.pt")
+    ref = csgd_cli.load_model(root / "one/last.pt")
+    data = OmegaConf.create({"name": "digits", "batch_size": 16, "limit": 256})
+    x = build_data(data, seed=0, device=torch.device("cpu")).sample_batch(64)[0]
+    with torch.no_grad():
+        lw, lt, lr = wide(x), thin(x), ref(x)
+    assert rel_diff(lr, lw) < 1e-4  # the DDP model computes what the 1-process one does
+    assert lt.shape == lw.shape
+    assert sum(p.numel() for p in thin.parameters()) < sum(p.numel() for p in wide.parameters())
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_a_failing_rank_ends_every_rank_within_seconds(jobs: dict[str, Any]) -> None:
+    rc, err = jobs["fail"]
+    assert rc != 0 and FAIL in err, err[-3000:]
+    assert "rank 0 stopped: rank 1 failed: RuntimeError: " + FAIL in err
+    assert err.count("Traceback") <= 2  # rank 1's own, and torchrun's summary of it
+    assert jobs["failed_at"] is not None
+    took = jobs["fail_ended"] - jobs["failed_at"]
+    assert took < 15, f"the job took {took:.1f} s to end after the failure"
+    assert not (jobs["root"] / "fail/last.pt").exists()
+
+
+def test_sigterm_then_resume_under_torchrun_equals_an_uninterrupted_job(
+    jobs: dict[str, Any],
+) -> None:
+    root = jobs["root"]
+    assert jobs["signalled"], "the job ended before it could be interrupted"
+    rc, err = jobs["killed"]
+    assert rc != 0 and "preempted" in err, err[-3000:]
+    ck = jobs["killed_ck"]
+    assert 6 <= ck["epoch"] * 16 + ck["step_in_epoch"] < 32
+    assert jobs["resume"][0] == 0, jobs["resume"][1][-4000:]
+    a, b = tensors(load(root / "two/last.pt")), tensors(load(root / "killed/last.pt"))
+    assert set(a) == set(b)
+    for k in a:
+        if "epoch_stats" not in k:
+            assert torch.equal(a[k], b[k]), k

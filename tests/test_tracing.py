@@ -1,0 +1,140 @@
+"""Traced channel groups: the coupling kinds, exclusions with reasons, agreement with
+the hand-declared groups, caching, and one-line errors for bad models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csgd_cli.errors import CsgdError
+from csgd_cli.groups import Member, channel_groups
+from csgd_cli.models import get_model
+from csgd_cli.tracing import traced_groups
+from tests.tracing_models import Grouped, Mixed, Shuffle, Untraceable
+
+
+def members(g) -> set[tuple[str, str, int]]:
+    return {(m.module, m.kind, m.offset) for m in g.members}
+
+
+def by_name(groups) -> dict:
+    return {g.name: g for g in groups}
+
+
+def test_mixed_model_couplings() -> None:
+    gs = by_name(traced_groups(Mixed()))
+    assert set(gs) == {"stem", "b", "c", "se.squeeze", "head"}  # no group for the logits
+    assert all(g.excluded is None for g in gs.values())
+    # residual add: the stem and the projection write one group, BNs after both
+    assert members(gs["stem"]) == {
+        ("stem", "out", 0), ("bn0", "channel", 0), ("proj", "out", 0),
+        ("bn2", "channel", 0), ("b", "in", 0), ("c", "in", 0), ("head", "in", 0),
+    }  # fmt: skip
+    # concatenation: c's channels sit at offset 16 of the depthwise conv, its BN, the
+    # SE's expanding conv (a per-channel scale: an ``out`` member) and the readers
+    assert members(gs["c"]) == {
+        ("c", "out", 0), ("dw", "channel", 16), ("bn1", "channel", 16),
+        ("se.expand", "out", 16), ("se.squeeze", "in", 16), ("proj", "in", 16),
+    }  # fmt: skip
+    assert (gs["b"].width, gs["c"].width) == (16, 8)
+    assert ("dw", "channel", 0) in members(gs["b"])
+    # flatten of a 2x2 map into the classifier: 4 columns per channel
+    fc = next(m for m in gs["head"].members if m.module == "fc")
+    assert fc == Member("fc", "in", 0, 0, None, 4)
+
+
+def test_grouped_conv_groups_are_excluded_with_reasons() -> None:
+    gs = by_name(traced_groups(Grouped()))
+    assert gs["conv1"].excluded == "input of grouped conv 'conv2' (groups=2)"
+    assert gs["conv2"].excluded == "output of grouped conv 'conv2' (groups=2)"
+    assert gs["conv3"].excluded is None
+
+
+def test_shuffle_and_groupnorm_are_excluded() -> None:
+    gs = by_name(traced_groups(Shuffle()))
+    assert "reshape" in gs["conv1"].excluded
+    assert gs["conv2"].excluded == "GroupNorm 'gn' has no per-channel merge rule"
+    assert gs["conv3"].excluded is None
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("resnet20", {}),
+        ("vgg11", {"in_channels": 1, "image_size": 8}),
+        ("densenet40", {"depth": 16, "growth": 6, "image_size": 16}),
+    ],
+)
+def test_traced_groups_equal_declared(name: str, kw: dict) -> None:
+    """Hand-written declarations and the tracer check each other: every declared group
+    is traced with the same members; the tracer adds only hidden linear layers."""
+    model = get_model(name, **kw)
+    declared = {frozenset(members(g)): g.width for g in model.channel_groups()}
+    traced = traced_groups(model)
+    found = {frozenset(members(g)): g.width for g in traced}
+    assert {k: found.get(k) for k in declared} == declared
+    extra = [g for g in traced if frozenset(members(g)) not in declared]
+    assert all(m.module.startswith("classifier") for g in extra for m in g.of_kind("out"))
+
+
+def test_resnet164_preactivation_coupling() -> None:
+    model = get_model("resnet164", depth=20)  # 2 bottlenecks per stage
+    gs = by_name(channel_groups(model))
+    stage1 = next(g for g in gs.values() if ("layer1.0.shortcut", "out", 0) in members(g))
+    # the stream is written by the shortcut and every conv3, normalised by every later
+    # block's first BN (a per-channel member) and read by the next stage's first block
+    assert {
+        ("layer1.0.conv3", "out", 0), ("layer1.1.conv3", "out", 0),
+        ("layer1.1.bn1", "channel", 0), ("layer2.0.bn1", "channel", 0),
+        ("layer1.1.conv1", "in", 0), ("layer2.0.conv1", "in", 0),
+        ("layer2.0.shortcut", "in", 0),
+    } <= members(stage1)  # fmt: skip
+    assert members(gs["conv1"]) == {
+        ("conv1", "out", 0), ("layer1.0.bn1", "channel", 0),
+        ("layer1.0.conv1", "in", 0), ("layer1.0.shortcut", "in", 0),
+    }  # fmt: skip
+    assert members(gs["layer1.0.conv1"]) == {
+        ("layer1.0.conv1", "out", 0),
+        ("layer1.0.bn2", "channel", 0),
+        ("layer1.0.conv2", "in", 0),
+    }
+    assert sum(p.numel() for p in get_model("resnet164").parameters()) == 1_703_258
+
+
+def test_groups_are_cached_until_shapes_change() -> None:
+    model = Mixed()
+    first = traced_groups(model)
+    assert traced_groups(model) == first  # from the cache
+    model.head = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    model.fc = torch.nn.Linear(12 * 4, 10)
+    assert by_name(traced_groups(model))["head"].width == 12  # re-traced
+
+
+def test_untraceable_forward_is_one_line() -> None:
+    with pytest.raises(CsgdError, match="cannot trace model Untraceable") as e:
+        traced_groups(Untraceable())
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "words"),
+    [
+        ("resnet_nope", {}, "unknown model 'resnet_nope'"),
+        ("custom", {"target": "tests.tracing_models.nothing_here"}, "does not import"),
+        ("custom", {"target": "no_such_package.net"}, "does not import"),
+        ("custom", {"target": "tests.tracing_models.not_a_module"}, "not an nn.Module"),
+        ("custom", {}, "needs model._target_"),
+    ],
+)
+def test_bad_models_are_one_line_errors(name: str, kw: dict, words: str) -> None:
+    with pytest.raises(CsgdError, match=words):
+        get_model(name, **kw)
+
+
+def test_torchvision_fallback_and_prefix() -> None:
+    m = get_model("torchvision.vgg11", num_classes=7, image_size=32)
+    assert m.arch["name"] == "torchvision.vgg11" and m.classifier[-1].out_features == 7
+    assert type(get_model("vgg11")).__name__ == "CifarVGG"  # csgd's own wins unprefixed
+    sq = get_model("squeezenet1_1", in_channels=1, num_classes=5, image_size=64)
+    assert sq.features[0].in_channels == 1
+    assert sq(torch.randn(2, 1, 64, 64)).shape == (2, 5)
