@@ -36,8 +36,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     file intact; temporary files of writers killed earlier are removed."""
     path = Path(path)
     buf = io.BytesIO()
-    torch.save(_plain(payload), buf)
     try:
+        torch.save(_plain(payload), buf)
         atomic_write(path, buf.getvalue())
     except OSError as e:
         raise CsgdError(

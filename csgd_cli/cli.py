@@ -139,13 +139,13 @@ def _task(stage: str):
             """Under torchrun: stop every rank; only the first rank to fail reports."""
             first = distributed.fail(code, message)
             if first is not None:  # another rank failed first and said why
-                raise SystemExit(first) from None
+                distributed.exit_now(first)
 
         old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
         try:
             validate(cfg)
-            if not multirun:  # torchrun: join the job; every rank uses rank 0's run dir
-                distributed.init(pick_device(cfg.device), cfg.dist)
+            if not multirun or distributed.rank_world()[1] > 1:  # torchrun, SLURM tasks
+                distributed.init(pick_device(cfg.device), cfg.dist)  # every rank: rank 0's dir
                 out = distributed.shared_run_dir(out)
             result = module.main(cfg, out)
             distributed.shutdown()
@@ -158,18 +158,21 @@ def _task(stage: str):
             )
             if multirun:  # a preempted sweep stops: the scheduler wants the machine back
                 _status(out, "preempted", str(e))
-            raise SystemExit(e.exit_code) from None
+            distributed.exit_now(e.exit_code)
         except CsgdError as e:
             stop_others(e.exit_code, str(e))
             print(f"csgd {stage}: error: {e}", file=sys.stderr)
             if not multirun:
-                raise SystemExit(e.exit_code) from None
+                distributed.exit_now(e.exit_code)
             _status(out, "failed", str(e))
             _record_failure(out)
             return None
         except Exception as e:
             if not multirun:
                 stop_others(1, f"{type(e).__name__}: {e}")
+                if distributed.active():  # leave before the process group can hold us
+                    traceback.print_exc()
+                    distributed.exit_now(1)
                 raise
             # One failed sweep point must not stop the others; keep its traceback.
             (out / "error.txt").write_text(traceback.format_exc())
@@ -180,7 +183,7 @@ def _task(stage: str):
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
-        if multirun:
+        if multirun and distributed.is_main():
             _status(out, "ok", "")
         return result
 

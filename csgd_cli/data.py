@@ -351,6 +351,22 @@ def _imagenet(cfg: Any, root: Path, kw: dict[str, Any]) -> FolderData:
     return FolderData(info, cfg, train, val, **kw)
 
 
+def _channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units) of uint8 NCHW images, summed in chunks
+    so that memory stays bounded at ImageNet sizes."""
+    c, n = x.shape[1], 0
+    s = torch.zeros(c, dtype=torch.float64)
+    ss = torch.zeros(c, dtype=torch.float64)
+    for chunk in x.split(64):
+        f = chunk.double().div_(255).transpose(0, 1).reshape(c, -1)
+        s += f.sum(1)
+        ss += f.square().sum(1)
+        n += f.shape[1]
+    mean = s / n
+    var = (ss - n * mean.square()) / max(n - 1, 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().tolist()
+
+
 def build_data(
     cfg: Any,
     *,
@@ -392,9 +408,7 @@ def build_data(
     else:
         check_dataset_name(name)
     if name in ("digits", "synthetic"):
-        # no published stats: measure the full train split (a 10k prefix bounds memory)
-        ref = arrays[0][:10000].double() / 255
-        stats = (ref.mean((0, 2, 3)).tolist(), ref.std((0, 2, 3)).tolist())
+        stats = _channel_stats(arrays[0][:10000])  # no published stats: measure them
     tx, ty, vx, vy = arrays
     n = len(tx) if limit is None else int(limit)
     n_cls = _synthetic_shape(cfg)[1] if name == "synthetic" else _TENSOR_SETS[name][0]

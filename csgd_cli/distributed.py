@@ -35,10 +35,17 @@ _FAIL_KEY = "csgd/failed"  # "<rank>|<exit code>|<message>" of the first rank th
 _POLL_S = 0.2
 _GRACE_S = 2.0  # lets the failing rank exit first, so torchrun names it as the root cause
 _settings: dict[str, Any] = {"sync_bn": False, "store": None, "watchdog": None}
+_finished = threading.Event()  # set once every rank has passed the final barrier
 
 
 def rank_world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
+    """(rank, world size) from torchrun's environment (or a submitit SLURM job's tasks);
+    (0, 1) for a single process."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # one task per GPU
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -75,13 +82,15 @@ def init(device: torch.device, conf: Any = None) -> None:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout
     )
     _settings["store"] = store
+    _finished.clear()
     t = threading.Thread(target=_watch, args=(store, rank), name="csgd-watchdog", daemon=True)
     t.start()
     _settings["watchdog"] = t
-    if rank != 0:  # only rank 0 writes the run's log file
+    if rank != 0:  # only rank 0 writes the run's log file and logs progress
         root = logging.getLogger()
         for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(h)
+        logging.getLogger("csgd").setLevel(logging.WARNING)
 
 
 def _watch(store: Any, rank: int) -> None:
@@ -89,17 +98,20 @@ def _watch(store: Any, rank: int) -> None:
     blocked in a collective that would otherwise wait for the whole timeout."""
     import time
 
-    while True:
+    while not _finished.is_set():
         time.sleep(_POLL_S)
         try:
             if not store.check([_FAIL_KEY]):
                 continue
             origin, code, msg = _parse(store.get(_FAIL_KEY))
-        except Exception:  # the store is gone: the job is ending anyway
-            return
+        except Exception:  # the store is gone: its host (rank 0 or torchrun) has ended
+            origin, code, msg = -1, 1, "the job's store is gone (its host process ended)"
         if origin != rank:
-            time.sleep(_GRACE_S)
-            print(f"csgd: rank {rank} stopped: rank {origin} failed: {msg}", file=sys.stderr)
+            time.sleep(_GRACE_S)  # let the failing rank exit first (and name itself)
+            if _finished.is_set():  # this job ended normally meanwhile
+                return
+            who = f"rank {origin} failed" if origin >= 0 else "lost the job"
+            print(f"csgd: rank {rank} stopped: {who}: {msg}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(code)
 
@@ -124,6 +136,18 @@ def fail(code: int, message: str) -> int | None:
         return None
     origin, first_code, _ = _parse(now)
     return None if origin == rank else first_code
+
+
+def exit_now(code: int) -> None:
+    """End this process with ``code``: at once in a job (exiting with a live process
+    group can take seconds, and torchrun should see the failing rank end first),
+    by ``SystemExit`` otherwise."""
+    if not active():
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def barrier() -> None:
@@ -186,6 +210,7 @@ def shutdown() -> None:
     """Leave the process group after the stage has finished on every rank."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        _finished.set()
         dist.destroy_process_group()
     _settings["store"] = None
 

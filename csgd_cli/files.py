@@ -12,8 +12,11 @@ from typing import Any
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write to a temporary file beside ``path``, fsync, rename: a kill mid-write
-    leaves the previous file intact."""
+    leaves the previous file intact. In a multi-process job only rank 0 writes (a rank
+    that reads the file next waits at a barrier first)."""
     path = Path(path)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -149,8 +149,14 @@ def measure(
     shape = (i.in_channels, i.image_size, i.image_size)
     res: dict[str, Any] = dict(evaluate(model, data, device, amp))
     res.update(params=count_params(model), macs=count_macs(model, shape))
-    res.update(latency(model, shape, eval_cfg.latency_batch, device, iters=eval_cfg.latency_iters))
-    res["device"] = str(device)
+    batch, iters, backend = eval_cfg.latency_batch, eval_cfg.latency_iters, eval_cfg.backend
+    if backend == "eager":  # on the training device
+        res.update(latency(model, shape, batch, device, iters=iters), backend=backend)
+    else:  # a deployment runtime (CPU): see csgd_cli.deploy.BACKENDS
+        from .deploy import measure_latency
+
+        res.update(measure_latency(model, backend, shape, batch, iters))
+    res["device"] = str(device) if backend == "eager" else "cpu"
     return res
 
 

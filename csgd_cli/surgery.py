@@ -230,6 +230,23 @@ def merge_checked(
     return thin, rep
 
 
+def _export_onnx_if_installed(thin: nn.Module, x: torch.Tensor, path: Path) -> Path | None:
+    """``pruned.onnx`` (BN folded, dynamic batch), checked in onnxruntime, when the
+    ``deploy`` extra is installed; a note saying how to get it otherwise."""
+    import importlib.util
+    import logging
+
+    log = logging.getLogger("csgd")
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        log.info('no %s: pip install "csgd[deploy]" to export ONNX', path.name)
+        return None
+    from .deploy import check_onnx, export_onnx
+
+    export_onnx(thin, x[:2], path)
+    log.info("wrote %s (onnxruntime logits within %.1e relative)", path, check_onnx(path, thin, x))
+    return path
+
+
 def export_pt2(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
     """A standalone ``torch.export`` program (loads with torch.export.load, no csgd)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -276,8 +293,10 @@ def save_pruned(
     """``pruned.pt`` (csgd checkpoint) and, with ``prune.export``, ``pruned.pt2``
     (torch.export) and ``pruned.onnx`` (when onnx is installed) beside it."""
     from .checkpoint import payload, save_checkpoint
+    from .distributed import on_main
 
     info = payload(cfg, thin, ck, pruned_from=src, merge_check=rep, metrics=rep)
     save_checkpoint(path, {**info, "state_dict": thin.state_dict()})
     if cfg.prune.export:
-        export_pt2(thin, x[:2], path.with_suffix(".pt2"))
+        on_main(export_pt2, thin, x[:2], path.with_suffix(".pt2"))  # then every rank goes on
+        on_main(_export_onnx_if_installed, thin, x, path.with_suffix(".onnx"))

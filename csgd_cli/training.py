@@ -13,7 +13,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, payload, save_checkpoint
 from .clustering import clusters_for_config
-from .distributed import broadcast_object
+from .distributed import broadcast_object, is_main
 from .engine import Trainer
 from .errors import CsgdError
 from .groups import Clusters, channel_groups, check_clusters
@@ -93,7 +93,9 @@ def train_phase(
         device=ctx.device,
         out=out,
         phase=phase,
-        payload=dict(info, clusters=clusters, hyper=hyper),
+        payload=dict(
+            info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
+        ),
         amp=cfg.amp,
         every_steps=cfg.checkpoint.every_steps,
         chi_fn=chi_fn(model, channel_groups(model), clusters) if clusters else None,
@@ -102,6 +104,8 @@ def train_phase(
         trainer.restore(ck)
         log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)
     metrics = trainer.fit()
+    if sched.epochs == 0:  # nothing trained: last.pt is still the phase's result
+        trainer.save("last.pt")
     state = {**trainer.state(), "metrics": metrics}
     if clusters:  # untie params from the optimizer's flat buffer so it can be freed
         with torch.no_grad():
@@ -122,7 +126,7 @@ def csgd_phase(
     """Cluster (rank 0, then broadcast; clusters stored in ``ck`` win unless ``ratio``
     is given) and C-SGD-train ``model`` for the ``schedule`` config."""
     cfg = ctx.cfg
-    clusters = broadcast_object(clusters_for_config(cfg, model, ck, ratio))
+    clusters = broadcast_object(clusters_for_config(cfg, model, ck, ratio) if is_main() else None)
     info = payload(cfg, model, ck, ratio=cfg.ratio if ratio is None else ratio, epsilon=cfg.epsilon)
     return train_phase(ctx, model, cfg.schedule, phase, out, info, clusters)
 
@@ -146,7 +150,7 @@ def once(
         ck = load_checkpoint(path, path.stem)
         return model_from_checkpoint(ck, path.stem), ck
     model, ck = make()
-    save_checkpoint(path, ck)
+    save_checkpoint(path, ck)  # rank 0 writes; nobody reads it before the next barrier
     return model, ck
 
 

@@ -33,6 +33,7 @@ from csgd_cli.models import get_model
 from csgd_cli.optim import CentripetalSGD
 
 KINDS = ("sgd", "csgd")
+clock = time.perf_counter  # --clock cpu: time.process_time (immune to being descheduled)
 PHASES = ("zero_grad", "forward", "backward", "optimizer")
 
 
@@ -52,15 +53,15 @@ def build(kind: str, args: argparse.Namespace):
 
 def step_phases(m, opt, x, y) -> list[float]:
     """One training step; seconds spent in each of PHASES."""
-    t0 = time.perf_counter()
+    t0 = clock()
     opt.zero_grad()
-    t1 = time.perf_counter()
+    t1 = clock()
     loss = F.cross_entropy(m(x), y)
-    t2 = time.perf_counter()
+    t2 = clock()
     loss.backward()
-    t3 = time.perf_counter()
+    t3 = clock()
     opt.step()
-    t4 = time.perf_counter()
+    t4 = clock()
     return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
 
 
@@ -123,10 +124,22 @@ def main() -> None:
     ap.add_argument("--mem-runs", type=int, default=3, help="fresh processes per kind")
     ap.add_argument("--mem-steps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="cpu",
+        help="cpu (default): process CPU time, which other jobs on the cores barely touch; "
+        "wall: elapsed time (use on an idle machine, e.g. with --threads 2)",
+    )
     ap.add_argument("--memory-child", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args.memory_child, args)
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     built = {k: build(k, args) for k in KINDS}
@@ -136,7 +149,8 @@ def main() -> None:
     n_groups = len(channel_groups(built["csgd"][0]))
     print(
         f"{args.model}, {n_groups} groups clustered at ratio {args.ratio}, batch {args.batch}, "
-        f"CPU, {torch.get_num_threads()} threads, {args.rounds} alternating rounds"
+        f"CPU, {torch.get_num_threads()} threads, {args.rounds} alternating rounds, "
+        f"{args.clock} clock, load average {os.getloadavg()[0]:.1f}"
     )
 
     # 1) the optimizer step alone (gradients in place)
@@ -144,10 +158,10 @@ def main() -> None:
     for i in range(args.rounds):
         for kind in KINDS if i % 2 else KINDS[::-1]:
             opt = built[kind][1]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.opt_steps):
                 opt.step()
-            opt_t[kind].append((time.perf_counter() - t0) / args.opt_steps)
+            opt_t[kind].append((clock() - t0) / args.opt_steps)
     ratios = [c / s for s, c in zip(opt_t["sgd"], opt_t["csgd"], strict=True)]
     for kind, label in (("sgd", "foreach SGD"), ("csgd", "C-SGD")):
         print(f"optimizer step : {label:11s} ms  {spread(opt_t[kind], 1e3)}")

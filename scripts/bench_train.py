@@ -1,24 +1,30 @@
-"""Engine training step vs a minimal hand-written PyTorch loop, and augmentation speed.
+"""Engine training step vs a minimal hand-written PyTorch loop, compiled vs eager
+training (``Trainer(compile=True)``), and augmentation speed.
 
     python scripts/bench_train.py [--model resnet56] [--batch 64] [--rounds 5] [--steps 10]
+                                  [--no-compile]
 
-Both loops train the same model on the same batch on the CPU; rounds alternate between
-them so drift in machine load hits both alike. Prints images/s and the ratio.
+All loops train the same model on the same batch on the CPU; rounds alternate between
+them so drift in machine load hits both alike. Prints images/s and the ratios (compiled
+vs eager: min/median/max of the per-round ratio, and the one-off compile time).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from csgd_cli.config import ScheduleConf
 from csgd_cli.data import augment_batch, normalize
 from csgd_cli.engine import Trainer
 from csgd_cli.models import get_model
-from csgd_cli.stages.common import plain_sgd
+from csgd_cli.optim import plain_sgd
 
 
 class _OneBatch:
@@ -29,46 +35,74 @@ class _OneBatch:
         return self.n
 
 
+def make_trainer(model: torch.nn.Module, sched, compile: bool) -> Trainer:
+    trainer = Trainer(
+        model,
+        _OneBatch(1000),
+        sched,
+        plain_sgd(model, sched),
+        device=torch.device("cpu"),
+        out=Path("/tmp"),
+        phase="bench",
+        payload={},
+        compile=compile,
+    )
+    trainer.log.enabled = False
+    return trainer
+
+
+def bench_compile(args: argparse.Namespace, sched, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Trainer(compile=True) vs Trainer(compile=False): same weights, alternating rounds."""
+    m_eager, m_comp = get_model(args.model), get_model(args.model)
+    m_comp.load_state_dict(m_eager.state_dict())
+    trainers = {
+        "eager": make_trainer(m_eager.train(), sched, compile=False),
+        "compiled": make_trainer(m_comp.train(), sched, compile=True),
+    }
+    t0 = time.perf_counter()
+    trainers["compiled"].train_step(x, y)  # compiles forward and backward
+    compile_s = time.perf_counter() - t0
+    for t in trainers.values():
+        for _ in range(2):
+            t.train_step(x, y)
+    per: dict[str, list[float]] = {k: [] for k in trainers}
+    names = list(trainers)
+    for r in range(args.rounds):
+        for name in names if r % 2 else names[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainers[name].train_step(x, y)
+            per[name].append((time.perf_counter() - t0) / args.steps)
+    speedup = [e / c for e, c in zip(per["eager"], per["compiled"], strict=True)]
+    print(f"compile (first step, forward + backward): {compile_s:.1f} s")
+    for name in names:
+        ts = per[name]
+        print(
+            f"{name:8s} training step ms: min {1e3 * min(ts):7.1f}  median "
+            f"{1e3 * statistics.median(ts):7.1f}  max {1e3 * max(ts):7.1f}"
+        )
+    print(
+        f"speed-up compiled vs eager (eager/compiled step time) per round: min "
+        f"{min(speedup):.3f}  median {statistics.median(speedup):.3f}  max {max(speedup):.3f}  "
+        "(target >= 1.2)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true", help="skip compiled vs eager")
     args = ap.parse_args()
     torch.manual_seed(0)
-    dev = torch.device("cpu")
-    sched = OmegaConf.create(
-        {
-            "epochs": 1000,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "nesterov": True,
-            "weight_decay": 1e-4,
-            "norm_weight_decay": None,
-            "kind": "multistep",
-            "milestones": [],
-            "gamma": 0.1,
-            "warmup_epochs": 0,
-            "eval_every": 1,
-            "log_every": 0,
-        }
-    )
+    sched = OmegaConf.structured(ScheduleConf(epochs=1000, lr=0.1, milestones=[], log_every=0))
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     m_engine, m_hand = get_model(args.model), get_model(args.model)
     m_hand.load_state_dict(m_engine.state_dict())
-    trainer = Trainer(
-        m_engine,
-        _OneBatch(1000),
-        sched,
-        plain_sgd(m_engine, sched),
-        device=dev,
-        out=__import__("pathlib").Path("/tmp"),
-        phase="bench",
-        payload={},
-    )
-    trainer.log.enabled = False
+    trainer = make_trainer(m_engine, sched, compile=False)
     opt = torch.optim.SGD(
         m_hand.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
@@ -103,6 +137,8 @@ def main() -> None:
     print(f"hand-written loop : {ips['hand']:8.1f} img/s")
     print(f"csgd engine       : {ips['engine']:8.1f} img/s")
     print(f"ratio engine/hand : {ips['engine'] / ips['hand']:.3f}  (target >= 0.97)")
+    if not args.no_compile:
+        bench_compile(args, sched, x, y)
 
     # augmentation: batched uint8 tensors (csgd) vs torchvision's PIL path, per image
     imgs = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)

@@ -103,6 +103,31 @@ def test_fold_batchnorm_is_exact_and_leaves_model_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, the exporter can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 1:  # a Python branch on a size: fine for the exporter
+            x = torch.relu(self.bn(self.conv(x)))
+        if bool(x.sum() > -1e9):  # fails under torch.fx
+            x = x * 1.0
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_is_still_exported_with_bn_folded(tmp_path: Path) -> None:
+    model = randomize_bn(_Untraceable())
+    with pytest.raises(Exception):  # noqa: B017 (whatever torch.fx raises)
+        torch.fx.symbolic_trace(model)
+    path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    assert "BatchNormalization" not in onnx_node_types(path)
+    assert check_onnx(path, model, torch.randn(3, 3, 8, 8)) < 1e-4
+
+
 def test_failed_export_leaves_no_file(tmp_path: Path) -> None:
     model = build("resnet20-base")
     with pytest.raises(RuntimeError):  # wrong channel count: the trace fails

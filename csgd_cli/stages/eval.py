@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..distributed import is_main
 from ..files import write_json
 from ..metrics import measure
 from ..session import load, setup
@@ -18,9 +19,11 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp)
     res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **res}
     write_json(out / "eval.json", res)
-    print(
-        f"top-1 {res['acc']:.2f}%  loss {res['loss']:.4f}  params {res['params']:,}  "
-        f"FLOPs {res['macs'] / 1e6:.2f}M MACs  latency {res['latency_ms']:.2f} ms "
-        f"(batch {res['batch_size']}, {res['throughput']:.0f} img/s on {res['device']})"
-    )
+    if is_main():
+        print(
+            f"top-1 {res['acc']:.2f}%  loss {res['loss']:.4f}  params {res['params']:,}  "
+            f"FLOPs {res['macs'] / 1e6:.2f}M MACs  latency {res['latency_ms']:.2f} ms "
+            f"(batch {res['batch_size']}, {res['throughput']:.0f} img/s, {res['backend']} "
+            f"on {res['device']})"
+        )
     return res

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..checkpoint import payload
+from ..distributed import barrier, is_main
 from ..files import write_json
 from ..groups import channel_groups
 from ..metrics import chi_report, measure, summary_table
@@ -52,6 +53,7 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             }
         thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, ratio)
         save_pruned(cfg, thin, ck, rep, str(out / ("base.pt" if l1 else csgd.name)), pruned, x)
+        barrier()  # rank 0 wrote pruned.pt: every rank reads it
         model, ck = load(str(pruned), "pruned", info)
         rows[f"pruned{tag}"] = {**measure_(model), "merge_check": rep}
     sched = budget_schedule(cfg, len(ratios)) if l1 else cfg.finetune
@@ -63,5 +65,6 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     summary = {"model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.prune.method}
     summary.update(ratio=ratios[-1], ratios=ratios, **{k: cfg[k] for k in keys}, rows=rows)
     write_json(out / "summary.json", summary)
-    print(summary_table(rows))
+    if is_main():
+        print(summary_table(rows))
     return summary
