@@ -3,10 +3,11 @@
 ``onnx``/``onnxruntime`` are an optional extra (``pip install "csgd[deploy]"``) imported
 inside the functions that need them, so ``import csgd_cli.deploy`` stays cheap.
 
-Runtimes (``BACKENDS``): ``eager`` (the model as is), ``channels_last`` (NHWC memory
-format, what oneDNN prefers), ``compile`` (``torch.compile`` of the channels_last model),
-``onnxruntime`` (the exported file, all graph optimisations on, as many intra-op threads
-as torch uses).
+Runtimes (``BACKENDS``, CPU): ``eager`` (the model as is), ``channels_last`` (NHWC
+memory format, what oneDNN prefers), ``compile`` (``torch.compile`` of the channels_last
+model, static shapes, inductor freezing), ``onnxruntime`` (the exported file, every graph
+optimisation on, including the blocked NCHWc layouts that make widths in multiples of
+8/16 pay off, as many intra-op threads as torch uses).
 """
 
 from __future__ import annotations

@@ -211,6 +211,10 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         _finished.set()
+        watchdog = _settings.get("watchdog")
+        if watchdog is not None:  # a thread left inside a store call aborts the exit
+            watchdog.join(timeout=10 * _POLL_S)
+            _settings["watchdog"] = None
         dist.destroy_process_group()
     _settings["store"] = None
 

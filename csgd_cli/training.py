@@ -97,6 +97,7 @@ def train_phase(
             info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
         ),
         amp=cfg.amp,
+        compile=cfg.compile,
         every_steps=cfg.checkpoint.every_steps,
         chi_fn=chi_fn(model, channel_groups(model), clusters) if clusters else None,
     )

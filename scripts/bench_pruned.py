@@ -4,7 +4,7 @@
 
 Variants are built from their width specs (latency depends on widths only): the base
 (16/32/64), C-SGD 5/8 (10/20/40) and 5/8 with every group's cluster count rounded to a
-multiple of 8 and of 16 (nearest multiple, ties up, at least N, at most the original
+multiple of 8 and of 16 (``clustering.num_clusters``: nearest multiple, ties down, at least N, at most the original
 width). For every runtime and batch the variants' runners are prepared first and then
 timed in alternating rounds, so machine-load drift hits all of them alike; the figure is
 the median. Columns: FLOPs speed-up (multiply-adds, base / variant), latency speed-up in
@@ -34,12 +34,13 @@ def resnet56_widths(ratio: float, round_to: int = 1) -> list[int]:
 
 
 def variants(ratio: float) -> dict[str, list[int]]:
-    return {
+    out = {
         "base": resnet56_widths(1.0),
         "csgd-5/8": resnet56_widths(ratio),
         "5/8 round_to=8": resnet56_widths(ratio, 8),
         "5/8 round_to=16": resnet56_widths(ratio, 16),
     }
+    return out
 
 
 @torch.no_grad()
@@ -52,12 +53,15 @@ def time_backend(models, backend: str, batch: int, iters: int, warmup: int) -> d
     inputs = {name: r.prepare(x) for name, r in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
+    reps = max(1, 32 // batch)  # small batches: time several forwards per sample
     for i in range(warmup + iters):
         for name in names if i % 2 else names[::-1]:
+            run, a = runners[name].run, inputs[name]
             t0 = time.perf_counter()
-            runners[name].run(inputs[name])
+            for _ in range(reps):
+                run(a)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / reps)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
