@@ -22,6 +22,7 @@ class Stage:
     clusters: bool = False  # the ckpt must carry clusters (prune: unless prune.method=l1)
     fresh: bool = False  # builds a fresh model from model= when no weights are given
     groups: bool = False  # uses prune.include/exclude to choose groups
+    onnx: bool = False  # writes ONNX: needs the deploy extra
 
 
 STAGES: dict[str, Stage] = {
@@ -59,7 +60,7 @@ STAGES: dict[str, Stage] = {
         "accuracy, loss, params, FLOPs, latency of a checkpoint", data=True, weights="ckpt"
     ),
     "export": Stage(
-        "export a checkpoint to ONNX (checked in onnxruntime)", data=True, weights="ckpt"
+        "export a checkpoint to ONNX (checked in onnxruntime)", data=True, weights="ckpt", onnx=True
     ),
     "run": Stage(
         "the whole pipeline: pretrain, cluster, train, check, prune, finetune, eval",
@@ -130,7 +131,6 @@ class CheckConf:
 class EvalConf:
     latency_batch: int = 64
     latency_iters: int = 10
-    backend: str = "eager"  # eager | channels_last | compile | onnxruntime
 
 
 @dataclass
@@ -176,6 +176,9 @@ class Config:
     resume: bool = False
     compile: bool = False  # training step under torch.compile
     format: str = "onnx"  # csgd export
+    backend: str = (
+        "eager"  # runtime timed by eval/run: eager | channels_last | compile | onnxruntime
+    )
     dir: str | None = None  # csgd report: the run or sweep directory
 
 
@@ -219,7 +222,7 @@ def validate(cfg: DictConfig) -> None:
     _need(cfg.prune.round_to >= 1, "prune.round_to", cfg.prune.round_to, ">= 1")
     _need(cfg.format in ("onnx",), "format", cfg.format, "onnx")
     backends = ("eager", "channels_last", "compile", "onnxruntime")
-    _need(cfg.eval.backend in backends, "eval.backend", cfg.eval.backend, "|".join(backends))
+    _need(cfg.backend in backends, "backend", cfg.backend, "|".join(backends))
     d = cfg.dataset
     _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
     _need(d.eval_batch_size >= 1, "dataset.eval_batch_size", d.eval_batch_size, ">= 1")

@@ -31,6 +31,13 @@ OPSET = 17
 _EXTRA = 'pip install "csgd[deploy]"'
 
 
+def require_runtime(backend: str = "onnxruntime") -> None:
+    """Refuse, before any work, a runtime whose packages are not installed."""
+    if backend == "onnxruntime":
+        _require("onnx")
+        _require("onnxruntime")
+
+
 def _require(name: str) -> Any:
     """Import ``onnx`` or ``onnxruntime`` or raise a one-line CsgdError naming the extra."""
     import importlib

@@ -139,7 +139,12 @@ def latency(
 
 
 def measure(
-    model: nn.Module, data: Any, device: torch.device, eval_cfg: Any, amp: bool = False
+    model: nn.Module,
+    data: Any,
+    device: torch.device,
+    eval_cfg: Any,
+    amp: bool = False,
+    backend: str = "eager",
 ) -> dict[str, Any]:
     """Everything eval.json reports: top-1, loss, params, MACs, latency, throughput."""
     from .engine import evaluate
@@ -149,7 +154,7 @@ def measure(
     shape = (i.in_channels, i.image_size, i.image_size)
     res: dict[str, Any] = dict(evaluate(model, data, device, amp))
     res.update(params=count_params(model), macs=count_macs(model, shape))
-    batch, iters, backend = eval_cfg.latency_batch, eval_cfg.latency_iters, eval_cfg.backend
+    batch, iters = eval_cfg.latency_batch, eval_cfg.latency_iters
     if backend == "eager":  # on the training device
         res.update(latency(model, shape, batch, device, iters=iters), backend=backend)
     else:  # a deployment runtime (CPU): see csgd_cli.deploy.BACKENDS

@@ -35,6 +35,10 @@ def preflight(
         raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
     if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
         raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
+    if need.onnx or (need.data and cfg.backend != "eager"):
+        from .deploy import require_runtime
+
+        require_runtime("onnxruntime" if need.onnx else cfg.backend)
     loaded = []
     for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake
         path = cfg[key]

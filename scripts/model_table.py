@@ -31,7 +31,9 @@ ROWS = [
 
 
 def main() -> None:
-    print("| model | setting | groups (excluded) | params before -> after | MACs before -> after | FLOPs |")
+    print(
+        "| model | setting | groups (excluded) | params before -> after | MACs before -> after | FLOPs |"
+    )
     print("|---|---|---|---|---|---|")
     notes = []
     for name, kw, size, ratio, include, setting in ROWS:

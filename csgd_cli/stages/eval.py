@@ -16,7 +16,7 @@ from ..session import load, setup
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
     model, _ = load(cfg.ckpt, "ckpt", ctx.data.info)
-    res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp)
+    res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp, cfg.backend)
     res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **res}
     write_json(out / "eval.json", res)
     if is_main():

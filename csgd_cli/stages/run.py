@@ -30,7 +30,7 @@ log = logging.getLogger("csgd")
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
     info, l1, rows = ctx.data.info, cfg.prune.method == "l1", {}
-    measure_ = lambda m: measure(m, ctx.data, ctx.device, cfg.eval, cfg.amp)  # noqa: E731
+    measure_ = lambda m: measure(m, ctx.data, ctx.device, cfg.eval, cfg.amp, cfg.backend)  # noqa: E731
     model, ck = once(ctx, out / "base.pt", lambda: base_phase(ctx, out / "pretrain"))
     rows["base"] = measure_(model)
     ratios, (x, _) = list(cfg.ratios) or [cfg.ratio], ctx.data.sample_batch(256)
