@@ -143,7 +143,8 @@ def test_stages_chain_from_the_cli(tmp_path: Path) -> None:
     rep = json.loads((d["pr2"] / "prune.json").read_text())
     assert rep["params_after"] < rep["params_before"]
     # the reported agreement is what the two models do on the check batch
-    data = build_data(OmegaConf.create({"name": "digits"}), seed=0, device=torch.device("cpu"))
+    synthetic = OmegaConf.create({"name": "synthetic", "num_train": 128, "num_test": 64})
+    data = build_data(synthetic, seed=0, device=torch.device("cpu"))  # TINY's data set
     x, _ = data.sample_batch(rep["check_samples"])
     with torch.no_grad():
         a, b = load_model(d["tr"] / "last.pt")(x), pruned(x)
