@@ -303,3 +303,13 @@ def unwrap(model: nn.Module) -> None:
     for m in model.modules():
         if type(m) is SyncBatchNorm2d:
             m.__class__ = nn.BatchNorm2d
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers after training: without SyncBatchNorm each rank's
+    last forward updated its BN running statistics from its own samples, and what comes
+    next (the merge check, evaluation) must see the model rank 0 saved."""
+    if active():
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, src=0)

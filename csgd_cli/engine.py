@@ -377,7 +377,9 @@ class Trainer:
         if net is not self.model:
             self.forward = torch.compile(net) if self._compile else net
         try:
-            return self._fit()
+            result = self._fit()
+            distributed.sync_buffers(self.model)  # every rank now holds rank 0's model
+            return result
         finally:
             self.forward = plain  # drops the DDP wrapper and its gradient hooks
             del net

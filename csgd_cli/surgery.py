@@ -215,12 +215,16 @@ def merge_checked(
         "group_widths": thin.group_widths,
     }
     rep["flops_reduction"] = 1 - rep["macs_after"] / rep["macs_before"]
-    print(
-        f"params {rep['params_before']:,} -> {rep['params_after']:,}  "
-        f"FLOPs {rep['macs_before'] / 1e6:.2f}M -> {rep['macs_after'] / 1e6:.2f}M MACs "
-        f"(-{100 * rep['flops_reduction']:.2f}%)  merge check: max |logit diff| {diff:.3e} "
-        f"(relative {rep['relative_logit_diff']:.2e}), top-1 agreement {100 * rep['top1_agreement']:.2f}%"
-    )
+    from .distributed import is_main
+
+    if is_main():
+        print(
+            f"params {rep['params_before']:,} -> {rep['params_after']:,}  "
+            f"FLOPs {rep['macs_before'] / 1e6:.2f}M -> {rep['macs_after'] / 1e6:.2f}M MACs "
+            f"(-{100 * rep['flops_reduction']:.2f}%)  merge check: max |logit diff| {diff:.3e} "
+            f"(relative {rep['relative_logit_diff']:.2e}), top-1 agreement "
+            f"{100 * rep['top1_agreement']:.2f}%"
+        )
     if not partial and rep["relative_logit_diff"] > tolerance and not force:
         raise CsgdError(
             f"merge check failed: relative logit difference {rep['relative_logit_diff']:.2e} > "

@@ -228,7 +228,3 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     for part in case.expect:
         assert part in line, f"{part!r} not in {line!r}"
     assert snapshot(run_dir) == before, "a file of the earlier run changed"
-
-
-def test_matrix_covers_at_least_15_cases() -> None:
-    assert len(CASES) >= 15

@@ -45,6 +45,14 @@ EXACT = [
 ]
 FAIL = "CSGD_TEST_FAIL: rank failed on purpose at step 5"
 VOLATILE = {"config", "time", "epoch_time"}
+RUN = [  # the whole pipeline, two iterative rounds, under torchrun
+    "pretrain.epochs=1",
+    "schedule.epochs=1",
+    "finetune.epochs=1",
+    "epsilon=0.05",
+    "ratios=[0.75,0.5]",
+    "prune.force=true",
+]
 
 
 def launch(procs: int, stage: str, run_dir: Path, *args: str, **env: str) -> subprocess.Popen:
@@ -118,6 +126,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "one": launch(1, "train", root / "one", *TRAIN),
         "two": launch(2, "train", root / "two", *TRAIN),
         "exact": launch(2, "train", root / "exact", *EXACT),
+        "run": launch(2, "run", root / "run", *RUN),
         "fail": launch(2, "train", root / "fail", *TRAIN, CSGD_TEST_FAIL="1:5"),
         "killed": launch(2, "train", root / "killed", *TRAIN),
     }
@@ -148,7 +157,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 if name == "resume":
                     res["killed_ck"] = load(root / "killed/last.pt") if res["signalled"] else None
                 procs[name] = start()
-        if len(procs) == 7 and all(p.poll() is not None for p in procs.values()):
+        if len(procs) == 8 and all(p.poll() is not None for p in procs.values()):
             break
         time.sleep(0.02)
     res.setdefault("fail_ended", time.monotonic())
@@ -214,7 +223,7 @@ def test_two_processes_equal_one_and_write_one_checkpoint(jobs: dict[str, Any]) 
         assert abs(ra["test_loss"] - rb["test_loss"]) < 1e-4 * abs(ra["test_loss"])
     # one run directory (no stray one from a second Hydra clock), written by rank 0 only
     dirs = {p.name for p in root.iterdir() if p.is_dir()}
-    assert dirs == {"one", "two", "exact", "fail", "killed", "pruned"}
+    assert dirs == {"one", "two", "exact", "run", "fail", "killed", "pruned"}
     files = {p.name for p in (root / "two").iterdir()}
     assert {"last.pt", "best.pt", "metrics.jsonl", ".hydra"} <= files
     assert not [f for f in files if f.endswith(".tmp")]
@@ -271,3 +280,21 @@ def test_sigterm_then_resume_under_torchrun_equals_an_uninterrupted_job(
     for k in a:
         if "epoch_stats" not in k:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_csgd_run_under_torchrun_writes_one_set_of_outputs(jobs: dict[str, Any]) -> None:
+    """Every stage-level write (checkpoints, pruned.pt2/.onnx, summary.json) happens once,
+    on rank 0, and every rank merges the same model (rank 0's BN statistics)."""
+    rc, err = jobs["run"]
+    assert rc == 0, err[-4000:]
+    run = jobs["root"] / "run"
+    names = {p.name for p in run.iterdir()}
+    want = {"base.pt", "csgd_r1.pt", "pruned_r1.pt", "pruned_r2.pt", "finetuned.pt"}
+    assert want | {"summary.json", "pruned_r2.pt2"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["rows"]) == [
+        "base", "csgd_r1", "pruned_r1", "csgd_r2", "pruned_r2", "finetuned",
+    ]  # fmt: skip
+    thin = csgd_cli.load_model(run / "pruned_r2.pt")
+    assert thin.widths[:3] == [2, 4, 4]

@@ -82,8 +82,10 @@ def test_momentum_step_matches_torch_sgd_outside_groups() -> None:
 
 
 def test_chi_shrinks_by_predicted_factor() -> None:
-    """With no loss gradient the members of a cluster differ only by the centripetal pull:
-    d <- d - lr (lam + eps) d per step (no momentum), so chi falls by (1 - lr (lam+eps))^2."""
+    """Every member of a cluster gets the cluster's mean gradient, so however different
+    the raw gradients, members differ only by the centripetal pull:
+    d <- d - lr (lam + eps) d per step (no momentum), so chi falls by (1 - lr (lam+eps))^2.
+    The singleton cluster takes a plain SGD step with weight decay."""
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 6, 3, bias=False).double()
     net = nn.Sequential(conv)
@@ -95,15 +97,16 @@ def test_chi_shrinks_by_predicted_factor() -> None:
     )
     factor = (1 - lr * (lam + eps)) ** 2
     prev = chi(net, [group], clusters).item()
+    coef = torch.randn(6, 2, 3, 3, dtype=torch.float64)  # a different gradient per filter
     for _ in range(5):
         opt.zero_grad()
-        (conv.weight.sum() * 0.3).backward()  # identical gradient for every filter
+        single = conv.weight[5].detach().clone()
+        (conv.weight * coef).sum().backward()
         opt.step()
         now = chi(net, [group], clusters).item()
-        assert now == pytest.approx(prev * factor, rel=1e-9)
+        assert now == pytest.approx(prev * factor, rel=1e-9)  # raw G would change chi
+        torch.testing.assert_close(conv.weight[5], single - lr * (coef[5] + lam * single))
         prev = now
-    # the singleton cluster only decays: it has no deviation to begin with
-    assert prev > 0
 
 
 def test_model_zero_grad_does_not_detach_the_buffer() -> None:
