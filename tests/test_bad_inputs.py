@@ -66,6 +66,9 @@ CASES: dict[str, Case] = {
     "widths_of_wrong_length": Case(
         "pretrain", ("+model.kwargs.widths=[4,8]",), ("resnet20", "widths needs 12 entries")
     ),
+    "widths_with_a_zero": Case(
+        "pretrain", ("+model.kwargs.widths=[4,8,0,4,4,4,8,8,8,8,8,8]",), ("width 0", ">= 1")
+    ),
     "init_and_ckpt_together": Case(
         "train", ("init={fake_ckpt}", "ckpt={fake_ckpt}"), ("both init= and ckpt=", "pass one")
     ),

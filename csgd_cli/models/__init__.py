@@ -38,6 +38,12 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
         builder = functools.partial(torchvision_models.build, name)  # traced groups
     else:
         builder = _REGISTRY[name]
+    widths = kwargs.get("widths")
+    if widths is not None and any(int(w) < 1 for w in widths):
+        raise CsgdError(
+            f"model '{name}' widths={list(widths)} has a group of width 0",
+            "every group keeps at least one channel: pass widths >= 1",
+        )
     try:
         model = builder(**kwargs)
     except TypeError as e:
