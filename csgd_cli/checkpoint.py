@@ -115,6 +115,10 @@ def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
             f"{key}: the checkpoint's arch or state_dict is malformed",
             "use a checkpoint written by csgd",
         )
+    if arch["name"] == "custom":
+        from .models.custom import require_trusted
+
+        require_trusted(arch.get("kwargs", {}).get("target"), key)
     try:
         model = build_model(arch)
     except CsgdError:
@@ -154,8 +158,13 @@ def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
     return model
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild any checkpoint csgd writes (base, C-SGD, pruned) in eval mode."""
+def load_model(path: str | Path, trust: tuple[str, ...] = ()) -> nn.Module:
+    """Rebuild any checkpoint csgd writes (base, C-SGD, pruned) in eval mode. A
+    ``model=custom`` checkpoint names the callable that builds it: pass that dotted path
+    in ``trust`` to allow it (no callable a file names is run otherwise)."""
+    from .models.custom import trust as trust_targets
+
+    trust_targets(*trust)
     return model_from_checkpoint(load_checkpoint(path)).eval()
 
 

@@ -412,7 +412,10 @@ class Trainer:
                 self.seen += y.numel()
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
-                if self._fail_at == (distributed.rank_world()[0], gstep):
+                if self._fail_at is not None and self._fail_at == (
+                    distributed.rank_world()[0],
+                    gstep,
+                ):
                     raise RuntimeError(f"CSGD_TEST_FAIL: rank failed on purpose at step {gstep}")
                 if log_every and gstep % log_every == 0:
                     lv = loss.item()

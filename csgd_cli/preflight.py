@@ -19,7 +19,7 @@ from .data import build_data
 from .engine import pick_device
 from .errors import CsgdError
 from .groups import channel_groups, check_clusters, select_groups
-from .session import load, new_model
+from .session import load, new_model, trust_named_model
 
 
 def preflight(
@@ -31,6 +31,7 @@ def preflight(
     keeps data sets and checkpoints shared by the points of a sweep."""
     cache = {} if cache is None else cache
     need = STAGES[cfg.stage]
+    trust_named_model(cfg)
     if need.weights == "ckpt" and cfg.ckpt is None:
         raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
     if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:

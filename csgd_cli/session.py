@@ -24,8 +24,17 @@ class Ctx:
     data: Data
 
 
+def trust_named_model(cfg: DictConfig) -> None:
+    """A ``model._target_`` given in the config is the user's: checkpoints may name it."""
+    if cfg.model.name == "custom":
+        from .models.custom import trust
+
+        trust(cfg.model.get("_target_"))
+
+
 def setup(cfg: DictConfig, out: Path) -> Ctx:
     """Seeded RNGs, the device, and this process's view of the data set."""
+    trust_named_model(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     rank, world = dist_info()

@@ -16,6 +16,7 @@ from torch import nn
 
 from csgd_cli.checkpoint import load_model, save_checkpoint
 from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.errors import CsgdError
 from csgd_cli.groups import ChannelGroup, channel_groups, prunable, segment_rows
 from csgd_cli.metrics import chi
 from csgd_cli.models import get_model
@@ -70,7 +71,8 @@ def exact_merge(model: nn.Module, shape: tuple, ratio: float = 0.5, tmp=None) ->
         path = save_checkpoint(
             tmp / "pruned.pt", {"arch": thin.arch, "state_dict": thin.state_dict()}
         )
-        again = load_model(path).double()
+        named = thin.arch["kwargs"].get("target")  # model=custom: the user trusts it
+        again = load_model(path, trust=(named,) if named else ()).double()
         with torch.no_grad():
             assert torch.equal(again(x), thin(x))
     return thin
@@ -175,8 +177,31 @@ def test_csgd_run_end_to_end(model: tuple, tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary
-    thin = load_model(tmp_path / "pruned.pt")
+    thin = load_model(tmp_path / "pruned.pt", trust=("tests.tracing_models.mixed",))
     assert thin.arch["group_widths"]
+
+
+def test_a_checkpoint_cannot_choose_the_code_that_builds_it(tmp_path) -> None:
+    """A file naming a callable for model=custom is refused unless the user names it too:
+    loading a checkpoint must never run code the file chose."""
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.pt"
+    arch = {
+        "name": "custom",
+        "kwargs": {"target": "subprocess.run", "args": ["touch", str(marker)]},
+    }
+    save_checkpoint(crafted, {"arch": arch, "state_dict": {}})
+    with pytest.raises(CsgdError, match="named by the file; refused"):
+        load_model(crafted)
+    r = _csgd(
+        "eval",
+        f"ckpt={crafted}",
+        "dataset=synthetic",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "model._target_=subprocess.run" in r.stderr, r.stderr
+    assert not marker.exists() and not (tmp_path / "ev").exists()
 
 
 def test_csgd_groups_lists_traced_groups(tmp_path) -> None:
