@@ -48,7 +48,6 @@ def raise_preempted(*_: Any) -> None:
     )
 
 
-dist_info = distributed.rank_world  # (rank, world size); (0, 1) for a single process
 is_main = distributed.is_main
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .checkpoint import check_fits, load_checkpoint, model_from_checkpoint
 from .data import Data, DataInfo, build_data
-from .engine import dist_info, pick_device, seed_everything
+from .engine import pick_device, seed_everything
 from .models import get_model
 
 
@@ -37,8 +37,7 @@ def setup(cfg: DictConfig, out: Path) -> Ctx:
     trust_named_model(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    rank, world = dist_info()
-    data = build_data(cfg.dataset, seed=cfg.seed, device=device, rank=rank, world=world)
+    data = build_data(cfg.dataset, seed=cfg.seed, device=device)  # this rank's part
     return Ctx(cfg, out, device, data)
 
 
