@@ -8,7 +8,6 @@ and before any run directory is created.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import STAGES, register_schema, validate
 from .errors import CsgdError
-from .files import in_main_thread
+from .files import in_main_thread, write_json
 
 _HYDRA_FLAGS = (
     "-h",
@@ -93,7 +92,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     runs them (``a=1,2 b=x,y`` -> four points, in its order).
 
     Hydra has no public API for this; its ``BasicSweeper.split_arguments`` is the one
-    private call csgd makes, kept here and pinned by ``tests/test_config.py``."""
+    private call csgd makes, kept here and pinned by ``tests/test_design.py``."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -198,7 +197,7 @@ def _record_failure(out: Path) -> None:
 
 
 def _status(out: Path, status: str, message: str) -> None:
-    (out / "status.json").write_text(json.dumps({"status": status, "message": message}) + "\n")
+    write_json(out / "status.json", {"status": status, "message": message})
 
 
 def main(argv: list[str] | None = None) -> None:
