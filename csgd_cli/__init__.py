@@ -7,11 +7,26 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["get_model", "list_models", "load_model", "register_model"]
+__all__ = [
+    "CSGD",
+    "ChannelGroup",
+    "CsgdError",
+    "channel_groups",
+    "get_model",
+    "list_models",
+    "load_model",
+    "register_model",
+    "save",
+]
 __version__ = "0.1.0"
 
 _WHERE = {
-    "load_model": "checkpoint",
+    "CSGD": "api",
+    "save": "api",
+    "load_model": "api",
+    "ChannelGroup": "groups",
+    "CsgdError": "errors",
+    "channel_groups": "tracing",
     "get_model": "models",
     "list_models": "models",
     "register_model": "models",

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), ``load_model``."""
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), rebuilding the network
+a checkpoint holds, and what stages check about one (data shape, architecture, clusters)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from .errors import CsgdError
 from .files import atomic_write
+from .layers import fit_to_state_dict
 from .models import get_model
+from .tracing import channel_groups
 
 REQUIRED = ("arch", "state_dict")
 
@@ -62,144 +65,167 @@ def _remove_stale_temps(path: Path) -> None:
             continue
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
-    """Load a csgd checkpoint without running any code from it."""
+_CACHE: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}  # path -> (stat, checkpoint)
+
+
+def _label(path: str | Path, key: str | None) -> tuple[str, str]:
+    """How a message names the file, and the fix: ``ckpt=<path>`` for a config key; the
+    path alone for a file passed to the API (``key=None``) or written by the run itself
+    (``key="run"``)."""
+    if key is None:
+        return str(path), "pass the path of a complete .pt file written by csgd"
+    if key == "run":
+        return str(path), "this run wrote it earlier: delete it, then resume again"
+    return f"{key}={path}", f"pass {key}= a complete .pt file written by csgd"
+
+
+def load_checkpoint(
+    path: str | Path, key: str | None = "ckpt", *, state_dict_ok: bool = False
+) -> dict[str, Any]:
+    """Load a csgd checkpoint without running any code from it. ``key``: the config key
+    that named the file (messages say ``key=path``), None or "run" (see ``_label``).
+    ``state_dict_ok``: a plain torchvision ``state_dict`` (``.pth``) is accepted too.
+
+    The last checkpoints read stay in memory while their files are unchanged (size and
+    mtime, inode: every csgd write is a rename), so the preflight and the stage after it read a file once; treat the returned
+    dict as read-only."""
     p = Path(path)
+    label, fix = _label(path, key)
     if not p.is_file():
-        raise CsgdError(f"{key}={path}: no such file", f"pass {key}= a .pt file written by csgd")
+        raise CsgdError(f"{label}: no such file", fix)
+    st = p.stat()
+    stamp, where = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), str(p.resolve())
+    if where in _CACHE and _CACHE[where][0] == stamp:
+        ck = _CACHE[where][1]
+    else:
+        ck = _read(p, label, fix)
+        while len(_CACHE) >= 2:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[where] = (stamp, ck)
+    if state_dict_ok and isinstance(ck, dict) and "arch" not in ck:  # torchvision's .pth
+        from .models.torchvision_models import arch_of_state_dict
+
+        return {"arch": arch_of_state_dict(ck, str(path), label), "state_dict": dict(ck)}
+    if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED):
+        raise CsgdError(f"{label} is not a csgd checkpoint (no arch/state_dict)", fix)
+    return ck
+
+
+def _read(p: Path, label: str, fix: str) -> Any:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for users
             warnings.simplefilter("ignore")
-            ck = torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:  # the pickle names a callable or class: loading it could run code
             raise CsgdError(
-                f"{key}={path} refers to Python code ({found.group(1)}), which could run on load; "
+                f"{label} refers to Python code ({found.group(1)}), which could run on load; "
                 "refused (csgd loads with weights_only=True and runs no code from a file)",
                 "only load checkpoints written by csgd",
             ) from e
         raise CsgdError(
-            f"{key}={path} is truncated, damaged or not a checkpoint (a pickle csgd cannot read safely)",
-            f"pass {key}= a complete .pt file written by csgd",
+            f"{label} is truncated, damaged or not a checkpoint (a pickle csgd cannot read safely)",
+            fix,
         ) from e
     except Exception as e:  # zip, pickle and storage errors of a cut or foreign file
         raise CsgdError(
-            f"{key}={path} is truncated, damaged or not a checkpoint ({type(e).__name__})",
-            f"pass {key}= a complete .pt file written by csgd",
+            f"{label} is truncated, damaged or not a checkpoint ({type(e).__name__})", fix
         ) from e
-    if key == "init" and isinstance(ck, dict) and "arch" not in ck:  # torchvision's .pth
-        from .models.torchvision_models import arch_of_state_dict
-
-        return {"arch": arch_of_state_dict(ck, str(path), key), "state_dict": dict(ck)}
-    if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED):
-        raise CsgdError(
-            f"{key}={path} is not a csgd checkpoint (no arch/state_dict)",
-            f"pass {key}= a .pt file written by csgd",
-        )
-    return ck
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
     return get_model(arch["name"], **arch.get("kwargs", {}))
 
 
-def model_from_checkpoint(ck: dict[str, Any], key: str = "ckpt") -> nn.Module:
+USER_ARCH = "user"  # ``arch`` name of a network of the user's own class (``csgd.save``)
+
+
+def _damaged(where: str, what: str, e: BaseException | None = None) -> CsgdError:
+    detail = f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})" if e else ""
+    return CsgdError(
+        f"{where}: {what}{detail}",
+        "the checkpoint is damaged or was edited; use one written by csgd",
+    )
+
+
+def model_from_checkpoint(ck: dict[str, Any], where: str = "the checkpoint") -> nn.Module:
+    """Rebuild the network a checkpoint holds (csgd's registry only: no callable named by
+    the file runs unless the user trusted it). ``where`` names the file in messages."""
     arch = ck["arch"]
     if not (
         isinstance(arch, dict)
         and isinstance(arch.get("name"), str)
         and isinstance(ck["state_dict"], dict)
     ):
+        raise _damaged(where, "the checkpoint's arch or state_dict is malformed")
+    if arch["name"] == USER_ARCH:
+        cls = str(arch.get("class", "YourNet"))
         raise CsgdError(
-            f"{key}: the checkpoint's arch or state_dict is malformed",
-            "use a checkpoint written by csgd",
+            f"{where} holds a network of your own class ({cls}), which csgd does not build",
+            f"pass a fresh instance: load_model(path, model={cls.rsplit('.', 1)[-1]}(...))",
         )
     if arch["name"] == "custom":
         from .models.custom import require_trusted
 
-        require_trusted(arch.get("kwargs", {}).get("target"), key)
+        require_trusted(arch.get("kwargs", {}).get("target"), where)
     try:
         model = build_model(arch)
     except CsgdError:
         raise
     except Exception as e:  # widths or kwargs no constructor accepts
-        raise CsgdError(
-            f"{key}: cannot rebuild architecture {arch['name']} from the checkpoint ({type(e).__name__}: {e})",
-            "the checkpoint is damaged or was edited; use one written by csgd",
-        ) from e
-    want, got = model.state_dict(), ck["state_dict"]
-    shape_ok = arch.get("group_widths") is not None  # a merged traced model: resized below
-    missing = [k for k in want if k not in got]
-    extra = [k for k in got if k not in want]
-    shape = [k for k in want if k in got and getattr(got[k], "shape", None) != want[k].shape]
-    if shape_ok:
-        shape = []
-    if missing or extra or shape:
-        first = (missing or extra or shape)[0]
-        raise CsgdError(
-            f"{key}: weights do not fit architecture {arch['name']} ({len(missing)} missing, "
-            f"{len(extra)} unexpected, {len(shape)} of another shape; first: {first})",
-            "the checkpoint is damaged or was edited; use one written by csgd",
-        )
-    try:
-        if shape_ok:
-            from .surgery import fit_to_state_dict
-
-            fit_to_state_dict(model, got)
-            model.arch = arch
-        else:
-            model.load_state_dict(got)
-    except (RuntimeError, TypeError) as e:
-        raise CsgdError(
-            f"{key}: weights do not load into architecture {arch['name']} ({str(e).splitlines()[0]})",
-            "the checkpoint is damaged or was edited; use one written by csgd",
-        ) from e
+        raise _damaged(where, f"cannot rebuild architecture {arch['name']}", e) from e
+    merged = arch.get("group_widths") is not None  # a merged traced model: resized by rules
+    load_into(model, ck["state_dict"], where, resize=merged)
+    if merged:
+        model.arch = arch
     return model
 
 
-def load_model(path: str | Path, trust: tuple[str, ...] = ()) -> nn.Module:
-    """Rebuild any checkpoint csgd writes (base, C-SGD, pruned) in eval mode. A
-    ``model=custom`` checkpoint names the callable that builds it: pass that dotted path
-    in ``trust`` to allow it (no callable a file names is run otherwise)."""
-    from .models.custom import trust as trust_targets
-
-    trust_targets(*trust)
-    return model_from_checkpoint(load_checkpoint(path)).eval()
-
-
-# -- what a stage reads from and writes into checkpoints -------------------------------
-def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Fields every checkpoint carries besides the training state."""
-    from omegaconf import OmegaConf
-
-    return {
-        "arch": model.arch,
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-        "stage": cfg.stage,
-        "seed": cfg.seed,
-        "base_widths": base_widths(model, ck),
-        "clusters": None,
-        **extra,
-    }
+def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = True) -> nn.Module:
+    """Load ``sd`` into ``model``; ``resize``: first give its layers the shapes of a
+    merged (thinner) state dict, by their rules. Names the first key that does not fit."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    shape = [k for k in want if k in sd and getattr(sd[k], "shape", None) != want[k].shape]
+    if resize:
+        shape = []
+    if missing or extra or shape:
+        first = (missing or extra or shape)[0]
+        name = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
+        raise _damaged(
+            where,
+            f"weights do not fit architecture {name} ({len(missing)} missing, "
+            f"{len(extra)} unexpected, {len(shape)} of another shape; first: {first})",
+        )
+    dtypes = {v.dtype for v in sd.values() if torch.is_tensor(v) and v.is_floating_point()}
+    if len(dtypes) == 1:  # the file's precision (a float64 model loads as float64)
+        model.to(dtype=dtypes.pop())
+    try:
+        if resize:
+            fit_to_state_dict(model, sd)
+        else:
+            model.load_state_dict(sd)
+    except (RuntimeError, TypeError) as e:
+        raise _damaged(where, "weights do not load into the network", e) from e
+    return model
 
 
 def base_widths(model: nn.Module, ck: dict[str, Any]) -> dict[str, int]:
     """Original width of every group (kept across iterative rounds)."""
     if ck.get("base_widths"):
         return dict(ck["base_widths"])
-    from .groups import channel_groups
-
     return {g.name: g.width for g in channel_groups(model)}
 
 
-def check_fits(ck: dict[str, Any], path: str, key: str, info: Any) -> None:
+def check_fits(ck: dict[str, Any], where: str, info: Any) -> None:
     """Refuse a model built for another data shape (classes, input channels)."""
     kw = ck["arch"].get("kwargs", {})
     for name, want in (("num_classes", info.num_classes), ("in_channels", info.in_channels)):
         if name in kw and kw[name] != want:
             raise CsgdError(
-                f"{key}={path} was built for {name}={kw[name]} but dataset {info.name} has {want}",
+                f"{where} was built for {name}={kw[name]} but dataset {info.name} has {want}",
                 "pass the dataset= the checkpoint was trained on",
             )
 
@@ -214,7 +240,7 @@ def check_arch(ck: dict[str, Any], path: str, key: str, model_name: str) -> None
         )
 
 
-def need_clusters(ck: dict[str, Any], path: str) -> dict[str, list[list[int]]]:
+def need_clusters(ck: dict[str, Any], path: str | Path) -> dict[str, list[list[int]]]:
     """The checkpoint's clusters, or a one-line error saying which stage makes them."""
     if ck.get("clusters"):
         return ck["clusters"]

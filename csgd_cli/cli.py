@@ -18,11 +18,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import STAGES, register_schema, validate
-from .errors import CsgdError
+from .errors import CsgdError, Preempted, raise_preempted
 from .files import in_main_thread, write_json
 
 _HYDRA_FLAGS = (
@@ -100,6 +100,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch]
 
 
+_CHECKED: set[str] = set()  # configs validated (and preflighted) in this process
+
+
 def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
     from hydra import compose, initialize_config_dir
 
@@ -113,10 +116,12 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
             except Exception as e:  # Hydra/OmegaConf composition errors -> one line
                 raise CsgdError(_one_line(e, stage)) from e
             validate(cfg)
+            _CHECKED.add(OmegaConf.to_yaml(cfg))
             if need.data or need.weights or need.fresh:
                 from .preflight import preflight  # after the quick checks: it imports torch
 
-                explicit = {o.lstrip("+~").split("=")[0].split(".")[0] for o in point}
+                keys = {o.lstrip("+~").split("=")[0] for o in point}
+                explicit = keys | {k.split(".")[0] for k in keys}  # prune.x and prune
                 if not any(o.lstrip("+~").startswith(("model=", "model.name=")) for o in point):
                     explicit.discard("model")
                 preflight(cfg, sorted(explicit), cache)
@@ -132,7 +137,7 @@ def _task(stage: str):
         multirun = hc.mode == RunMode.MULTIRUN
         module = importlib.import_module(f"csgd_cli.stages.{stage}")
         from . import distributed
-        from .engine import Preempted, pick_device, raise_preempted
+        from .device import pick_device
 
         def stop_others(code: int, message: str) -> None:
             """Under torchrun: stop every rank; only the first rank to fail reports."""
@@ -142,7 +147,8 @@ def _task(stage: str):
 
         old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
         try:
-            validate(cfg)
+            if OmegaConf.to_yaml(cfg) not in _CHECKED:  # a launcher's own process
+                validate(cfg)
             if not multirun or distributed.rank_world()[1] > 1:  # torchrun, SLURM tasks
                 distributed.init(pick_device(cfg.device), cfg.dist)  # every rank: rank 0's dir
                 out = distributed.shared_run_dir(out)

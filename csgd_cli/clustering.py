@@ -1,28 +1,20 @@
-"""Cluster the channels of every pruned group: k-means on kernels, or an even split."""
+"""Which channels of a group become one: k-means on kernels or an even split (C-SGD's
+clusters), the widths they give (``ratio``, ``round_to``), and the L1 baseline's choice."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
+from .config import CLUSTERINGS as METHODS
 from .errors import CsgdError
-from .groups import (
-    ChannelGroup,
-    Clusters,
-    canonical,
-    channel_groups,
-    check_clusters,
-    segment_rows,
-    select_groups,
-)
-
-METHODS = ("kmeans", "even")
+from .groups import ChannelGroup, Clusters, canonical
+from .layers import segment_rows
 
 
 def check_method(method: str) -> None:
@@ -156,19 +148,23 @@ def target_widths(
     }
 
 
-def clusters_for_config(
-    cfg: Any, model: nn.Module, ck: dict[str, Any], ratio: float | None = None
-) -> Clusters:
-    """Clusters of the config's pruned groups (``prune.include``/``exclude``) at
-    ``ratio`` (default ``cfg.ratio``) of the original widths, rounded to
-    ``prune.round_to``; clusters stored in ``ck`` win (checked against the model)."""
-    from .checkpoint import base_widths
-
-    groups = channel_groups(model)
-    if ck.get("clusters") and ratio is None:
-        check_clusters(groups, ck["clusters"], "clusters given with the checkpoint")
-        return ck["clusters"]
-    chosen = select_groups(groups, list(cfg.prune.include), list(cfg.prune.exclude))
-    r = cfg.ratio if ratio is None else ratio
-    ks = target_widths(chosen, r, base_widths(model, ck), cfg.prune.round_to)
-    return cluster_groups(model, chosen, ks, cfg.clustering, cfg.seed)
+def l1_selection(model: nn.Module, groups: Sequence[ChannelGroup], ks: dict[str, int]) -> Clusters:
+    """L1-norm filter pruning (Li et al. 2017): keep the ``k`` channels whose kernels have
+    the largest L1 norm, summed over all producers of a (coupled) group (``k`` split over
+    producer segments by width); as singleton "clusters" so that
+    ``merge(..., partial=True)`` drops the rest."""
+    out = {}
+    for g in groups:
+        if g.name not in ks:
+            continue
+        keep: list[int] = []
+        segs = segment_rows(model, g, ("kernel",))
+        ks_seg = split_k(min(ks[g.name], g.width), [(a, b) for a, b, _ in segs])
+        for (a, b, blocks), k in zip(segs, ks_seg, strict=True):
+            score = sum(
+                r.tensor.detach().narrow(0, r.row, b - a).abs().reshape(b - a, -1).sum(1)
+                for r in blocks
+            )
+            keep += [a + int(i) for i in torch.topk(score, k).indices.sort().values]
+        out[g.name] = [[i] for i in keep]
+    return out

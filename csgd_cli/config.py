@@ -10,6 +10,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import CsgdError
 
+# Names the config accepts, as plain tuples (the modules that act on them import these).
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagenet")
+CLUSTERINGS = ("kmeans", "even")
+PRUNE_METHODS = ("csgd", "l1")
+BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+FORMATS = ("onnx",)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -23,6 +30,7 @@ class Stage:
     fresh: bool = False  # builds a fresh model from model= when no weights are given
     groups: bool = False  # uses prune.include/exclude to choose groups
     onnx: bool = False  # writes ONNX: needs the deploy extra
+    keeps_clusters: bool = False  # trains the clusters its weights carry (widths fixed)
 
 
 STAGES: dict[str, Stage] = {
@@ -39,6 +47,7 @@ STAGES: dict[str, Stage] = {
         data=True,
         fresh=True,
         groups=True,
+        keeps_clusters=True,
     ),
     "check": Stage(
         "report chi (kernel deviation); exit 0 when ready to merge",
@@ -209,7 +218,12 @@ def validate(cfg: DictConfig) -> None:
         "decreasing",
     )
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto, cpu or cuda")
-    _need(cfg.prune.method in ("csgd", "l1"), "prune.method", cfg.prune.method, "csgd or l1")
+    _need(
+        cfg.prune.method in PRUNE_METHODS,
+        "prune.method",
+        cfg.prune.method,
+        "|".join(PRUNE_METHODS),
+    )
     _need(cfg.prune.tolerance > 0, "prune.tolerance", cfg.prune.tolerance, "> 0")
     _need(cfg.check.tolerance > 0, "check.tolerance", cfg.check.tolerance, "> 0")
     _need(
@@ -220,9 +234,8 @@ def validate(cfg: DictConfig) -> None:
     )
     _need(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
     _need(cfg.prune.round_to >= 1, "prune.round_to", cfg.prune.round_to, ">= 1")
-    _need(cfg.format in ("onnx",), "format", cfg.format, "onnx")
-    backends = ("eager", "channels_last", "compile", "onnxruntime")
-    _need(cfg.backend in backends, "backend", cfg.backend, "|".join(backends))
+    _need(cfg.format in FORMATS, "format", cfg.format, "|".join(FORMATS))
+    _need(cfg.backend in BACKENDS, "backend", cfg.backend, "|".join(BACKENDS))
     d = cfg.dataset
     _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
     _need(d.eval_batch_size >= 1, "dataset.eval_batch_size", d.eval_batch_size, ">= 1")
@@ -240,19 +253,14 @@ def validate(cfg: DictConfig) -> None:
         raise CsgdError(
             "both init= and ckpt= given", "pass one: init= to start from weights, ckpt= to continue"
         )
-    # Last: names need the registries, which import torch / scikit-learn (slow to load).
-    from .clustering import check_method
-    from .data import check_dataset_name
-    from .models import known_model, list_models
-
-    if not known_model(cfg.model.name):
+    if cfg.dataset.name not in DATASETS:
         raise CsgdError(
-            f"unknown model '{cfg.model.name}'",
-            f"choose model=<{'|'.join(list_models())}>, or model=torchvision "
-            "model.name=<a torchvision.models classification builder>",
+            f"unknown dataset '{cfg.dataset.name}'", f"choose dataset=<{'|'.join(DATASETS)}>"
         )
-    check_dataset_name(cfg.dataset.name)
-    check_method(cfg.clustering)
+    if cfg.clustering not in CLUSTERINGS:
+        raise CsgdError(
+            f"clustering={cfg.clustering} is unknown", f"pass clustering=<{'|'.join(CLUSTERINGS)}>"
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -259,3 +259,30 @@ def measure_latency(
         "batch_size": batch,
         "backend": backend,
     }
+
+
+def export_onnx_if_installed(thin: nn.Module, x: torch.Tensor, path: Path) -> Path | None:
+    """``pruned.onnx`` (BN folded, dynamic batch), checked in onnxruntime, when the
+    ``deploy`` extra is installed; a note saying how to get it otherwise."""
+    import importlib.util
+    import logging
+
+    log = logging.getLogger("csgd")
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        log.info('no %s: pip install "csgd[deploy]" to export ONNX', path.name)
+        return None
+    from .deploy import check_onnx, export_onnx
+
+    export_onnx(thin, x[:2], path)
+    log.info("wrote %s (onnxruntime logits within %.1e relative)", path, check_onnx(path, thin, x))
+    return path
+
+
+def export_pt2(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """A standalone ``torch.export`` program (loads with torch.export.load, no csgd)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(thin.eval(), (x[:2],), dynamic_shapes=({0: batch},))
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants .pt2
+    torch.export.save(ep, str(tmp))
+    tmp.replace(path)
+    return path

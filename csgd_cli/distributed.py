@@ -251,7 +251,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and active()):
             return super().forward(x)
         c, w, r = x.shape[1], dist.get_world_size(), dist.get_rank()
-        xf = x.float()
+        # statistics in float32 for half/bfloat16 inputs; float32/float64 stay as they are
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
         n = xf.new_full((1,), x.numel() // c)
         row = torch.cat([mean, var, n]).unsqueeze(0)

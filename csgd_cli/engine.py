@@ -1,4 +1,4 @@
-"""One training/evaluation loop for every stage: devices, AMP, logging, checkpoints.
+"""The training loop of every stage: steps, epochs, evaluation, checkpoints, SIGTERM.
 
 Under torchrun (``csgd_cli.distributed``) the same loop runs on every rank: the model
 goes under DDP inside ``fit`` (SyncBatchNorm with ``dist.sync_bn``), each rank takes its
@@ -10,17 +10,14 @@ process every reduction is the identity and nothing else changes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,183 +25,19 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_checkpoint
-from .errors import CsgdError
-from .files import atomic_write, in_main_thread, read_jsonl
-
-
-class Preempted(CsgdError):
-    """SIGTERM arrived: a checkpoint was written; resume with ``resume=true``.
-
-    Exit code 143 (128 + SIGTERM), what schedulers expect from a job ended by SIGTERM;
-    the CLI adds the resume command (it knows the run directory)."""
-
-    exit_code = 143
-
-
-def raise_preempted(*_: Any) -> None:
-    """SIGTERM handler outside a training loop: stop at once (every file write is atomic)."""
-    raise Preempted(
-        "stopped by SIGTERM outside a training loop; every file written so far is complete"
-    )
-
+from .device import FlatGradScaler, amp_dtype, use_channels_last
+from .errors import CsgdError, Preempted
+from .files import in_main_thread
+from .logs import MetricLog
+from .metrics import evaluate
+from .optim import lr_lambda
+from .seeding import rng_state, set_rng_state
 
 is_main = distributed.is_main
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else torch.float16
-
-
-class FlatGradScaler(torch.amp.GradScaler):
-    """fp16 loss scaling whose unscale and inf/NaN check is one kernel over the
-    optimizer's flat gradient buffer when it has one (``CentripetalSGD._flat_g``: every
-    ``param.grad`` is a view into it); other optimizers go tensor by tensor."""
-
-    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):  # type: ignore[override]
-        flat = getattr(optimizer, "_flat_g", None)
-        if flat is None:
-            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
-        with torch.no_grad():
-            torch._amp_foreach_non_finite_check_and_unscale_([flat], found_inf, inv_scale)
-        return {flat.device: found_inf}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise CsgdError(
-                "device=cuda but no CUDA device is available", "use device=auto or device=cpu"
-            )
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states as tensors and plain values (``weights_only``-safe)."""
-    _, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {
-        "torch": torch.get_rng_state(),
-        "python": list(mt),
-        "python_gauss": gauss,
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate((3, tuple(st["python"]), st.get("python_gauss")))
-    if "numpy" in st:
-        n = st["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def lr_lambda(sched: Any, steps_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up, then multi-step or cosine decay; evaluated per step."""
-    total, warm = sched.epochs * steps_per_epoch, sched.warmup_epochs * steps_per_epoch
-    milestones = [m * steps_per_epoch for m in sched.milestones]
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if sched.kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-        return sched.gamma ** sum(step >= m for m in milestones)
-
-    return f
-
-
-class MetricLog:
-    """metrics.jsonl (always) and TensorBoard scalars (when installed), main process only."""
-
-    def __init__(self, out: Path, phase: str, tensorboard: bool = True) -> None:
-        self.phase, self.enabled = phase, is_main()
-        self.path, self.tb_dir = out / "metrics.jsonl", out / "tb"
-        self.tb = self._writer() if self.enabled and tensorboard else None
-
-    def _writer(self, purge_step: int | None = None) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            return SummaryWriter(str(self.tb_dir), purge_step=purge_step)
-        except ImportError:  # tensorboard is optional
-            return None
-
-    def rewind(self, step: int) -> None:
-        """On resume: drop this phase's records logged after ``step`` (the checkpoint's),
-        which the resumed run logs again."""
-        if not self.enabled:
-            return
-        if self.path.is_file():
-            keep = [
-                json.dumps(r) + "\n"
-                for r in read_jsonl(self.path)
-                if r.get("phase") != self.phase or r.get("step", 0) <= step
-            ]
-            atomic_write(self.path, "".join(keep))
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = self._writer(purge_step=step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"phase": self.phase, "time": round(time.time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.tb.add_scalar(f"{self.phase}/{k}", v, step)
-                elif isinstance(v, dict):
-                    for g, x in v.items():
-                        self.tb.add_scalar(f"{self.phase}/{k}/{g}", x, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Any, device: torch.device, amp: bool = False
-) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over the whole test split.
-
-    Under torchrun each rank evaluates its shard and the sums are reduced, so every
-    rank returns the whole split's figures: call it on every rank."""
-    model.eval()
-    loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    on = amp and device.type == "cuda"
-    for x, y in data.test_batches():
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=on):
-            out = model(x)
-        loss += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        n += y.numel()
-    loss_sum, right, n = distributed.all_sum([loss.item(), correct.item(), n], device)
-    return {"acc": 100.0 * right / max(n, 1), "loss": loss_sum / max(n, 1)}
+StepHook = Callable[["Trainer", int], None]
+# Called after every step with (trainer, global step), in every Trainer: a wrapper
+# script can add hooks (tests stop a rank on purpose from one) without a config key.
+STEP_HOOKS: list[StepHook] = []
 
 
 class Trainer:
@@ -229,6 +62,9 @@ class Trainer:
         every_steps: int = 0,
         chi_fn: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
         compile: bool = False,
+        channels_last: bool = False,
+        hooks: list[StepHook] | None = None,
+        half: torch.dtype | None = None,
     ) -> None:
         self.model, self.data, self.sched, self.opt = model, data, sched, optimizer
         self.device, self.out, self.phase, self.payload = device, out, phase, payload
@@ -239,16 +75,14 @@ class Trainer:
         self._compile = compile  # fit() compiles the DDP wrapper instead in a job
         self.steps = data.steps_per_epoch()
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(sched, self.steps))
-        self.amp_dtype = amp_dtype(device)
+        self.amp_dtype = half or amp_dtype(device)  # half: force bf16 or fp16 (GPU checks)
         self.scaler = FlatGradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.channels_last = device.type == "cuda"
+        self.channels_last = use_channels_last(channels_last, device)
         self.log = MetricLog(out, phase)
         self.epoch, self.step_in_epoch, self.best, self.history = 0, 0, -1.0, []
         self._reset_epoch_stats()
         self._stop = False
-        # test hook: CSGD_TEST_FAIL=<rank>:<global step> makes that rank raise there
-        hook = os.environ.get("CSGD_TEST_FAIL", "")
-        self._fail_at = tuple(int(v) for v in hook.split(":")) if hook else None
+        self.hooks = [*STEP_HOOKS, *(hooks or [])]
 
     def _reset_epoch_stats(self) -> None:
         """Running sums of the current epoch (checkpointed, so a resumed epoch reports
@@ -411,11 +245,8 @@ class Trainer:
                 self.seen += y.numel()
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
-                if self._fail_at is not None and self._fail_at == (
-                    distributed.rank_world()[0],
-                    gstep,
-                ):
-                    raise RuntimeError(f"CSGD_TEST_FAIL: rank failed on purpose at step {gstep}")
+                for hook in self.hooks:
+                    hook(self, gstep)
                 if log_every and gstep % log_every == 0:
                     lv = loss.item()
                     if distributed.active():  # the global batch's loss, the same on every rank

@@ -12,26 +12,23 @@ layers that touch those channels, each of one of three kinds:
   are summed into the kept one at merge. ``repeat`` > 1 is a linear layer after a
   ``flatten`` of a map larger than 1x1, where each channel owns ``repeat`` columns.
 
-``MEMBER_TENSORS`` is the one table of handlers per kind: which tensors of a module a
-member touches, along which dimension, and whether they are kernels, affine parameters
-or buffers. Clustering, the optimizer, chi and the merge all read it.
+This module is the vocabulary only (no layer is looked at here): which tensors a member
+touches, per layer kind, is ``csgd_cli.layers``; finding a model's groups (declared or
+traced) is ``csgd_cli.tracing``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
-
-from torch import nn
 
 from .errors import CsgdError
 
 Clusters = dict[str, list[list[int]]]
 Kind = Literal["out", "channel", "in"]
-Role = Literal["kernel", "affine", "buffer"]
 
 
 @dataclass(frozen=True)
@@ -112,103 +109,6 @@ def reader(module: str, offset: int = 0, norm: str | None = None) -> list[Member
     return [Member(module, "in", offset)] + ([Member(norm, "channel", offset)] if norm else [])
 
 
-# -- the handler table: (module, kind) -> [(tensor name, dim, role)] -------------------
-TensorSpec = tuple[str, int, Role]
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
-
-
-def _out_tensors(m: nn.Module) -> list[TensorSpec]:
-    if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)):
-        return [("weight", 0, "kernel")] + ([("bias", 0, "affine")] if m.bias is not None else [])
-    raise CsgdError(f"{type(m).__name__} cannot produce channels of a group", "exclude it")
-
-
-def _channel_tensors(m: nn.Module) -> list[TensorSpec]:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        specs: list[TensorSpec] = []
-        if m.affine:
-            specs += [("weight", 0, "affine"), ("bias", 0, "affine")]
-        if m.track_running_stats:
-            specs += [("running_mean", 0, "buffer"), ("running_var", 0, "buffer")]
-        return specs
-    if _is_depthwise(m):
-        return [("weight", 0, "kernel")] + ([("bias", 0, "affine")] if m.bias is not None else [])
-    raise CsgdError(f"{type(m).__name__} is not a per-channel layer", "exclude its group")
-
-
-def _in_tensors(m: nn.Module) -> list[TensorSpec]:
-    if isinstance(m, (nn.Conv2d, nn.Conv1d)) and m.groups != 1:
-        raise CsgdError("a grouped conv's input cannot be summed by channel", "exclude its group")
-    if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)):
-        return [("weight", 1, "kernel")]
-    raise CsgdError(f"{type(m).__name__} cannot read channels of a group", "exclude it")
-
-
-MEMBER_TENSORS: dict[str, Callable[[nn.Module], list[TensorSpec]]] = {
-    "out": _out_tensors,
-    "channel": _channel_tensors,
-    "in": _in_tensors,
-}
-
-
-@dataclass(frozen=True)
-class RowBlock:
-    """Rows of one tensor that belong to group channels ``[start, start + n)``:
-    ``tensor.narrow(0, row, n)`` (a view), with its role (kernel, affine)."""
-
-    key: str  # state_dict key
-    tensor: object  # the parameter or buffer (torch.Tensor)
-    row: int
-    start: int
-    n: int
-    role: Role
-
-
-def member_rows(model: nn.Module, group: ChannelGroup, roles: Sequence[Role]) -> list[RowBlock]:
-    """Every centripetal row block of the group's ``out`` and ``channel`` members:
-    what the optimizer pulls together, chi measures and k-means reads."""
-    mods = dict(model.named_modules())
-    out = []
-    for m in group.of_kind("out", "channel"):
-        mod = mods[m.module]
-        first, end = m.span(group.width)
-        for name, _dim, role in MEMBER_TENSORS[m.kind](mod):
-            if role in roles:
-                t = getattr(mod, name)
-                out.append(RowBlock(f"{m.module}.{name}", t, m.offset, first, end - first, role))
-    return out
-
-
-def segment_rows(
-    model: nn.Module, group: ChannelGroup, roles: Sequence[Role]
-) -> list[tuple[int, int, list[RowBlock]]]:
-    """Per segment ``(a, b)``: the row blocks of ``member_rows`` restricted to it, so
-    every block covers the whole segment (segments are cut at every member's span)."""
-    blocks = member_rows(model, group, roles)
-    out = []
-    for a, b in group.segments():
-        part = [
-            replace(r, row=r.row + a - r.start, start=a, n=b - a)
-            for r in blocks
-            if r.start <= a and b <= r.start + r.n
-        ]
-        out.append((a, b, part))
-    return out
-
-
-def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The model's groups: declared by the model, else traced from one forward pass."""
-    fn = getattr(model, "channel_groups", None)
-    if fn is not None:
-        return fn()
-    from .tracing import traced_groups  # lazy: only models without declarations pay
-
-    return traced_groups(model)
-
-
 def prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
     return [g for g in groups if g.excluded is None]
 
@@ -223,6 +123,14 @@ def select_groups(
         if any(fnmatch.fnmatchcase(g.name, p) for p in include)
         and not any(fnmatch.fnmatchcase(g.name, p) for p in exclude)
     ]
+    if not chosen and not prunable(groups):
+        why = next((g.excluded for g in groups), None)
+        raise CsgdError(
+            f"the model has no prunable channel group ({len(groups)} found, all excluded"
+            + (f"; the first: {why})" if why else ")"),
+            "`csgd groups` lists every group and why; choose another model or declare "
+            "channel_groups() on it",
+        )
     if not chosen:
         names = ", ".join(g.name for g in prunable(groups)[:6])
         raise CsgdError(

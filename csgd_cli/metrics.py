@@ -1,4 +1,5 @@
-"""Chi (kernel deviation), parameter count, FLOPs (multiply-adds) and latency."""
+"""What csgd measures on a model: chi (kernel deviation), top-1 and loss, parameters,
+FLOPs (multiply-adds) and latency."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .groups import ChannelGroup, Clusters, cluster_labels, segment_rows
+from . import distributed
+from .device import amp_dtype
+from .files import table
+from .groups import ChannelGroup, Clusters, cluster_labels
+from .layers import segment_rows
 
 
 @torch.no_grad()
@@ -97,15 +103,37 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def run_model(model: nn.Module, x: Any) -> Any:
+    """``model(x)``; a tuple or list ``x`` holds the forward's positional arguments."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def outputs_of(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (a tensor, or tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in outputs_of(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in outputs_of(o)]
+    return []
+
+
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass on one sample, by torch's own flop counter."""
-    p = next(model.parameters())
-    x = torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype)
+def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
+    """Multiply-adds of one forward pass on one sample, by torch's own flop counter.
+    ``example``: the input shape of one sample, or an example input (its first sample)."""
+    if isinstance(example, (torch.Tensor, tuple, list)) and not all(
+        isinstance(v, int) for v in example
+    ):
+        x = [t[:1] for t in example] if isinstance(example, (tuple, list)) else example[:1]
+    else:
+        p = next(model.parameters())
+        x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as fc:
-        model(x)
+        run_model(model, x)
     model.train(was_training)
     return fc.get_total_flops() // 2
 
@@ -138,6 +166,27 @@ def latency(
     return {"latency_ms": med * 1e3, "throughput": batch_size / med, "batch_size": batch_size}
 
 
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Any, device: torch.device, amp: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over the whole test split.
+
+    Under torchrun each rank evaluates its shard and the sums are reduced, so every
+    rank returns the whole split's figures: call it on every rank."""
+    model.eval()
+    loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    on = amp and device.type == "cuda"
+    for x, y in data.test_batches():
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=on):
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += y.numel()
+    loss_sum, right, n = distributed.all_sum([loss.item(), correct.item(), n], device)
+    return {"acc": 100.0 * right / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
 def measure(
     model: nn.Module,
     data: Any,
@@ -147,8 +196,6 @@ def measure(
     backend: str = "eager",
 ) -> dict[str, Any]:
     """Everything eval.json reports: top-1, loss, params, MACs, latency, throughput."""
-    from .engine import evaluate
-
     i = data.info
     model.to(device).eval()
     shape = (i.in_channels, i.image_size, i.image_size)
@@ -167,8 +214,6 @@ def measure(
 
 def summary_table(rows: dict[str, dict[str, Any]]) -> str:
     """``csgd run``'s closing table: one row per model (base, csgd, pruned, ...)."""
-    from .files import table
-
     base = rows["base"]["latency_ms"]
     cells = [
         [

@@ -6,7 +6,10 @@ For a group's kernels ``K`` (one row per channel), raw gradient ``G``, weight de
     G'_i = mean_H G + lam K_i + eps (K_i - mean_H K) = mean_H (G - eps K) + (lam + eps) K_i
 
 then plain momentum (optionally Nesterov) SGD runs on ``G'``. Norm gamma/beta and conv
-biases of the group use ``norm_epsilon`` (default 0.1 eps) and ``norm_weight_decay``.
+biases of a pruned group use ``norm_epsilon`` (default 0.1 eps) and no weight decay, as
+the reference code does (the ``norm_weight_decay`` argument; no config key sets it).
+Parameters outside every pruned group decay by ``weight_decay``, and their 1-d tensors
+by ``plain_norm_weight_decay`` (the CLI's ``schedule.norm_weight_decay``).
 
 Why a flat buffer: torch's foreach SGD costs a few microseconds per tensor, and the
 per-layer matrix products of the reference code cost 5-8x that step. Here every
@@ -19,7 +22,8 @@ rows into an ``(n, D)`` matrix, one ``index_add_`` and one ``index_select``; one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,8 @@ import torch
 from torch import nn
 
 from .errors import CsgdError
-from .groups import ChannelGroup, Clusters, channel_groups, cluster_labels, segment_rows
+from .groups import ChannelGroup, Clusters, cluster_labels
+from .layers import segment_rows
 
 
 @dataclass
@@ -221,19 +226,16 @@ def plain_sgd(model: nn.Module, sched: Any) -> torch.optim.SGD:
     )
 
 
-def csgd_optimizer(
-    model: nn.Module, clusters: Clusters, sched: Any, epsilon: float, norm_epsilon: float | None
-) -> CentripetalSGD:
-    """The C-SGD optimizer of a ``schedule`` config for ``model``'s groups."""
-    return CentripetalSGD(
-        model,
-        channel_groups(model),
-        clusters,
-        lr=sched.lr,
-        epsilon=epsilon,
-        momentum=sched.momentum,
-        nesterov=sched.nesterov and sched.momentum > 0,
-        weight_decay=sched.weight_decay,
-        norm_epsilon=norm_epsilon,
-        plain_norm_weight_decay=sched.norm_weight_decay,
-    )
+def lr_lambda(sched: Any, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up, then multi-step or cosine decay; evaluated per step."""
+    total, warm = sched.epochs * steps_per_epoch, sched.warmup_epochs * steps_per_epoch
+    milestones = [m * steps_per_epoch for m in sched.milestones]
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if sched.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return sched.gamma ** sum(step >= m for m in milestones)
+
+    return f

@@ -15,11 +15,40 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import check_arch, check_fits, need_clusters
 from .config import STAGES
-from .data import build_data
-from .engine import pick_device
+from .datasets import build_data
+from .device import pick_device
 from .errors import CsgdError
-from .groups import channel_groups, check_clusters, select_groups
+from .groups import check_clusters, select_groups
+from .models import known_model, list_models
+from .pipeline import WIDTH_KEYS, width_settings
 from .session import load, new_model, trust_named_model
+from .tracing import channel_groups
+
+
+def check_model_name(cfg: DictConfig) -> None:
+    if not known_model(cfg.model.name):
+        raise CsgdError(
+            f"unknown model '{cfg.model.name}'",
+            f"choose model=<{'|'.join(list_models())}>, or model=torchvision "
+            "model.name=<a torchvision.models classification builder>",
+        )
+
+
+def check_width_keys(cfg: DictConfig, ck: dict[str, Any], where: str, explicit: Any) -> None:
+    """``csgd train`` with clusters that come with the checkpoint: a command line asking
+    for other widths (ratio, round_to, include/exclude, clustering) is refused, not
+    silently ignored."""
+    have = ck.get("width_settings") or {"ratio": ck.get("ratio")}
+    want = width_settings(cfg)
+    for key in WIDTH_KEYS:
+        if key in explicit and want[key] != have.get(key):
+            shown = have.get(key, "not recorded")
+            raise CsgdError(
+                f"{where} carries its own clusters (made with {key}={shown}), but "
+                f"{key}={want[key]} asks for other widths",
+                f"drop {key}= to train its clusters, or pass init= a checkpoint without "
+                "clusters (the base model) to cluster anew",
+            )
 
 
 def preflight(
@@ -32,6 +61,7 @@ def preflight(
     cache = {} if cache is None else cache
     need = STAGES[cfg.stage]
     trust_named_model(cfg)
+    check_model_name(cfg)
     if need.weights == "ckpt" and cfg.ckpt is None:
         raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
     if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
@@ -60,9 +90,11 @@ def preflight(
     model = None
     for key, path, model, ck in loaded:
         if info is not None:
-            check_fits(ck, path, key, info)
+            check_fits(ck, f"{key}={path}", info)
         if ck.get("clusters"):
             check_clusters(channel_groups(model), ck["clusters"], f"{key}={path}")
+            if need.keeps_clusters:
+                check_width_keys(cfg, ck, f"{key}={path}", explicit)
         elif need.groups:
             select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
         if key == "ckpt" and need.clusters and cfg.prune.method == "csgd":

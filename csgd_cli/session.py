@@ -11,9 +11,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .checkpoint import check_fits, load_checkpoint, model_from_checkpoint
-from .data import Data, DataInfo, build_data
-from .engine import pick_device, seed_everything
+from .data import Data, DataInfo
+from .datasets import build_data
+from .device import pick_device
 from .models import get_model
+from .seeding import seed_everything
 
 
 @dataclass
@@ -57,11 +59,13 @@ def new_model(cfg: DictConfig, info: DataInfo | None = None) -> nn.Module:
 
 
 def load(path: str, key: str, info: DataInfo | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Model and checkpoint dict; refuses a model built for another data shape."""
-    ck = load_checkpoint(path, key)
-    model = model_from_checkpoint(ck, key)
+    """Model and checkpoint dict; refuses a model built for another data shape. ``key``:
+    the config key that named the file, or "run" for a file the run wrote itself."""
+    ck = load_checkpoint(path, key, state_dict_ok=key == "init")  # init= takes torchvision's
+    where = str(path) if key == "run" else f"{key}={path}"
+    model = model_from_checkpoint(ck, where)
     if info is not None:
-        check_fits(ck, path, key, info)
+        check_fits(ck, where, info)
     return model, ck
 
 

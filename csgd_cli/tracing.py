@@ -1,4 +1,4 @@
-"""Channel groups of any CNN, from a trace of one forward pass.
+"""A model's channel groups: declared by the model, else traced from one forward pass.
 
 Torch-Pruning's ``DependencyGraph`` (the field's standard tracer for coupled channels)
 follows autograd from the logits back to the input and tells, for the output channels of
@@ -6,16 +6,17 @@ a conv or linear layer, every tensor slice that must shrink with them, with inde
 through concatenations, splits and flattens. Each of its groups is mapped onto our
 ``ChannelGroup``:
 
-- conv/linear output rows -> ``out``; BatchNorm and depthwise convs -> ``channel``;
-  conv/linear input columns -> ``in`` (``repeat`` columns per channel after a flatten);
+- every layer is mapped by its rule (``csgd_cli.layers``): conv/linear output rows ->
+  ``out``; BatchNorm, per-channel norms and depthwise convs -> ``channel``; conv/linear
+  input columns -> ``in`` (``repeat`` columns per channel after a flatten);
 - a member is cut into runs where its channels sit contiguously in the module, so a BN
   over a concatenation is a ``channel`` member at its offset;
 - the group's channel order is the root layer's, and the group is named after its first
   producer (stable across iterative rounds, which re-trace the thinned model).
 
 Never a wrong merge: anything the merge cannot make exact (the input or output of a
-grouped, non-depthwise conv; LayerNorm/GroupNorm/InstanceNorm and other layers without a
-handler; a free ``nn.Parameter`` applied to the channels; a reshape that is not a flatten
+grouped, non-depthwise conv; LayerNorm, GroupNorm over several channels and other layers
+without a rule; a free ``nn.Parameter`` applied to the channels; a reshape that is not a flatten
 into a linear layer, a transpose or permute as in a channel shuffle; a reduction over
 channels; any op not known to keep channels apart) makes the group *excluded* with a
 one-line reason naming the layer. Groups of the network's logits are not groups.
@@ -35,6 +36,7 @@ from torch import nn
 
 from .errors import CsgdError
 from .groups import ChannelGroup, Member
+from .layers import member_kind, rule_for
 
 # autograd ops that act on every channel separately (names without the trailing digit)
 _PER_CHANNEL_OPS = {
@@ -57,10 +59,6 @@ def _op_name(grad_fn: Any) -> str:
     return re.sub(r"\d+$", "", grad_fn.name()) if grad_fn is not None else "?"
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == m.in_channels == m.out_channels > 1
-
-
 def example_input(model: nn.Module) -> torch.Tensor:
     """One input of the model's shape: ``model.input_shape``, else ``in_channels`` and
     ``image_size`` of its registry kwargs, else the first conv's inputs at 64x64."""
@@ -74,6 +72,15 @@ def example_input(model: nn.Module) -> torch.Tensor:
         shape = (c, s, s)
     kw = {"dtype": p.dtype, "device": p.device} if p is not None else {}
     return torch.randn(1, *shape, **kw)
+
+
+def channel_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """The model's groups: its own ``channel_groups()`` when it declares them, else traced
+    from one forward pass of ``x`` (default: ``example_input(model)``)."""
+    fn = getattr(model, "channel_groups", None)
+    if fn is not None:
+        return fn()
+    return traced_groups(model, x)
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -144,20 +151,11 @@ def _classify(dg: Any, names: dict[Any, str], dep: Any) -> tuple[str | None, str
     if isinstance(mod, nn.Parameter):
         return None, f"parameter '{dg._param_to_name.get(mod, '?')}' acts on the channels"
     name = names.get(mod)
-    if name is not None:
-        if _is_depthwise(mod):
-            return "channel", None
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            out = dg.is_out_channel_pruning_fn(dep.handler)
-            if mod.groups != 1:
-                side = "output" if out else "input"
-                return None, f"{side} of grouped conv '{name}' (groups={mod.groups})"
-            return ("out" if out else "in"), None
-        if isinstance(mod, nn.Linear):
-            return ("out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"), None
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            return "channel", None
-        return None, f"{type(mod).__name__} '{name}' has no per-channel merge rule"
+    if name is not None:  # a layer: its rule decides (csgd_cli.layers)
+        kind = member_kind(mod, bool(dg.is_out_channel_pruning_fn(dep.handler)), name)
+        if kind in ("out", "channel", "in"):
+            return kind, None
+        return None, kind
     op = tp.ops
     if isinstance(mod, (op._ConcatOp, op._SplitOp, op._SliceOp)):
         return None, None
@@ -272,13 +270,13 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
     roots = [
         m
         for m in model.modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m in dg.module2node
+        if getattr(rule_for(m), "name", None) in ("conv", "linear") and m in dg.module2node
     ]
     raws: list[_Raw] = []
     covered: set[tuple[str, int]] = set()
     for m in roots:
         n = names[m]
-        width = m.out_channels if isinstance(m, nn.Conv2d | nn.Conv1d) else m.out_features
+        width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         if all((n, i) in covered for i in range(width)):
             continue
         raw = _raw_group(dg, names, m)

@@ -14,14 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_cli.checkpoint import load_model, save_checkpoint
+from csgd_cli.api import load_model
+from csgd_cli.checkpoint import save_checkpoint
 from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
 from csgd_cli.errors import CsgdError
-from csgd_cli.groups import ChannelGroup, channel_groups, prunable, segment_rows
+from csgd_cli.groups import ChannelGroup, prunable
+from csgd_cli.layers import segment_rows
 from csgd_cli.metrics import chi
 from csgd_cli.models import get_model
 from csgd_cli.surgery import merge
-from csgd_cli.tracing import traced_groups
+from csgd_cli.tracing import channel_groups, traced_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +234,7 @@ def test_init_takes_a_plain_torchvision_state_dict(tmp_path) -> None:
 
     net = torchvision.models.resnet18(weights=None, num_classes=10)
     torch.save(net.state_dict(), tmp_path / "resnet18-f37072fd.pth")
-    ck = load_checkpoint(tmp_path / "resnet18-f37072fd.pth", "init")
+    ck = load_checkpoint(tmp_path / "resnet18-f37072fd.pth", "init", state_dict_ok=True)
     assert ck["arch"] == {"name": "resnet18", "kwargs": {"num_classes": 10, "in_channels": 3}}
     model = model_from_checkpoint(ck, "init").eval()
     x = torch.randn(2, 3, 32, 32)

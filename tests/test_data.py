@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from csgd_cli.data import DATASETS, augment_batch, build_data, normalize
+from csgd_cli.config import DATASETS
+from csgd_cli.data import augment_batch, normalize
+from csgd_cli.datasets import build_data
 from csgd_cli.errors import CsgdError
 
 CPU = torch.device("cpu")

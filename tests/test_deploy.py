@@ -184,8 +184,8 @@ def _train(compile: bool, tmp_path: Path, steps: int = 3) -> dict[str, list[floa
     sched = OmegaConf.structured(ScheduleConf(epochs=1, lr=0.05, milestones=[], log_every=0))
     # C-SGD: its flat-buffer parameter views must survive compilation (the harder case)
     from csgd_cli.clustering import cluster_groups, target_widths
-    from csgd_cli.groups import channel_groups
     from csgd_cli.optim import CentripetalSGD
+    from csgd_cli.tracing import channel_groups
 
     groups = channel_groups(model)
     clusters = cluster_groups(model, groups, target_widths(groups, 0.5), "even", 0)

@@ -16,7 +16,7 @@ from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
-from csgd_cli.data import build_data
+from csgd_cli.datasets import build_data
 
 pytest.importorskip("onnxruntime")
 from csgd_cli.deploy import check_onnx, onnx_node_types

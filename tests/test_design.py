@@ -19,10 +19,12 @@ from torch import nn
 
 from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
 from csgd_cli.config import STAGES
-from csgd_cli.groups import ChannelGroup, channel_groups, producer, reader, segment_rows
+from csgd_cli.groups import ChannelGroup, producer, reader
+from csgd_cli.layers import segment_rows
 from csgd_cli.metrics import chi_report
 from csgd_cli.models import get_model
 from csgd_cli.optim import CentripetalSGD
+from csgd_cli.tracing import channel_groups
 
 PKG = Path(__file__).resolve().parents[1] / "csgd_cli"
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
@@ -160,7 +162,7 @@ def test_dataset_defaults_have_one_source() -> None:
 
     from csgd_cli.cli import config_dir
     from csgd_cli.config import register_schema
-    from csgd_cli.data import build_data
+    from csgd_cli.datasets import build_data
 
     register_schema()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):

@@ -7,8 +7,8 @@ import torch
 
 from csgd_cli import get_model, list_models
 from csgd_cli.errors import CsgdError
-from csgd_cli.groups import channel_groups
 from csgd_cli.metrics import count_params
+from csgd_cli.tracing import channel_groups
 
 
 @pytest.mark.parametrize(("name", "params"), [("resnet20", 272_474), ("resnet56", 855_770)])

@@ -13,8 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
-from csgd_cli.data import build_data
-from csgd_cli.engine import Trainer, evaluate
+from csgd_cli.datasets import build_data
+from csgd_cli.engine import Trainer
+from csgd_cli.metrics import evaluate
 from csgd_cli.models import get_model
 from csgd_cli.optim import plain_sgd
 

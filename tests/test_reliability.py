@@ -267,8 +267,8 @@ def test_seed_reaches_python_numpy_torch_kmeans_and_data_order(
     from omegaconf import OmegaConf
 
     from csgd_cli import clustering
-    from csgd_cli.data import build_data
-    from csgd_cli.engine import seed_everything
+    from csgd_cli.datasets import build_data
+    from csgd_cli.seeding import seed_everything
 
     def draw(seed: int) -> tuple[Any, ...]:
         seed_everything(seed)

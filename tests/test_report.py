@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from csgd_cli.clustering import cluster_groups, target_widths
+from csgd_cli.clustering import cluster_groups, l1_selection, target_widths
 from csgd_cli.errors import CsgdError
-from csgd_cli.groups import channel_groups
 from csgd_cli.models import get_model
-from csgd_cli.report import read_runs, write_report
-from csgd_cli.surgery import l1_selection, merge
+from csgd_cli.report import write_report
+from csgd_cli.runs import read_runs
+from csgd_cli.surgery import merge
+from csgd_cli.tracing import channel_groups
 
 TINY = [
     "dataset=digits",
@@ -229,7 +230,7 @@ def test_l1_budget_rule() -> None:
 
     from csgd_cli.cli import config_dir
     from csgd_cli.config import register_schema
-    from csgd_cli.training import budget_schedule as l1_finetune
+    from csgd_cli.pipeline import budget_schedule as l1_finetune
 
     register_schema()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

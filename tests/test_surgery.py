@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
-from csgd_cli.groups import channel_groups
 from csgd_cli.metrics import chi, count_macs
 from csgd_cli.models import get_model
 from csgd_cli.surgery import merge
+from csgd_cli.tracing import channel_groups
 
 
 def collapse(model: torch.nn.Module, clusters: dict) -> None:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from csgd_cli.errors import CsgdError
-from csgd_cli.groups import Member, channel_groups
+from csgd_cli.groups import Member
 from csgd_cli.models import get_model
-from csgd_cli.tracing import traced_groups
+from csgd_cli.tracing import channel_groups, traced_groups
 from tests.tracing_models import Grouped, Mixed, Shuffle, Untraceable
 
 

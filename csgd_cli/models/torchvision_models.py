@@ -79,10 +79,11 @@ for _name in ("resnet18", "resnet50", "mobilenet_v2"):
     register_model(_name)(functools.partial(build, _name))
 
 
-def arch_of_state_dict(sd: dict[str, Any], path: str, key: str = "init") -> dict[str, Any]:
+def arch_of_state_dict(sd: dict[str, Any], path: str, label: str) -> dict[str, Any]:
     """The csgd ``arch`` of a plain torchvision ``state_dict`` (as torchvision publishes
     its weights, e.g. ``resnet50-0676ba61.pth``): the builder named by the file, else the
-    registered torchvision families, whose layers the tensors fit exactly."""
+    registered torchvision families, whose layers the tensors fit exactly. ``label``
+    names the file in messages (``init=<path>``)."""
     from pathlib import Path
 
     import torch
@@ -92,7 +93,9 @@ def arch_of_state_dict(sd: dict[str, Any], path: str, key: str = "init") -> dict
     stem = Path(path).name.split("-")[0].split(".")[0]
     named = sorted((b for b in builders() if stem.startswith(b)), key=len, reverse=True)
     if not all(isinstance(v, torch.Tensor) for v in sd.values()) or not sd:
-        raise CsgdError(f"{key}={path} is neither a csgd checkpoint nor a state_dict", "")
+        raise CsgdError(
+            f"{label} is neither a csgd checkpoint nor a state_dict", "pass a csgd checkpoint"
+        )
     convs = [v for v in sd.values() if v.dim() == 4]
     linears = [v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2]
     kw = {
@@ -109,7 +112,7 @@ def arch_of_state_dict(sd: dict[str, Any], path: str, key: str = "init") -> dict
         if want.keys() == sd.keys() and all(want[k].shape == sd[k].shape for k in sd):
             return {"name": name, "kwargs": kw}
     raise CsgdError(
-        f"{key}={path} is a plain state_dict that fits none of {', '.join(tried)} "
+        f"{label} is a plain state_dict that fits none of {', '.join(tried)} "
         f"(num_classes={kw['num_classes']})",
         "name the file after its torchvision builder (e.g. resnet50-<hash>.pth) or pass a "
         "csgd checkpoint",

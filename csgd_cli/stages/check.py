@@ -11,9 +11,10 @@ from omegaconf import DictConfig
 from ..checkpoint import need_clusters
 from ..errors import NotConverged
 from ..files import write_json
-from ..groups import channel_groups, check_clusters
+from ..groups import check_clusters
 from ..metrics import chi_report
 from ..session import load
+from ..tracing import channel_groups
 
 log = logging.getLogger("csgd")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..checkpoint import payload, save_checkpoint
-from ..clustering import clusters_for_config
+from ..checkpoint import save_checkpoint
+from ..pipeline import payload, pruner_for_config, width_settings
 from ..session import load
 
 log = logging.getLogger("csgd")
@@ -18,11 +18,12 @@ log = logging.getLogger("csgd")
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     key = "ckpt" if cfg.ckpt else "init"
     model, ck = load(cfg[key], key)
-    clusters = clusters_for_config(cfg, model, ck, cfg.ratio)
+    clusters = pruner_for_config(cfg, model, ck, cfg.ratio).clusters
     for name, cl in clusters.items():
         n = sum(len(c) for c in cl)
         log.info("%-28s %4d -> %4d clusters (largest %d)", name, n, len(cl), max(map(len, cl)))
-    info = payload(cfg, model, ck, clusters=clusters, ratio=cfg.ratio, clustering=cfg.clustering)
+    settings = width_settings(cfg)
+    info = payload(cfg, model, ck, clusters=clusters, ratio=cfg.ratio, width_settings=settings)
     path = save_checkpoint(out / "clustered.pt", {**info, "state_dict": model.state_dict()})
     log.info("wrote %s (%d groups clustered)", path, len(clusters))
     return {"groups": len(clusters), "ckpt": str(path)}

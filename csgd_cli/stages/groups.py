@@ -8,8 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..groups import channel_groups, describe
+from ..groups import describe
 from ..session import load, new_model
+from ..tracing import channel_groups
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:

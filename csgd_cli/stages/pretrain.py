@@ -7,9 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..checkpoint import payload
+from ..pipeline import payload, train_phase
 from ..session import setup, start_model
-from ..training import train_phase
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:

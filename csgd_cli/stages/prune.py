@@ -9,8 +9,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..files import write_json
+from ..pipeline import prune_for_config, save_pruned
 from ..session import load, setup
-from ..surgery import prune_for_config, save_pruned
 
 log = logging.getLogger("csgd")
 
@@ -19,7 +19,7 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
     model, ck = load(cfg.ckpt, "ckpt", ctx.data.info)
     x, _ = ctx.data.sample_batch(256)
-    thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, cfg.ratio)
+    thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, cfg.ratio, str(cfg.ckpt))
     save_pruned(cfg, thin, ck, rep, str(cfg.ckpt), out / "pruned.pt", x)
     write_json(out / "prune.json", rep)
     log.info("wrote %s", out / "pruned.pt")

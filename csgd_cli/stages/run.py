@@ -4,7 +4,7 @@ With ``resume=true`` in the same ``hydra.run.dir`` it skips every phase whose ou
 exists and resumes the interrupted phase from its ``last.pt``.
 ``prune.method=l1`` (the L1-norm baseline) skips C-SGD training, keeps the largest-norm
 filters at the same widths and fine-tunes for the epochs C-SGD would have trained too
-(``training.budget_schedule``).
+(``pipeline.budget_schedule``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,21 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..checkpoint import payload
 from ..distributed import barrier, is_main
 from ..files import write_json
-from ..groups import channel_groups
 from ..metrics import chi_report, measure, summary_table
+from ..pipeline import (
+    base_phase,
+    budget_schedule,
+    csgd_phase,
+    once,
+    payload,
+    prune_for_config,
+    save_pruned,
+    train_phase,
+)
 from ..session import load, setup
-from ..surgery import prune_for_config, save_pruned
-from ..training import base_phase, budget_schedule, csgd_phase, once, train_phase
+from ..tracing import channel_groups
 
 log = logging.getLogger("csgd")
 
@@ -38,7 +45,7 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         tag = f"_r{r + 1}" if len(ratios) > 1 else ""
         pruned, csgd = out / f"pruned{tag}.pt", out / f"csgd{tag}.pt"
         if cfg.resume and pruned.is_file():
-            model, ck = load(str(pruned), "pruned", info)
+            model, ck = load(str(pruned), "run", info)
             continue
         if not l1:
             phase = f"train{tag}"
@@ -51,10 +58,11 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 "chi": chi["chi"],
                 "chi_relative": chi["relative"],
             }
-        thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, ratio)
-        save_pruned(cfg, thin, ck, rep, str(out / ("base.pt" if l1 else csgd.name)), pruned, x)
+        src = str(out / ("base.pt" if l1 else csgd.name))
+        thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, ratio, src)
+        save_pruned(cfg, thin, ck, rep, src, pruned, x)
         barrier()  # rank 0 wrote pruned.pt: every rank reads it
-        model, ck = load(str(pruned), "pruned", info)
+        model, ck = load(str(pruned), "run", info)
         rows[f"pruned{tag}"] = {**measure_(model), "merge_check": rep}
     sched = budget_schedule(cfg, len(ratios)) if l1 else cfg.finetune
     kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))

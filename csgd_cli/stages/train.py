@@ -7,8 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..pipeline import csgd_phase
 from ..session import setup, start_model
-from ..training import csgd_phase
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
