@@ -33,10 +33,12 @@ from .checkpoint import (
 from .clustering import check_method, cluster_groups, target_widths
 from .errors import CsgdError
 from .groups import ChannelGroup, Clusters, check_clusters, describe, select_groups
+from .latency import Runtime
 from .metrics import chi_report, run_model
 from .optim import CentripetalSGD
 from .surgery import merge_checked
 from .tracing import channel_groups, example_input
+from .widths import Problem, choose, parse_target
 
 STATE_FORMAT = 1  # CSGD.state_dict() layout
 
@@ -54,8 +56,14 @@ class CSGD:
     """Channel groups, clusters and the centripetal optimizer of one network.
 
     ``ratio``: clusters per group = round(ratio x original width) (``round_to``: a
-    multiple of it). ``include``/``exclude``: globs over group names (``describe()``
-    lists them). ``clusters``: reuse saved ones (``pruner.clusters`` of an earlier run).
+    multiple of it). ``target`` instead (``"flops:0.45"``, ``"params:0.5"``,
+    ``"latency:0.5"``): per-group widths chosen by ``rule`` to keep that fraction of the
+    model's cost (``base_cost``: of that absolute cost instead, for iterative rounds),
+    none narrower than ``min_width`` (default max(round_to, 4)); a latency target is
+    timed in ``backend`` at ``latency_batch`` with ``latency_threads``, the timings kept
+    under ``cache_dir``; ``target_report`` says what was reached.
+    ``include``/``exclude``: globs over group names (``describe()`` lists them).
+    ``clusters``: reuse saved ones (``pruner.clusters`` of an earlier run).
     ``norm_epsilon``: the pull on norm gamma/beta and biases (default 0.1 x epsilon).
     """
 
@@ -64,7 +72,7 @@ class CSGD:
         model: nn.Module,
         example_input: Any = None,
         *,
-        ratio: float = 0.625,
+        ratio: float | None = None,
         epsilon: float = 3e-3,
         norm_epsilon: float | None = None,
         include: Sequence[str] = ("*",),
@@ -74,8 +82,19 @@ class CSGD:
         seed: int = 0,
         clusters: Clusters | None = None,
         base_widths: dict[str, int] | None = None,
+        target: str | None = None,
+        min_width: int | None = None,
+        rule: str = "distortion",
+        backend: str = "eager",
+        latency_batch: int = 1,
+        latency_threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        base_cost: float | None = None,
     ) -> None:
-        if not 0 < ratio <= 1:
+        if target is not None and ratio is not None:
+            raise CsgdError(f"ratio={ratio} and target={target!r} both given", "pass one of them")
+        ratio = 0.625 if ratio is None and target is None else ratio
+        if ratio is not None and not 0 < ratio <= 1:
             raise CsgdError(f"ratio={ratio} is out of range", "pass 0 < ratio <= 1")
         if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
             raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
@@ -87,6 +106,9 @@ class CSGD:
         self.epsilon, self.norm_epsilon = float(epsilon), norm_epsilon
         self.settings = {
             "ratio": ratio,
+            "target": None if target is None else parse_target(target).spec,
+            "min_width": min_width,
+            "rule": rule,
             "include": list(include),
             "exclude": list(exclude),
             "round_to": round_to,
@@ -95,13 +117,27 @@ class CSGD:
         }
         self.groups: list[ChannelGroup] = channel_groups(self.model, example_input)
         self.base_widths = dict(base_widths or {g.name: g.width for g in self.groups})
+        self.target_report: dict[str, Any] | None = None
         if clusters is not None:
             clusters = {k: [list(map(int, c)) for c in v] for k, v in dict(clusters).items()}
             check_clusters(self.groups, clusters, "clusters=")
             self.clusters: Clusters = clusters
         else:
             chosen = select_groups(self.groups, include, exclude)
-            ks = target_widths(chosen, ratio, self.base_widths, round_to)
+            if target is not None:
+                x = example_input if example_input is not None else example_input_for(self.model)
+                problem = Problem(
+                    self.model, self.groups, [g.name for g in chosen], x, round_to,
+                    min_width or max(round_to, 4),
+                    Runtime(backend, latency_batch, latency_threads),
+                    Path(cache_dir) if cache_dir is not None else None,
+                )  # fmt: skip
+                choice = choose(
+                    problem, parse_target(target), rule, seed, self.base_widths, base_cost
+                )
+                ks, self.target_report = choice.widths, choice.report
+            else:
+                ks = target_widths(chosen, ratio, self.base_widths, round_to)
             self.clusters = cluster_groups(self.model, chosen, ks, clustering, seed)
         self.merge_report: dict[str, Any] | None = None
 
@@ -197,7 +233,7 @@ class CSGD:
                 "not a CSGD.state_dict() of this csgd version",
                 "pass the dict pruner.state_dict() returned",
             )
-        keys = ("ratio", "include", "exclude", "round_to", "clustering", "seed")
+        keys = ("include", "exclude", "round_to", "clustering", "seed")
         return cls(
             model,
             example_input,
@@ -205,6 +241,11 @@ class CSGD:
             norm_epsilon=state["norm_epsilon"],
             clusters=state["clusters"],
             base_widths=state["base_widths"],
+            # the clusters fix the widths: the target that chose them is only recorded
+            ratio=None if state.get("target") else state["ratio"],
+            target=state.get("target"),
+            min_width=state.get("min_width"),
+            rule=state.get("rule", "distortion"),
             **{k: state[k] for k in keys},
         )
 
@@ -212,7 +253,17 @@ class CSGD:
 def example_input_for(model: nn.Module) -> torch.Tensor:
     """An input of the model's shape, for a merge check when the user gave none."""
     x = example_input(model)
-    run_model(model.eval(), x)  # fails here, clearly, if the guess is wrong
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            run_model(model.eval(), x)
+    except Exception as e:  # the guessed shape does not fit this network
+        raise CsgdError(
+            f"cannot guess an input for {type(model).__name__} ({type(e).__name__})",
+            "pass example_input to CSGD(...) or to merge(...)",
+        ) from None
+    finally:
+        model.train(was_training)
     return x
 
 

@@ -21,6 +21,12 @@ from .models import get_model
 from .tracing import channel_groups
 
 REQUIRED = ("arch", "state_dict")
+# What a checkpoint's keys mean. Every file csgd writes says its format; a file without
+# one is format 1 (written before formats were recorded; its keys are those of format 2).
+# Change FORMAT when a key is renamed, dropped or changes meaning.
+FORMAT = 2
+# What continuing a training phase from its last.pt reads (``Trainer.restore``).
+RESUME_KEYS = ("state_dict", "phase", "epoch", "step_in_epoch", "optimizer", "scheduler", "rng")
 
 
 def _plain(obj: Any) -> Any:
@@ -35,19 +41,19 @@ def _plain(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write atomically (``files.atomic_write``): a kill mid-save leaves the previous
-    file intact; temporary files of writers killed earlier are removed."""
+    """Write atomically (``files.atomic_write``): a kill or a full disk mid-save leaves the
+    previous file intact; temporary files of writers killed earlier are removed first."""
     path = Path(path)
     buf = io.BytesIO()
+    _remove_stale_temps(path)  # first: on a full disk, their space may be what is missing
     try:
-        torch.save(_plain(payload), buf)
-        atomic_write(path, buf.getvalue())
+        torch.save(_plain({**payload, "format": FORMAT}), buf)
+        atomic_write(path, buf.getvalue())  # a full disk: errors.disk_full, old file kept
     except OSError as e:
         raise CsgdError(
             f"could not write checkpoint {path} ({e.strerror or e})",
             "free disk space or pass a writable hydra.run.dir",
         ) from e
-    _remove_stale_temps(path)
     return path
 
 
@@ -80,11 +86,16 @@ def _label(path: str | Path, key: str | None) -> tuple[str, str]:
 
 
 def load_checkpoint(
-    path: str | Path, key: str | None = "ckpt", *, state_dict_ok: bool = False
+    path: str | Path,
+    key: str | None = "ckpt",
+    *,
+    state_dict_ok: bool = False,
+    need: tuple[str, ...] = REQUIRED,
 ) -> dict[str, Any]:
     """Load a csgd checkpoint without running any code from it. ``key``: the config key
     that named the file (messages say ``key=path``), None or "run" (see ``_label``).
     ``state_dict_ok``: a plain torchvision ``state_dict`` (``.pth``) is accepted too.
+    ``need``: the keys the caller reads (``check_format``).
 
     The last checkpoints read stay in memory while their files are unchanged (size and
     mtime, inode: every csgd write is a rename), so the preflight and the stage after it read a file once; treat the returned
@@ -102,16 +113,55 @@ def load_checkpoint(
         while len(_CACHE) >= 2:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[where] = (stamp, ck)
-    if state_dict_ok and isinstance(ck, dict) and "arch" not in ck:  # torchvision's .pth
-        from .models.torchvision_models import arch_of_state_dict
+    plain = isinstance(ck, dict) and "arch" not in ck and "format" not in ck
+    if state_dict_ok and plain:  # torchvision's or timm's .pth / .safetensors
+        from .models import plain_checkpoint
 
-        return {"arch": arch_of_state_dict(ck, str(path), label), "state_dict": dict(ck)}
-    if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED):
+        return plain_checkpoint(ck, str(path), label)
+    if not isinstance(ck, dict) or ("format" not in ck and any(k not in ck for k in REQUIRED)):
         raise CsgdError(f"{label} is not a csgd checkpoint (no arch/state_dict)", fix)
+    check_format(ck, label, tuple(dict.fromkeys((*REQUIRED, *need))))
     return ck
 
 
+def check_format(ck: dict[str, Any], label: str, need: tuple[str, ...] = REQUIRED) -> None:
+    """Refuse a checkpoint of a newer format (its keys may mean other things), or of an
+    older one without a key in ``need``, with one line naming both formats."""
+    v = ck.get("format", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise _damaged(label, f"its format version {v!r} is not a positive integer")
+    if v > FORMAT:
+        raise CsgdError(
+            f"{label} was written by a newer csgd (checkpoint format {v}; this csgd reads "
+            f"formats 1 to {FORMAT})",
+            "upgrade csgd (pip install -U csgd), or use a checkpoint written by this version",
+        )
+    missing = [k for k in need if k not in ck]
+    if missing and v < FORMAT:
+        raise CsgdError(
+            f"{label} was written by an older csgd (checkpoint format {v}; this csgd writes "
+            f"format {FORMAT}) and lacks {', '.join(missing)}",
+            "use it with the csgd version that wrote it, or start anew from a checkpoint "
+            "this version wrote",
+        )
+    if missing:
+        raise _damaged(label, f"format {v} checkpoint without {', '.join(missing)}")
+
+
 def _read(p: Path, label: str, fix: str) -> Any:
+    if p.suffix == ".safetensors":  # tensors only (timm's weight files): no code to run
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CsgdError(
+                f"{label} needs the safetensors package", "pip install safetensors"
+            ) from None
+        try:
+            return load_file(str(p))
+        except Exception as e:  # a cut or foreign file
+            raise CsgdError(
+                f"{label} is not a readable .safetensors file ({type(e).__name__})", fix
+            ) from e
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for users
             warnings.simplefilter("ignore")

@@ -7,7 +7,9 @@ and before any run directory is created.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import re
 import signal
@@ -21,8 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import lock
 from .config import STAGES, register_schema, validate
-from .errors import CsgdError, Preempted, raise_preempted
+from .errors import CsgdError, Preempted, disk_full, is_disk_full, raise_preempted
 from .files import in_main_thread, write_json
 
 _HYDRA_FLAGS = (
@@ -145,14 +148,26 @@ def _task(stage: str):
             if first is not None:  # another rank failed first and said why
                 distributed.exit_now(first)
 
+        def leave(code: int) -> None:  # os._exit in a job skips every `finally`
+            lock.release_all()
+            distributed.exit_now(code)
+
         old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
+        held = None
         try:
             if OmegaConf.to_yaml(cfg) not in _CHECKED:  # a launcher's own process
                 validate(cfg)
             if not multirun or distributed.rank_world()[1] > 1:  # torchrun, SLURM tasks
                 distributed.init(pick_device(cfg.device), cfg.dist)  # every rank: rank 0's dir
                 out = distributed.shared_run_dir(out)
-            result = module.main(cfg, out)
+            if stage != "report" and distributed.is_main():  # rank 0 holds it for the job
+                held = _hold(stage, out)
+            try:
+                result = module.main(cfg, out)
+            except OSError as e:  # a write no module turned into one line (e.g. Hydra's)
+                if not is_disk_full(e):
+                    raise
+                raise disk_full(e.filename or out, e) from e
             distributed.shutdown()
         except Preempted as e:  # exit 143 with the command that continues the run
             stop_others(e.exit_code, str(e))
@@ -163,13 +178,14 @@ def _task(stage: str):
             )
             if multirun:  # a preempted sweep stops: the scheduler wants the machine back
                 _status(out, "preempted", str(e))
-            distributed.exit_now(e.exit_code)
+            leave(e.exit_code)
         except CsgdError as e:
             stop_others(e.exit_code, str(e))
             print(f"csgd {stage}: error: {e}", file=sys.stderr)
             if not multirun:
-                distributed.exit_now(e.exit_code)
-            _status(out, "failed", str(e))
+                leave(e.exit_code)
+            if not isinstance(e, lock.DirLocked):  # the directory is another process's
+                _status(out, "failed", str(e))
             _record_failure(out)
             return None
         except Exception as e:
@@ -177,15 +193,18 @@ def _task(stage: str):
                 stop_others(1, f"{type(e).__name__}: {e}")
                 if distributed.active():  # leave before the process group can hold us
                     traceback.print_exc()
-                    distributed.exit_now(1)
+                    leave(1)
                 raise
             # One failed sweep point must not stop the others; keep its traceback.
-            (out / "error.txt").write_text(traceback.format_exc())
+            with contextlib.suppress(OSError):
+                (out / "error.txt").write_text(traceback.format_exc())
             print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
             _status(out, "failed", f"{type(e).__name__}: {e}")
             _record_failure(out)
             return None
         finally:
+            if held is not None:
+                lock.release(held)
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         if multirun and distributed.is_main():
@@ -203,7 +222,32 @@ def _record_failure(out: Path) -> None:
 
 
 def _status(out: Path, status: str, message: str) -> None:
-    write_json(out / "status.json", {"status": status, "message": message})
+    try:
+        write_json(out / "status.json", {"status": status, "message": message})
+    except CsgdError as e:  # a full disk: the failure is on stderr already
+        print(f"csgd: warning: {e}", file=sys.stderr)
+
+
+def _hold(stage: str, run_dir: str | Path) -> lock.Lock:
+    """Hold ``run_dir`` for this process (``lock.acquire``); warn when a stale lock of a
+    process that is gone was taken over."""
+    held = lock.acquire(run_dir, stage)
+    if held.took_over and held.count == 1:
+        print(f"csgd {stage}: warning: took over {held.path}: {held.took_over}", file=sys.stderr)
+    return held
+
+
+def _hold_early(stage: str, rest: list[str], multirun: bool) -> lock.Lock | None:
+    """Hold a run (or sweep) directory named on the command line before Hydra writes
+    into it, so that a refused command changes nothing there; ``_task`` holds it again
+    (re-entrant). A default directory is a new time stamp: ``_task`` holds that one."""
+    if stage == "report" or int(os.environ.get("RANK", "0")) > 0:
+        return None
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1].strip("'\"") for a in rest if a.lstrip("+~").startswith(key)]
+    if not given or "$" in given[-1]:  # an interpolation: Hydra resolves it
+        return None
+    return _hold(stage, given[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,9 +267,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 writes .hydra/
             rest = [*rest, "hydra.output_subdir=null"]
+        early = None
         if not any(a.split("=")[0] in _HYDRA_FLAGS for a in rest):
             overrides = [a for a in rest if not a.startswith("-") and not _is_hydra_key(a)]
             _compose_all(stage, overrides, multirun)
+            early = _hold_early(stage, rest, multirun)
     except CsgdError as e:
         print(f"csgd {stage}: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
@@ -236,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     # Sweep jobs may run in other processes (joblib launcher): they report failures here.
     fail_log = Path(tempfile.gettempdir()) / f"csgd-{os.getpid()}-failed.txt"
     os.environ["CSGD_FAIL_LOG"] = str(fail_log)
+    logging.raiseExceptions = False  # a full disk: no logging traceback after the one line
     try:
         hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(
             _task(stage)
@@ -243,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         failed = fail_log.read_text().split() if fail_log.exists() else []
     finally:
         fail_log.unlink(missing_ok=True)
+        if early is not None:
+            lock.release(early)
     if failed:
         print(
             f"csgd {stage}: {len(failed)} sweep run(s) failed: {', '.join(failed)}", file=sys.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from sklearn.cluster import KMeans
@@ -35,6 +35,13 @@ def num_clusters(width: int, ratio: float, round_to: int = 1) -> int:
         return width
     # ties go down: the thinner, faster network (40 -> 32, not 48, at round_to=16)
     return min(width, max(round_to, math.ceil(k / round_to - 0.5) * round_to))
+
+
+def candidate_widths(width: int, step: int, min_width: int) -> list[int]:
+    """The widths a target may give a group, ascending: multiples of ``step`` from
+    ``min_width`` up, and its current width (a group narrower than ``min_width``, or
+    than ``step``, stays whole)."""
+    return [k for k in range(step, width, step) if k >= min_width] + [width]
 
 
 def split_k(k: int, segments: Sequence[tuple[int, int]]) -> list[int]:
@@ -74,6 +81,34 @@ def segment_features(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor
             cols.append(w / w.norm().clamp_min(1e-12))
         out.append(torch.cat(cols, dim=1))
     return out
+
+
+def distortion_curve(
+    model: nn.Module, group: ChannelGroup, seed: int = 0
+) -> Callable[[int], float]:
+    """k -> the k-means distortion of the group at ``k`` clusters (what the centripetal
+    pull must remove: squared distances to the cluster centres, on ``segment_features``),
+    for every ``k`` at once from Ward's agglomerative clustering (each merge adds its
+    rise in within-cluster squares); per producer segment, ``k`` split as
+    ``cluster_groups`` splits it."""
+    import numpy as np
+    from scipy.cluster.hierarchy import linkage
+
+    rng = np.random.default_rng(seed)
+    cums = []
+    for f in segment_features(model, group):
+        x = f.double().numpy()
+        if x.shape[1] > 512 and len(x) > 256:  # a random projection keeps distances, Ward fast
+            x = x @ rng.standard_normal((x.shape[1], 256)) / 16.0
+        rise = linkage(x, "ward")[:, 2] ** 2 / 2 if len(x) > 1 else np.zeros(0)
+        cums.append(np.concatenate([[0.0], np.cumsum(rise)]))  # [j]: after j merges
+    segs = group.segments()
+
+    def curve(k: int) -> float:
+        ks = split_k(min(k, group.width), segs)
+        return float(sum(c[(b - a) - n] for (a, b), n, c in zip(segs, ks, cums, strict=True)))
+
+    return curve
 
 
 def even_clusters(width: int, k: int) -> list[list[int]]:

@@ -15,6 +15,8 @@ DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagenet")
 CLUSTERINGS = ("kmeans", "even")
 PRUNE_METHODS = ("csgd", "l1")
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+TARGET_KINDS = ("flops", "params", "latency")  # prune.target=<kind>:<fraction> (widths.TARGETS)
+WIDTH_RULES = ("distortion", "uniform")  # how widths are chosen for a target (widths.RULES)
 FORMATS = ("onnx",)
 
 
@@ -31,16 +33,20 @@ class Stage:
     groups: bool = False  # uses prune.include/exclude to choose groups
     onnx: bool = False  # writes ONNX: needs the deploy extra
     keeps_clusters: bool = False  # trains the clusters its weights carry (widths fixed)
+    target: bool = False  # chooses widths for prune.target (checked reachable first)
 
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage("train the base model with plain SGD", data=True, fresh=True),
-    "groups": Stage("list every channel group: name, width, members, excluded or not", fresh=True),
+    "groups": Stage(
+        "list every channel group: name, width, members, excluded or not", fresh=True, target=True
+    ),
     "cluster": Stage(
         "cluster the channels of every pruned group (k-means or even)",
         weights="ckpt|init",
         hint="ckpt=<base.pt> (or init=)",
         groups=True,
+        target=True,
     ),
     "train": Stage(
         "C-SGD training: pull each cluster's filters to their centre",
@@ -48,6 +54,7 @@ STAGES: dict[str, Stage] = {
         fresh=True,
         groups=True,
         keeps_clusters=True,
+        target=True,
     ),
     "check": Stage(
         "report chi (kernel deviation); exit 0 when ready to merge",
@@ -76,6 +83,7 @@ STAGES: dict[str, Stage] = {
         data=True,
         fresh=True,
         groups=True,
+        target=True,
     ),
     "report": Stage("tables and plots over a run or sweep directory"),
 }
@@ -129,6 +137,12 @@ class PruneConf:
     tolerance: float = 1e-4  # largest |logit diff| / largest |logit| accepted at merge
     export: bool = True
     round_to: int = 1  # cluster counts rounded to a multiple of this (8, 16: runtime blocks)
+    target: str | None = None  # flops:0.45 | params:0.5 | latency:0.5 (replaces ratio)
+    min_width: int | None = None  # narrowest a target may make a group (None: max(round_to, 4))
+    rule: str = "distortion"  # how a target's widths are chosen: distortion | uniform
+    rounds: int = 1  # with a target: rounds of C-SGD + merge, round r of n at target^(r/n)
+    latency_batch: int = 1  # a latency target's batch size
+    latency_threads: int | None = None  # its threads (None: torch's thread count)
 
 
 @dataclass
@@ -234,6 +248,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _need(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
     _need(cfg.prune.round_to >= 1, "prune.round_to", cfg.prune.round_to, ">= 1")
+    validate_target(cfg)
     _need(cfg.format in FORMATS, "format", cfg.format, "|".join(FORMATS))
     _need(cfg.backend in BACKENDS, "backend", cfg.backend, "|".join(BACKENDS))
     d = cfg.dataset
@@ -260,6 +275,49 @@ def validate(cfg: DictConfig) -> None:
     if cfg.clustering not in CLUSTERINGS:
         raise CsgdError(
             f"clustering={cfg.clustering} is unknown", f"pass clustering=<{'|'.join(CLUSTERINGS)}>"
+        )
+
+
+def target_parts(text: str) -> tuple[str, float]:
+    """``flops:0.45`` -> ("flops", 0.45); one-line errors for an unknown kind or a value
+    outside (0, 1)."""
+    kind, _, value = str(text).partition(":")
+    fix = f"pass prune.target=<{'|'.join(TARGET_KINDS)}>:<fraction>, e.g. flops:0.45"
+    if kind not in TARGET_KINDS:
+        raise CsgdError(f"prune.target={text}: unknown target kind '{kind}'", fix)
+    try:
+        v = float(value)
+    except ValueError:
+        raise CsgdError(f"prune.target={text}: '{value}' is not a number", fix) from None
+    if not 0 < v < 1:
+        raise CsgdError(
+            f"prune.target={text}: {v:g} is outside (0, 1)",
+            "pass the fraction of the base's cost to keep, e.g. flops:0.45",
+        )
+    return kind, v
+
+
+def validate_target(cfg: DictConfig) -> None:
+    """``prune.target`` and the keys that go with it (a ratio given too: preflight)."""
+    p = cfg.prune
+    _need(p.min_width is None or p.min_width >= 1, "prune.min_width", p.min_width, ">= 1")
+    _need(p.rule in WIDTH_RULES, "prune.rule", p.rule, "|".join(WIDTH_RULES))
+    _need(p.rounds >= 1, "prune.rounds", p.rounds, ">= 1")
+    _need(p.latency_batch >= 1, "prune.latency_batch", p.latency_batch, ">= 1")
+    threads = p.latency_threads
+    _need(threads is None or threads >= 1, "prune.latency_threads", threads, ">= 1")
+    if p.target is None:
+        if p.rounds > 1:
+            raise CsgdError(
+                "prune.rounds needs prune.target",
+                "pass prune.target=..., or ratios=[...] for rounds",
+            )
+        return
+    target_parts(p.target)
+    if list(cfg.ratios):
+        raise CsgdError(
+            "ratios=[...] and prune.target both given",
+            f"pass prune.rounds={len(cfg.ratios)} for {len(cfg.ratios)} rounds towards the target",
         )
 
 

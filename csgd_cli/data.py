@@ -143,6 +143,15 @@ class Data:
         n = self.info.num_test
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
 
+    def nonfinite_samples(self, epoch: int, step: int, x: Tensor | None = None) -> list[int]:
+        """Training-set indices of this rank's samples at ``step`` of ``epoch`` whose input
+        holds a NaN/inf (``x``: that step's inputs; made again when None)."""
+        if x is None:
+            x = next(iter(self.train_batches(epoch, step)))[0]
+        batch, _, mine = next(self._plan(epoch, step))
+        rows = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten().cpu()
+        return batch[mine][rows].tolist()
+
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raise NotImplementedError
 

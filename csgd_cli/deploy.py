@@ -13,6 +13,7 @@ optimisation on, including the blocked NCHWc layouts that make widths in multipl
 from __future__ import annotations
 
 import copy
+import io
 import os
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CsgdError
+from .errors import CsgdError, disk_full, is_disk_full
 
 OPSET = 17
 _EXTRA = 'pip install "csgd[deploy]"'
@@ -137,8 +138,10 @@ def export_onnx(
                 do_constant_folding=True,
             )
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and is_disk_full(e):  # one line, not the exporter's traceback
+            raise disk_full(path, e) from e
         raise
     return path
 
@@ -282,7 +285,15 @@ def export_pt2(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
     """A standalone ``torch.export`` program (loads with torch.export.load, no csgd)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(thin.eval(), (x[:2],), dynamic_shapes=({0: batch},))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants .pt2
-    torch.export.save(ep, str(tmp))
-    tmp.replace(path)
+    buf = io.BytesIO()  # in memory first: a full disk then names the size it needed
+    torch.export.save(ep, buf)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, e, buf.getbuffer().nbytes) from e
+        raise
     return path

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import save_checkpoint
+from .checkpoint import RESUME_KEYS, check_format, save_checkpoint
 from .device import FlatGradScaler, amp_dtype, use_channels_last
 from .errors import CsgdError, Preempted
 from .files import in_main_thread
@@ -83,6 +83,8 @@ class Trainer:
         self._reset_epoch_stats()
         self._stop = False
         self.hooks = [*STEP_HOOKS, *(hooks or [])]
+        self._sync_free = device.type != "cpu"  # a GPU: inputs checked where the loop syncs
+        self._bad_step: torch.Tensor | None = None  # then: the first step with a NaN/inf input
 
     def _reset_epoch_stats(self) -> None:
         """Running sums of the current epoch (checkpointed, so a resumed epoch reports
@@ -152,6 +154,7 @@ class Trainer:
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue exactly where ``ck`` (a ``last.pt`` of this phase) stopped."""
+        check_format(ck, str(self.out / "last.pt"), RESUME_KEYS)  # an older csgd's: one line
         self.model.load_state_dict(ck["state_dict"])
         self.opt.load_state_dict(ck["optimizer"])
         self.lr_sched.load_state_dict(ck["scheduler"])
@@ -169,11 +172,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def _guard(self, loss: float, chi: float | None) -> None:
+        self._inputs_ok()
         if not math.isfinite(loss) or (chi is not None and not math.isfinite(chi)):
             self._diverged("loss" if not math.isfinite(loss) else "chi")
 
     def _guard_weights(self) -> None:
         """Refuse to go on (or to checkpoint) once a weight or running stat is inf/NaN."""
+        self._inputs_ok()
         ts = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         if ts and not bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()):
             self._diverged("the weights")
@@ -182,16 +187,42 @@ class Trainer:
         # C-SGD phases are named train, train_r1, ...; their schedule is `schedule`.
         csgd = self.chi_fn is not None
         lr_key = "schedule.lr" if csgd else f"{self.phase}.lr"
-        last = self.out / "last.pt"
-        kept = (
-            f"the last good checkpoint {last} is kept"
-            if last.is_file()
-            else "no checkpoint was written"
-        )
         raise CsgdError(
             f"training diverged: {what} became non-finite (inf/NaN) in phase {self.phase} at "
-            f"epoch {self.epoch} step {self.step_in_epoch}; {kept}",
+            f"epoch {self.epoch} step {self.step_in_epoch}; {self._kept()}",
             f"lower {'epsilon or ' if csgd else ''}{lr_key} (e.g. 10x smaller) and run again",
+        )
+
+    def _kept(self) -> str:
+        last = self.out / "last.pt"
+        kept = f"the last good checkpoint {last} is kept"
+        return kept if last.is_file() else "no checkpoint was written"
+
+    def _check_input(self, x: torch.Tensor, gstep: int) -> None:
+        """A NaN/inf input would make every weight NaN: stop at its batch, on the CPU before
+        the step; on a GPU (no host sync per step) when the next guard reads its note."""
+        ok = torch.isfinite(x.sum())  # one pass, no mask: ~20x cheaper than isfinite(x).all()
+        if self._sync_free:
+            first = torch.tensor(-1, device=x.device) if self._bad_step is None else self._bad_step
+            self._bad_step = torch.where(ok | (first >= 0), first, gstep)
+        elif not ok:
+            self._bad_input(gstep, x)
+
+    def _inputs_ok(self) -> None:
+        if self._bad_step is not None and (gstep := int(self._bad_step.item())) >= 0:
+            self._bad_input(gstep, None)
+
+    def _bad_input(self, gstep: int, x: torch.Tensor | None) -> None:
+        epoch, step = divmod(gstep - 1, self.steps)
+        bad = self.data.nonfinite_samples(epoch, step, x)  # x None: made again (GPU)
+        if not bad:  # the sum overflowed on huge finite values: nothing is wrong
+            self._bad_step = None
+            return
+        raise CsgdError(
+            f"non-finite input (NaN/inf) in phase {self.phase} at epoch {epoch} step {step + 1}"
+            f" (global step {gstep}): its batch holds training samples {bad} of data set "
+            f"{self.data.info.name}; {self._kept()}",
+            "fix or remove those images (NaN/inf pixels) and run again",
         )
 
     def _chi(self) -> tuple[float | None, dict[str, float]]:
@@ -239,6 +270,7 @@ class Trainer:
                 dynamic_ncols=True,
             )
             for x, y in bar:
+                self._check_input(x, epoch * self.steps + self.step_in_epoch + 1)
                 loss, c = self.train_step(x, y)
                 self.loss_sum += loss * y.numel()
                 self.correct += c

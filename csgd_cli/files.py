@@ -1,4 +1,7 @@
-"""Small file and text helpers every module shares: atomic writes, JSON lines, tables."""
+"""Small file and text helpers every module shares: atomic writes, JSON lines, tables.
+
+Every write that does not fit (disk full, quota, ``ulimit -f``) raises the one-line
+``errors.disk_full`` and leaves the file as it was: no temporary file, no partial line."""
 
 from __future__ import annotations
 
@@ -9,19 +12,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import disk_full, is_disk_full
+
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write to a temporary file beside ``path``, fsync, rename: a kill mid-write
-    leaves the previous file intact. In a multi-process job only rank 0 writes (a rank
+    """Write to a temporary file beside ``path``, fsync, rename: a kill or a full disk
+    mid-write leaves the previous file intact (the temporary file is removed). In a multi-process job only rank 0 writes (a rank
     that reads the file next waits at a barrier first)."""
     path = Path(path)
     if int(os.environ.get("RANK", "0")) != 0:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    blob = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,9 +36,36 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, e, len(blob)) from e  # the old file is untouched
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to a JSON-lines file. A write that does not fit is
+    undone (the file is cut back to its old size), and a last line cut short by a killed
+    writer is ended first, so that it cannot swallow the new record."""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # unbuffered: no retry on close
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:  # a write may be short just before the limit; the next one fails
+                view = view[os.write(fd, view) :]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            if is_disk_full(e):
+                raise disk_full(path, e, len(data)) from e
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -41,23 +74,46 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     """The parsed file, or None when it is missing or not JSON."""
+    return read_json_checked(path)[0]
+
+
+def read_json_checked(path: str | Path) -> tuple[Any, str | None]:
+    """(the parsed file, None); (None, None) when it is missing; (None, what is wrong)
+    when it is there but unreadable or not JSON."""
+    p = Path(path)
+    if not p.exists():
+        return None, None
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        return json.loads(p.read_bytes()), None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return None, f"{p.name} is damaged ({type(e).__name__}: {str(e).splitlines()[0]})"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a JSON-lines file (a line cut short by a kill is skipped)."""
+def read_jsonl(path: str | Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every complete record of a JSON-lines file. A line that is not one JSON object
+    (the last one cut short by a killed writer, or a damaged one) is skipped, and
+    ``skipped`` gets a note naming its line number."""
     p = Path(path)
     if not p.is_file():
         return []
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":  # the file ends with a newline, as it should
+        lines.pop()
     out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif skipped is not None:
+            cut = n == len(lines) and not raw.endswith(b"\n")
+            why = "cut short (its writer was killed mid-line)" if cut else "not a JSON record"
+            skipped.append(f"{p} line {n} is {why}: skipped")
     return out
 
 

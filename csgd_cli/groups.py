@@ -89,10 +89,11 @@ class ChannelGroup:
         return [m for m in self.members if m.kind in kinds]
 
     def segments(self) -> list[tuple[int, int]]:
-        """Contiguous channel ranges written by the same producers: clusters stay inside
-        one (two channels merge exactly only if computed the same way from one input)."""
+        """Contiguous channel ranges written by the same producers and read by the same
+        readers: clusters stay inside one (two channels merge exactly only if computed the
+        same way from one input, and only a reader that sees both can sum them)."""
         cuts = {0, self.width}
-        for m in self.of_kind("out", "channel"):
+        for m in self.members:  # ``in`` too: each piece of a split has its own readers
             cuts.update(m.span(self.width))
         edges = sorted(c for c in cuts if 0 <= c <= self.width)
         return list(itertools.pairwise(edges))

@@ -8,7 +8,13 @@ A rule tells, for a module it matches (``isinstance``: subclasses included):
 - ``tensors(m, kind)``: which of its tensors a member of that kind touches, along which
   dimension, and whether they are kernels, affine parameters or buffers (what the
   optimizer pulls together, chi measures, k-means reads and the merge slices or sums);
-- ``resize(m, sd, prefix)``: how to give a fresh module the merged tensors' shape.
+- ``resize(m, sd, prefix)``: how to give a fresh module the merged tensors' shape;
+- ``own_ops``: autograd ops the layer's forward runs besides per-channel ones (timm's
+  BatchNormAct2d: ``batch_norm``, then the act): accepted inside the layer only.
+
+``SPLIT_RULES``: modules splitting channels at sizes kept as attributes (timm's
+MixedConv2d, Res2Net's block); ``fit_to_state_dict`` recomputes the sizes after a merge.
+Any other split or slice of the channels at fixed sizes excludes its group.
 
 The tracer accepts a layer only through its rule, and the merge resizes it only through
 the same rule, so a layer that trains is a layer that merges (``tests/test_layers.py``
@@ -20,8 +26,8 @@ Adding a layer kind is adding an entry to ``RULES``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +47,14 @@ class LayerRule:
     kind: Callable[[nn.Module, bool], str]  # a Kind, or why not ({layer}: where the name goes)
     tensors: Callable[[nn.Module, str], list[TensorSpec]]
     resize: Callable[[nn.Module, StateDict, str], None]
+    own_ops: frozenset[str] = field(default_factory=frozenset)
+
+
+def subclass_of(*paths: str) -> Callable[[nn.Module], bool]:
+    """Matches instances of the classes named ``package.module.Class`` and their
+    subclasses, without importing the package (timm is optional)."""
+    names = frozenset(paths)
+    return lambda m: any(f"{c.__module__}.{c.__qualname__}" in names for c in type(m).__mro__)
 
 
 def _with_bias(m: nn.Module, weight: TensorSpec) -> list[TensorSpec]:
@@ -77,6 +91,24 @@ def _conv_resize(m: nn.Module, sd: StateDict, p: str) -> None:
     m.out_channels = w.shape[0]
     m.groups = w.shape[0] if depthwise else m.groups
     m.in_channels = w.shape[1] * m.groups
+
+
+# timm's weight-standardised convs: each filter is standardised over its own fan-in, so
+# output rows slice exactly, but summing input columns changes every filter's statistics
+_is_std_conv = subclass_of(
+    *(f"timm.layers.std_conv.{c}" for c in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d"))
+)
+
+
+def _std_conv_kind(m: nn.Module, out: bool) -> str:
+    kind = _conv_kind(m, out)
+    why = "input of weight-standardised conv {layer} (summing inputs changes the standardisation)"
+    return why if kind == "in" else kind
+
+
+def _std_conv_tensors(m: nn.Module, kind: str) -> list[TensorSpec]:
+    gain = isinstance(getattr(m, "gain", None), nn.Parameter) and kind != "in"
+    return _conv_tensors(m, kind) + ([("gain", 0, "affine")] if gain else [])
 
 
 # -- linear layers -----------------------------------------------------------------------
@@ -137,31 +169,43 @@ def _no_resize(m: nn.Module, sd: StateDict, p: str) -> None:
     del m, sd, p
 
 
-def _is_frozen_bn(m: nn.Module) -> bool:
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    return isinstance(m, FrozenBatchNorm2d)
+_NA = "timm.layers.norm_act."
+_is_frozen_bn = subclass_of("torchvision.ops.misc.FrozenBatchNorm2d", _NA + "FrozenBatchNormAct2d")
+_is_bn_act = subclass_of(_NA + "BatchNormAct2d", _NA + "SyncBatchNormAct")
+_BN_OPS = frozenset({"NativeBatchNormBackward", "CudnnBatchNormBackward"})
+_LINEAR_OPS = frozenset(  # F.linear over tokens or an NHWC map: a view, a matmul, a view
+    "AddmmBackward MmBackward ViewBackward UnsafeViewBackward ReshapeAliasBackward".split()
+)
 
 
 RULES: list[LayerRule] = [
-    LayerRule("conv", lambda m: isinstance(m, _CONVS), _conv_kind, _conv_tensors, _conv_resize),
     LayerRule(
-        "linear", lambda m: isinstance(m, nn.Linear), lambda m, o: "out" if o else "in",
-        _linear_tensors, _linear_resize,
+        "weight-standardised conv", _is_std_conv, _std_conv_kind, _std_conv_tensors,
+        _conv_resize, frozenset({"ConvolutionBackward"}),
     ),
     LayerRule(
+        "conv", lambda m: isinstance(m, _CONVS), _conv_kind, _conv_tensors, _conv_resize,
+        frozenset({"ConvolutionBackward"}),
+    ),
+    LayerRule(
+        "linear", lambda m: isinstance(m, nn.Linear), lambda m, o: "out" if o else "in",
+        _linear_tensors, _linear_resize, _LINEAR_OPS,
+    ),
+    # BatchNorm + activation in one module (timm): its batch_norm op runs before the act
+    LayerRule("batchnorm+act", _is_bn_act, _per_channel, _norm_tensors, _num_features_resize, _BN_OPS),
+    LayerRule(
         "batchnorm", lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm), _per_channel,
-        _norm_tensors, _num_features_resize,
+        _norm_tensors, _num_features_resize, _BN_OPS,
     ),
     LayerRule("frozen batchnorm", _is_frozen_bn, _per_channel, _norm_tensors, _no_resize),
     LayerRule(
         "instancenorm", lambda m: isinstance(m, nn.modules.instancenorm._InstanceNorm),
-        _per_channel, _norm_tensors, _num_features_resize,
+        _per_channel, _norm_tensors, _num_features_resize, _BN_OPS | {"ViewBackward"},
     ),
     LayerRule(
         "groupnorm", lambda m: isinstance(m, nn.GroupNorm), _group_norm_kind,
         lambda m, k: _with_bias(m, ("weight", 0, "affine")) if m.affine else [],
-        _group_norm_resize,
+        _group_norm_resize, frozenset({"NativeGroupNormBackward"}),
     ),
     LayerRule(
         "prelu", lambda m: isinstance(m, nn.PReLU), _prelu_kind,
@@ -174,6 +218,37 @@ KINDS: tuple[Kind, ...] = ("out", "channel", "in")
 def rule_for(m: nn.Module) -> LayerRule | None:
     """The first rule that matches ``m`` (order: most specific first), or None."""
     return next((r for r in RULES if r.match(m)), None)
+
+
+# -- modules that split channels at sizes kept as attributes --------------------------------
+class SplitRule(NamedTuple):
+    name: str
+    match: Callable[[nn.Module], bool]
+    refit: Callable[[nn.Module], None]  # recompute the split sizes from resized children
+
+
+def _refit_mixed_conv(m: nn.Module) -> None:
+    convs = list(m.values())  # one conv per kernel size, each on its split of the input
+    m.splits = [c.in_channels for c in convs]
+    m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
+
+
+def _refit_res2net(m: nn.Module) -> None:
+    # ``scale`` splits: one per 3x3 conv, the last passed on (or pooled) into conv3
+    widths = [c.in_channels for c in m.convs]
+    rest = m.conv3.in_channels - sum(c.out_channels for c in m.convs)
+    m.width = widths + ([rest] if m.scale > 1 else [])  # torch.split takes a list of sizes
+
+
+_R2N = ("timm.models.res2net.Bottle2neck", "timm.models.dla.DlaBottle2neck")
+SPLIT_RULES: list[SplitRule] = [
+    SplitRule("mixed conv", subclass_of("timm.layers.mixed_conv2d.MixedConv2d"), _refit_mixed_conv),
+    SplitRule("res2net block", subclass_of(*_R2N), _refit_res2net),
+]
+
+
+def split_rule_for(m: nn.Module) -> SplitRule | None:
+    return next((r for r in SPLIT_RULES if r.match(m)), None)
 
 
 def member_kind(m: nn.Module, out: bool, name: str = "") -> str:
@@ -266,5 +341,9 @@ def fit_to_state_dict(model: nn.Module, sd: StateDict) -> nn.Module:
                 setattr(m, k, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
                 m.register_buffer(k, new)
+    for m in model.modules():  # after their children: split sizes follow the new widths
+        split = split_rule_for(m)
+        if split is not None:
+            split.refit(m)
     model.load_state_dict(sd)
     return model

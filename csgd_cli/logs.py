@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import is_main
-from .files import atomic_write, read_jsonl
+from .files import append_line, atomic_write, read_jsonl
 
 
 class MetricLog:
@@ -47,8 +47,7 @@ class MetricLog:
         if not self.enabled:
             return
         record = {"phase": self.phase, "time": round(time.time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))  # a full disk: one line, no partial record
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():

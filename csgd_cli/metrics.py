@@ -13,9 +13,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import distributed
+from .config import target_parts
 from .device import amp_dtype
 from .files import table
 from .groups import ChannelGroup, Clusters, cluster_labels
+from .latency import Runtime, ratios
 from .layers import segment_rows
 
 
@@ -212,8 +214,34 @@ def measure(
     return res
 
 
-def summary_table(rows: dict[str, dict[str, Any]]) -> str:
-    """``csgd run``'s closing table: one row per model (base, csgd, pruned, ...)."""
+def target_rows(
+    target: str, base: nn.Module, thin: nn.Module, shape: Sequence[int], rt: Runtime
+) -> dict[str, Any]:
+    """``target`` (``flops:0.45``) against what ``thin`` reached: multiply-adds and
+    parameters counted, latency timed in ``rt`` (base and thin alternating), each with
+    its ratio to the base."""
+    kind, value = target_parts(target)
+    (_, r), base_ms = ratios([base, thin], rt, shape)
+    out = {
+        "flops": {"base": count_macs(base, shape), "reached": count_macs(thin, shape)},
+        "params": {"base": count_params(base), "reached": count_params(thin)},
+        "latency": {"base": base_ms, "reached": base_ms * r, "backend": rt.backend,
+                    "batch": rt.batch, "threads": rt.nthreads},
+    }  # fmt: skip
+    for v in out.values():
+        v["ratio"] = v["reached"] / v["base"]
+    met = out[kind]["ratio"] <= value
+    return {"target": target, "kind": kind, "value": value, "met": met, "rows": out}
+
+
+def summary_table(
+    rows: dict[str, dict[str, Any]],
+    widths: dict[str, dict[str, int]] | None = None,
+    target: dict[str, Any] | None = None,
+) -> str:
+    """``csgd run``'s closing table: one row per model (base, csgd, pruned, ...); with
+    ``widths`` (``before``/``after`` per group) each group whose width changed, and with
+    ``target`` (``csgd run prune.target=...``) the target against what was reached."""
     base = rows["base"]["latency_ms"]
     cells = [
         [
@@ -227,4 +255,37 @@ def summary_table(rows: dict[str, dict[str, Any]]) -> str:
         for name, r in rows.items()
     ]
     head = ["model", "top-1 %", "params", "MACs (M)", "latency ms", "speed-up"]
-    return table(head, cells, [False] + [True] * 5)
+    out = table(head, cells, [False] + [True] * 5)
+    if widths:
+        out += "\n\n" + widths_table(widths["before"], widths["after"])
+    if target:
+        out += "\n\n" + target_table(target)
+    return out
+
+
+def widths_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """Every group whose width changed: before, after, and the fraction kept."""
+    cells = [
+        [name, str(w), str(after[name]), f"{after[name] / w:.3f}"]
+        for name, w in before.items()
+        if name in after and after[name] != w
+    ]
+    kept = len(before) - len(cells)
+    note = f"\n({kept} other groups keep their width)" if kept else ""
+    return table(["group", "width before", "after", "kept"], cells, [False] + [True] * 3) + note
+
+
+def target_table(target: dict[str, Any]) -> str:
+    """The target against what was reached: MACs, parameters and latency (measured),
+    each base, reached and their ratio; the target's own row says met or MISSED."""
+    cells = []
+    for kind, r in target["rows"].items():
+        ms = kind == "latency"
+        goal = ""
+        if kind == target["kind"]:
+            goal = f"<= {target['value']:g} ({'met' if target['met'] else 'MISSED'})"
+        where = f" ({r['backend']}, batch {r['batch']})" if ms else ""
+        base, got = (f"{v:.3f} ms" if ms else f"{v:,.0f}" for v in (r["base"], r["reached"]))
+        cells.append([kind + where, base, got, f"{r['ratio']:.4f}", goal])
+    head = [f"target {target['target']}", "base", "reached", "ratio", "target"]
+    return table(head, cells, [False, True, True, True, False])

@@ -31,15 +31,19 @@ from .engine import Trainer
 from .errors import CsgdError
 from .files import write_json
 from .groups import Clusters, select_groups
-from .metrics import chi_fn
+from .latency import Runtime
+from .metrics import chi_fn, target_rows
 from .optim import plain_sgd
 from .session import Ctx, load, new_model
 from .surgery import merge_checked, merge_summary
 from .tracing import channel_groups
+from .widths import round_target, width_share
 
 log = logging.getLogger("csgd")
+CLUSTER_RECORD = ("ratio", "width_settings", "group_widths")  # payload keys about clusters
 # the settings that decide clusters, as given on a command line; recorded with them
-WIDTH_KEYS = ("ratio", "prune.round_to", "prune.include", "prune.exclude", "clustering")
+WIDTH_KEYS = ("ratio", "prune.target", "prune.min_width", "prune.rule", "prune.round_to",
+              "prune.include", "prune.exclude", "clustering")  # fmt: skip
 
 
 def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -50,6 +54,7 @@ def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dic
         "stage": cfg.stage,
         "seed": cfg.seed,
         "base_widths": base_widths(model, ck),
+        "target_base": ck.get("target_base"),  # a target's base cost, kept across rounds
         "clusters": None,
         **extra,
     }
@@ -59,30 +64,71 @@ def width_settings(cfg: DictConfig, ratio: float | None = None) -> dict[str, Any
     """The ``WIDTH_KEYS`` values of ``cfg`` (``ratio`` overriding), as plain data."""
     out = {k: OmegaConf.select(cfg, k) for k in WIDTH_KEYS}
     out = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
+    if cfg.prune.target is not None:
+        return {**out, "ratio": None}  # the target chose the widths
     return {**out, "ratio": cfg.ratio if ratio is None else ratio}
 
 
 def pruner_for_config(
-    cfg: DictConfig, model: nn.Module, ck: dict[str, Any], ratio: float | None = None
+    cfg: DictConfig,
+    model: nn.Module,
+    ck: dict[str, Any],
+    ratio: float | None = None,
+    step: tuple[int, int] | None = None,
+    cache_dir: Path | None = None,
+    **kw: Any,
 ) -> CSGD:
-    """The pruner of a config: clusters stored in ``ck`` when it has them and no
-    ``ratio`` is forced (iterative rounds force theirs), else new ones at ``ratio``
-    (default ``cfg.ratio``) of the original widths, for ``prune.include``/``exclude``."""
+    """The pruner of a config: clusters stored in ``ck`` when it has them and neither
+    ``ratio`` nor a target round ``step`` is forced (iterative rounds force theirs), else
+    new ones for ``prune.include``/``exclude``: at ``prune.target`` (round ``step``, its
+    latency timings cached under ``cache_dir``) or at ``ratio`` (default ``cfg.ratio``) of
+    the original widths. ``kw`` overrides CSGD arguments (``clustering=even``)."""
     common = {"epsilon": cfg.epsilon, "norm_epsilon": cfg.norm_epsilon}
-    if ck.get("clusters") and ratio is None:
+    if ck.get("clusters") and ratio is None and step is None:
         return CSGD(model, clusters=ck["clusters"], base_widths=base_widths(model, ck), **common)
+    p, how = cfg.prune, {"ratio": cfg.ratio if ratio is None else ratio}
+    if p.target is not None:  # round ``step``; later rounds: of the first round's base cost
+        target = round_target(p.target, *(step or (1, 1)))
+        how = dict(
+            target=target, min_width=p.min_width, rule=p.rule, backend=cfg.backend,
+            latency_batch=p.latency_batch, latency_threads=p.latency_threads, cache_dir=cache_dir,
+            base_cost=(ck.get("target_base") or {}).get(target.partition(":")[0]),
+        )  # fmt: skip
+    args = dict(
+        include=list(p.include), exclude=list(p.exclude), round_to=p.round_to,
+        clustering=cfg.clustering, seed=cfg.seed, base_widths=base_widths(model, ck),
+    )  # fmt: skip
+    return CSGD(model, **{**args, **common, **how, **kw})
+
+
+def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dict[str, Any]:
+    """What widths.json and the checkpoint say about the widths: ``ratio`` (with a
+    target, the chosen widths' share of the original ones, for reports), the settings,
+    each group's width, and with a target what it reached and its base cost."""
+    widths, rep = pruner.widths, pruner.target_report
+    out: dict[str, Any] = {"ratio": settings["ratio"], "width_settings": settings}
+    out["group_widths"] = widths
+    if rep is not None:
+        out.update(target=rep["target"], target_report=rep, target_base={rep["kind"]: rep["base"]})
+        out["ratio"] = width_share(pruner.base_widths, widths)
+    return out
+
+
+def widths_reached(cfg: DictConfig, base: nn.Module, final: nn.Module, info: Any) -> dict:
+    """``csgd run``'s summary: each group's width ``before`` and ``after``; with a target,
+    the target against what ``final`` reached (``metrics.target_rows``) and ``ratio``, the
+    pruned groups' share of their original widths (what reports plot against)."""
+    before = {g.name: g.width for g in channel_groups(base)}
+    out: dict[str, Any] = {"widths": {"before": before}}
+    out["widths"]["after"] = after = {g.name: g.width for g in channel_groups(final)}
     p = cfg.prune
-    return CSGD(
-        model,
-        ratio=cfg.ratio if ratio is None else ratio,
-        include=list(p.include),
-        exclude=list(p.exclude),
-        round_to=p.round_to,
-        clustering=cfg.clustering,
-        seed=cfg.seed,
-        base_widths=base_widths(model, ck),
-        **common,
-    )
+    if p.target is not None:
+        shape = (info.in_channels, info.image_size, info.image_size)
+        rt = Runtime(cfg.backend, p.latency_batch, p.latency_threads)
+        out["target"] = target_rows(p.target, base, final, shape, rt)
+        chosen = [g.name for g in select_groups(channel_groups(base), p.include, p.exclude)]
+        out["ratio"] = width_share(before, {g: after[g] for g in chosen})
+    return out
 
 
 # -- training phases -----------------------------------------------------------------------
@@ -131,6 +177,8 @@ def train_phase(
             if ck["clusters"] != clusters:
                 log.info("resume: using the clusters stored in %s, not new ones", last)
             clusters = ck["clusters"]
+            # and so does what the checkpoint records about them (widths, settings)
+            info = {**info, **{k: ck[k] for k in CLUSTER_RECORD if k in ck}}
         stored = ck.get("hyper") or hyper
         for k in sorted(set(hyper) | set(stored)):
             if hyper.get(k) != stored.get(k):
@@ -193,23 +241,29 @@ def csgd_phase(
     phase: str,
     out: Path,
     ratio: float | None = None,
+    step: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Cluster (rank 0, then broadcast; clusters stored in ``ck`` win unless ``ratio``
-    is given) and C-SGD-train ``model`` for the ``schedule`` config. The checkpoint
-    records what the clusters are: their widths, and the settings that made them (the
-    checkpoint's own when the clusters came with it)."""
+    or a target round ``step`` is given) and C-SGD-train ``model`` for the ``schedule``
+    config. The checkpoint records what the clusters are: their widths, and the
+    settings that made them (the checkpoint's own when the clusters came with it)."""
     cfg = ctx.cfg
     made = None
+    given = bool(ck.get("clusters")) and ratio is None and step is None
     if is_main():
-        made = pruner_for_config(cfg, model, ck, ratio).clusters
-    clusters = broadcast_object(made)
-    given = bool(ck.get("clusters")) and ratio is None
-    settings = dict(ck.get("width_settings") or {"ratio": ck.get("ratio")}) if given else None
-    settings = settings or width_settings(cfg, ratio)
-    widths = {k: len(v) for k, v in clusters.items()}
-    record = {"ratio": settings["ratio"], "width_settings": settings, "group_widths": widths}
+        pruner = pruner_for_config(cfg, model, ck, ratio, step, ctx.out)
+        if given:  # as the checkpoint that brought the clusters says
+            record = {k: ck[k] for k in ("target", "target_report") if ck.get(k)}
+            record["width_settings"] = dict(ck.get("width_settings") or {"ratio": ck.get("ratio")})
+            ratio_ = ck.get("ratio", record["width_settings"]["ratio"])  # a target's: the share
+            record.update(ratio=ratio_, group_widths=pruner.widths)
+        else:
+            record = width_record(cfg, pruner, width_settings(cfg, ratio))
+        made = (pruner.clusters, record)
+    clusters, record = broadcast_object(made)
     write_json(out / "widths.json", record)  # what the report's ratio column shows
-    info = payload(cfg, model, ck, **record, epsilon=cfg.epsilon)
+    info = payload(cfg, model, ck, epsilon=cfg.epsilon)
+    info.update(record)  # a target's base cost, set by the first round, wins
     return train_phase(ctx, model, cfg.schedule, phase, out, info, clusters)
 
 
@@ -247,16 +301,19 @@ def budget_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
 
 
 # -- the prune step: choose clusters, merge, verify, write -----------------------------------
-def prune_for_config(
-    cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor, ratio: float, src: str
-) -> tuple[nn.Module, dict[str, Any]]:
+def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor,
+                     ratio: float | None, src: str, step: tuple[int, int] | None = None,
+                     cache_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Merge ``ck``'s clusters (``prune.method=csgd``; ``src`` names the file) or keep
     the largest-L1 filters at the same widths (``l1``), verified on the real batch ``x``."""
     p = cfg.prune
     if p.method == "l1":
         groups = channel_groups(model)
         chosen = select_groups(groups, list(p.include), list(p.exclude))
-        ks = target_widths(chosen, ratio, base_widths(model, ck), p.round_to)
+        if p.target is not None:  # the widths C-SGD would get: one pruner's choice
+            ks = pruner_for_config(cfg, model, ck, None, step, cache_dir, clustering="even").widths
+        else:
+            ks = target_widths(chosen, ratio, base_widths(model, ck), p.round_to)
         clusters = l1_selection(model, chosen, ks)
         thin, rep = merge_checked(model, groups, clusters, x, tolerance=p.tolerance, partial=True)
     else:

@@ -12,21 +12,28 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from .checkpoint import check_arch, check_fits, need_clusters
-from .config import STAGES
+from .config import STAGES, target_parts
 from .datasets import build_data
+from .deploy import require_runtime
 from .device import pick_device
 from .errors import CsgdError
 from .groups import check_clusters, select_groups
-from .models import known_model, list_models
+from .latency import Runtime
+from .models import known_model, list_models, registry_name, timm_models
 from .pipeline import WIDTH_KEYS, width_settings
 from .session import load, new_model, trust_named_model
-from .tracing import channel_groups
+from .tracing import channel_groups, example_input
+from .widths import Problem, Target, check_reachable
 
 
 def check_model_name(cfg: DictConfig) -> None:
-    if not known_model(cfg.model.name):
+    name = registry_name(cfg.model.name, cfg.model.kwargs)
+    if name.startswith(timm_models.PREFIX):  # timm missing: the install command, in one line
+        timm_models.require_known(name)
+    elif not known_model(name):
         raise CsgdError(
             f"unknown model '{cfg.model.name}'",
             f"choose model=<{'|'.join(list_models())}>, or model=torchvision "
@@ -51,6 +58,33 @@ def check_width_keys(cfg: DictConfig, ck: dict[str, Any], where: str, explicit: 
             )
 
 
+def check_target(
+    cfg: DictConfig, model: nn.Module, ck: dict[str, Any], explicit: Sequence[str]
+) -> None:
+    """``prune.target``: no ratio given beside it, the runtime of a latency target
+    installed, and a value the allowed groups can reach (a latency floor is timed: the
+    stage reuses the timing)."""
+    p = cfg.prune
+    if p.target is None:
+        return
+    if "ratio" in explicit:
+        raise CsgdError(
+            f"ratio={cfg.ratio} and prune.target={p.target} both given",
+            "pass one: prune.target chooses each group's width, ratio one fraction for all",
+        )
+    kind, value = target_parts(p.target)
+    if kind == "latency":
+        require_runtime(cfg.backend)
+    groups = channel_groups(model)
+    chosen = select_groups(groups, p.include, p.exclude)
+    problem = Problem(
+        model, groups, [g.name for g in chosen], example_input(model), p.round_to,
+        p.min_width or max(p.round_to, 4),
+        Runtime(cfg.backend, p.latency_batch, p.latency_threads), None,
+    )  # fmt: skip
+    check_reachable(problem, Target(kind, value), (ck.get("target_base") or {}).get(kind))
+
+
 def preflight(
     cfg: DictConfig, explicit: Sequence[str] = (), cache: dict[Any, Any] | None = None
 ) -> None:
@@ -67,9 +101,10 @@ def preflight(
     if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
         raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
     if need.onnx or (need.data and cfg.backend != "eager"):
-        from .deploy import require_runtime
-
         require_runtime("onnxruntime" if need.onnx else cfg.backend)
+    if need.target and cfg.prune.target is not None:  # before any file is read
+        if target_parts(cfg.prune.target)[0] == "latency":
+            require_runtime(cfg.backend)
     loaded = []
     for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake
         path = cfg[key]
@@ -78,7 +113,7 @@ def preflight(
                 cache[(key, path)] = load(path, key)
             model, ck = cache[(key, path)]
             if "model" in explicit:
-                check_arch(ck, path, key, cfg.model.name)
+                check_arch(ck, path, key, registry_name(cfg.model.name, cfg.model.kwargs))
             loaded.append((key, path, model, ck))
     info = None
     if need.data:
@@ -99,7 +134,10 @@ def preflight(
             select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
         if key == "ckpt" and need.clusters and cfg.prune.method == "csgd":
             need_clusters(ck, path)
+    ck = loaded[-1][3] if loaded else {}
     if model is None and need.fresh:
         model = new_model(cfg, info)  # refuses model arguments the constructor does not take
         if need.groups:
             select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
+    if need.target and model is not None and not (need.keeps_clusters and ck.get("clusters")):
+        check_target(cfg, model, ck, explicit)

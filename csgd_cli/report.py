@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,18 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "message"])
-        w.writeheader()
-        w.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "message"])
+    w.writeheader()
+    w.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
+    atomic_write(path, buf.getvalue())  # a full disk keeps the previous report.csv
+
+
+def _save(fig: Any, path: Path) -> None:
+    """A figure as PNG, written like every other file (atomically, one line when full)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(path, buf.getvalue())
 
 
 # -- plots -----------------------------------------------------------------------------
@@ -135,8 +144,10 @@ def plot_chi_loss(runs: list[Run], path: Path) -> bool:
         ax.legend(fontsize=8)
     fig.suptitle("C-SGD training, one line per epsilon")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -173,8 +184,10 @@ def plot_acc_flops(runs: list[Run], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -5,10 +5,15 @@ a sweep directory holds one run per job (``0/``, ``1/``, ...). Per run this read
 present: ``status.json`` (sweeps), ``summary.json`` (``csgd run``), ``widths.json`` (what
 the clusters of a ``csgd train`` are) and every ``metrics.jsonl`` in the run dir or its
 phase subdirs. TensorBoard files are never read.
+
+A damaged file never stops the report: a metrics line cut short by a killed writer is
+skipped (a note names it), and a run whose config, ``status.json`` or ``summary.json``
+cannot be read gets the status ``damaged`` with a message saying which file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +22,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .errors import CsgdError
-from .files import read_json, read_jsonl
+from .files import read_json, read_json_checked, read_jsonl
 
+log = logging.getLogger("csgd")
 ACC_KEYS = ("base", "csgd", "pruned", "finetuned")
 # Which accuracy column a training phase fills when a run has no summary.json.
 _PHASE_ACC = {"pretrain": "base", "train": "csgd", "finetune": "finetuned"}
@@ -40,6 +46,7 @@ class Run:
     acc: dict[str, float | None] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # summary.json rows
     curve: dict[str, list[float]] = field(default_factory=dict)  # epoch, chi, loss
+    notes: list[str] = field(default_factory=list)  # lines of metrics.jsonl skipped
 
     @property
     def final(self) -> dict[str, Any] | None:
@@ -57,7 +64,7 @@ def find_runs(root: Path) -> list[Path]:
     for cur, dirs, _ in os.walk(root):
         p = Path(cur)
         if (p / ".hydra" / "config.yaml").is_file():
-            if _load_cfg(p).get("stage") != "report":
+            if _load_cfg(p)[0].get("stage") != "report":
                 found.append(p)
             dirs.clear()
             continue
@@ -71,19 +78,51 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(found, key=key)
 
 
-def _load_cfg(run: Path) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
+def _load_cfg(run: Path) -> tuple[dict[str, Any], str | None]:
+    """The run's config, or ({}, what is wrong) when it cannot be read."""
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run / ".hydra/config.yaml"), resolve=False)
+    except Exception as e:  # YAML, decoding and OmegaConf errors of a damaged file
+        return {}, f".hydra/config.yaml is damaged ({type(e).__name__})"
+    if not isinstance(cfg, dict):
+        return {}, ".hydra/config.yaml is damaged (not a mapping)"
+    return cfg, None
 
 
-def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_metrics(run: Path, notes: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Epoch records (those with ``train_loss``) per phase, one per epoch (the last
-    logged wins, so a resumed phase that re-logged an epoch counts once)."""
+    logged wins, so a resumed phase that re-logged an epoch counts once). ``notes``
+    gets a line for every line of a metrics.jsonl that was skipped."""
     phases: dict[str, dict[int, dict[str, Any]]] = {}
     for path in [run / "metrics.jsonl", *sorted(run.glob("*/metrics.jsonl"))]:
-        for rec in read_jsonl(path):
+        for rec in read_jsonl(path, notes):
             if "train_loss" in rec and "epoch" in rec:
-                phases.setdefault(rec.get("phase", "?"), {})[int(rec["epoch"])] = rec
+                if not (_number(rec["train_loss"]) and isinstance(rec["epoch"], int)):
+                    if notes is not None:
+                        notes.append(f"{path}: an epoch record of another shape is skipped")
+                    continue
+                phases.setdefault(str(rec.get("phase", "?")), {})[rec["epoch"]] = rec
     return {ph: [recs[e] for e in sorted(recs)] for ph, recs in phases.items()}
+
+
+_ROW_KEYS = ("acc", "params", "macs", "latency_ms")  # what the report reads of a row
+
+
+def _summary_rows(summary: Any) -> dict[str, dict[str, Any]] | None:
+    """``summary.json``'s rows, or None when they are not what ``csgd run`` writes."""
+    rows = summary.get("rows") if isinstance(summary, dict) else None
+    if not isinstance(rows, dict) or not isinstance(rows.get("base"), dict):
+        return None
+    for row in rows.values():
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in _ROW_KEYS):
+            return None
+        if row["macs"] <= 0 or row["latency_ms"] <= 0:
+            return None
+    return rows
 
 
 def _round(phase: str) -> int:
@@ -119,9 +158,12 @@ def _complete(run: Run, metrics: dict[str, list[dict[str, Any]]]) -> bool:
 
 
 def read_run(path: Path, root: Path) -> Run:
-    cfg = _load_cfg(path)
+    cfg, damage = _load_cfg(path)
     name = path.relative_to(root).as_posix()
     run = Run(path, name, cfg)
+    if damage:
+        run.status, run.message = "damaged", damage
+        return run
     stage = cfg.get("stage")
     run.method = {"train": "csgd", "pretrain": "base", "finetune": "finetune"}.get(
         stage, cfg.get("prune", {}).get("method", "csgd")
@@ -133,7 +175,9 @@ def read_run(path: Path, root: Path) -> Run:
         run.ratio = widths["ratio"]
     if run.method == "csgd" and stage in ("run", "train"):
         run.epsilon = cfg.get("epsilon")
-    metrics = read_metrics(path)
+    metrics = read_metrics(path, run.notes)
+    for note in run.notes:
+        log.warning("%s", note)
     run.epochs = sum(len(v) for v in metrics.values())
     run.acc = dict.fromkeys(ACC_KEYS)
     for ph, recs in metrics.items():
@@ -141,23 +185,33 @@ def read_run(path: Path, root: Path) -> Run:
         accs = [r["test_acc"] for r in recs if "test_acc" in r]
         if col and accs:
             run.acc[col] = accs[-1]
-    summary = read_json(path / "summary.json")
-    if summary:
-        run.rows = summary.get("rows", {})
-        for col in ACC_KEYS:
-            keys = [k for k in run.rows if k == col or k.startswith(f"{col}_r")]
-            run.acc[col] = run.rows[keys[-1]]["acc"] if keys else None
+    summary, damage = read_json_checked(path / "summary.json")
+    if summary is not None:
+        rows = _summary_rows(summary)
+        if rows is None:
+            damage = "summary.json is damaged (its rows are not those csgd run writes)"
+        else:
+            run.rows = rows
+            for col in ACC_KEYS:
+                keys = [k for k in run.rows if k == col or k.startswith(f"{col}_r")]
+                run.acc[col] = run.rows[keys[-1]]["acc"] if keys else None
     run.curve = csgd_curve(metrics)
-    status = read_json(path / "status.json")
-    if status:
-        run.status, run.message = status.get("status", "incomplete"), status.get("message", "")
+    status, bad_status = read_json_checked(path / "status.json")
+    if damage or bad_status or (status is not None and not isinstance(status, dict)):
+        run.status = "damaged"
+        run.message = damage or bad_status or "status.json is damaged (not a JSON object)"
+    elif status:
+        run.status = str(status.get("status", "incomplete"))
+        run.message = str(status.get("message", ""))
         if run.status not in ("ok", "failed"):  # e.g. preempted: resumable, not done
             run.message = f"{run.status}: {run.message}".rstrip(": ")
             run.status = "incomplete"
     else:
         run.status = "ok" if _complete(run, metrics) else "incomplete"
     if run.status == "failed" and not run.message and (path / "error.txt").is_file():
-        run.message = (path / "error.txt").read_text().strip().splitlines()[-1]
+        lines = (path / "error.txt").read_text(errors="replace").strip().splitlines()
+        run.message = lines[-1] if lines else ""
+    run.message = "; ".join(m for m in (run.message, *run.notes) if m)
     return run
 
 

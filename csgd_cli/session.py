@@ -27,11 +27,15 @@ class Ctx:
 
 
 def trust_named_model(cfg: DictConfig) -> None:
-    """A ``model._target_`` given in the config is the user's: checkpoints may name it."""
+    """A ``model._target_`` given in the config is the user's: checkpoints may name it;
+    a ``model=timm`` names what a plain ``init=`` state dict holds."""
     if cfg.model.name == "custom":
         from .models.custom import trust
 
         trust(cfg.model.get("_target_"))
+    from .models.timm_models import name_plain_state_dicts
+
+    name_plain_state_dicts(cfg.model.name, dict(cfg.model.get("kwargs") or {}))
 
 
 def setup(cfg: DictConfig, out: Path) -> Ctx:

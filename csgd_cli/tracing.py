@@ -10,7 +10,10 @@ through concatenations, splits and flattens. Each of its groups is mapped onto o
   ``out``; BatchNorm, per-channel norms and depthwise convs -> ``channel``; conv/linear
   input columns -> ``in`` (``repeat`` columns per channel after a flatten);
 - a member is cut into runs where its channels sit contiguously in the module, so a BN
-  over a concatenation is a ``channel`` member at its offset;
+  over a concatenation is a ``channel`` member at its offset, and a layer holding the
+  channels twice (a conv over ``cat([x, f(x)])``) has a member per copy;
+- the graph is TP's made exact first (``trace_graph``: index maps from recorded shapes,
+  ops attributed to the layer that ran them; ``trace_ops`` judges each op);
 - the group's channel order is the root layer's, and the group is named after its first
   producer (stable across iterative rounds, which re-trace the thinned model).
 
@@ -24,9 +27,8 @@ one-line reason naming the layer. Groups of the network's logits are not groups.
 
 from __future__ import annotations
 
-import re
+import json
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,26 +39,11 @@ from torch import nn
 from .errors import CsgdError
 from .groups import ChannelGroup, Member
 from .layers import member_kind, rule_for
+from .trace_graph import TRACE_SECONDS, Graph, build_graph
+from .trace_ops import OUTPUT, op_problem
 
-# autograd ops that act on every channel separately (names without the trailing digit)
-_PER_CHANNEL_OPS = {
-    "AddBackward", "SubBackward", "MulBackward", "DivBackward", "NegBackward",
-    "ReluBackward", "HardtanhBackward", "SigmoidBackward", "SiluBackward", "TanhBackward",
-    "HardswishBackward", "HardsigmoidBackward", "GeluBackward", "LeakyReluBackward",
-    "EluBackward", "SoftplusBackward", "MishBackward", "ExpBackward", "PowBackward",
-    "CloneBackward", "MaxPool2DWithIndicesBackward", "MaxPool2DBackward",
-    "AvgPool2DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveMaxPool2DBackward",
-    "MaxPool1DWithIndicesBackward", "AvgPool1DBackward", "AdaptiveAvgPool1DBackward",
-    "UpsampleNearest2DBackward", "UpsampleBilinear2DBackward", "ConstantPadNdBackward",
-    "ReflectionPad2DBackward", "ReplicationPad2DBackward", "ToCopyBackward",
-}  # fmt: skip
-_REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "SqueezeBackward",
-               "UnsqueezeBackward"}  # fmt: skip
 _CACHE_ATTR = "_csgd_traced_groups"
-
-
-def _op_name(grad_fn: Any) -> str:
-    return re.sub(r"\d+$", "", grad_fn.name()) if grad_fn is not None else "?"
+_BY_ARCH: dict[str, tuple[tuple, list[ChannelGroup]]] = {}  # one trace per architecture
 
 
 def example_input(model: nn.Module) -> torch.Tensor:
@@ -87,46 +74,86 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
+def _arch_key(model: nn.Module) -> str | None:
+    arch = getattr(model, "arch", None)  # registry models: the same spec, the same graph
+    try:
+        return json.dumps(arch, sort_keys=True) if arch else None
+    except TypeError:
+        return None
+
+
 def traced_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[ChannelGroup]:
-    """The model's channel groups from a trace (cached on the model until a layer changes
-    shape). Raises ``CsgdError`` when the forward pass cannot be traced."""
-    sig = _signature(model)
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == sig:
-        return [ChannelGroup(g.name, g.width, list(g.members), g.excluded) for g in cached[1]]
-    groups = _trace(model, example_input(model) if x is None else x)
-    model.__dict__[_CACHE_ATTR] = (sig, groups)
-    return [ChannelGroup(g.name, g.width, list(g.members), g.excluded) for g in groups]
+    """The model's channel groups from a trace, cached until a layer changes shape: on
+    the model, and for registry models on their spec (a stage's preflight and the stage,
+    or the phases of ``csgd run``, trace once). Raises ``CsgdError`` when the forward
+    pass cannot be traced."""
+    sig, key = _signature(model), _arch_key(model)
+    cached = model.__dict__.get(_CACHE_ATTR) or _BY_ARCH.get(key or "")
+    if cached is None or cached[0] != sig:
+        cached = (sig, _trace(model, example_input(model) if x is None else x))
+        if key is not None:
+            _BY_ARCH.clear()  # the last architecture only: groups are small, models not
+            _BY_ARCH[key] = cached
+    model.__dict__[_CACHE_ATTR] = cached
+    return [ChannelGroup(g.name, g.width, list(g.members), g.excluded) for g in cached[1]]
 
 
 def trace_seconds(model: nn.Module) -> float:
     """Wall time of one uncached trace (reported in the docs)."""
     model.__dict__.pop(_CACHE_ATTR, None)
+    _BY_ARCH.clear()
     t = time.perf_counter()
     traced_groups(model)
     return time.perf_counter() - t
 
 
-def _dependency_graph(model: nn.Module, x: torch.Tensor) -> Any:
-    import torch_pruning as tp
+# -- a group: every (node, channel) reached from a layer's output channels -------------------
+def _walk(graph: Graph, module: nn.Module) -> list[tuple[Any, list[tuple[int, int]]]]:
+    """Per dependency reached from ``module``'s output channels: its (index, root index)
+    pairs. Index maps act on each index alone, so each (node, handler, pair) is walked
+    once (linear in the graph's size)."""
+    from torch_pruning import _helpers
+    from torch_pruning.dependency import Dependency
+    from torch_pruning.pruner import function
 
-    name = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
-    was_training = model.training
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, x, verbose=False)
-    except CsgdError:
-        raise
-    except Exception as e:  # any failure of the user's forward pass or of the tracer
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CsgdError(
-            f"cannot trace model {name} to find its channel groups ({type(e).__name__}: {msg[:160]})",
-            "make its forward pass a plain tensor computation (no data-dependent Python on "
-            "tensor values), or declare channel_groups() on the model",
-        ) from None
-    finally:
-        model.train(was_training)
+    dg = graph.dg
+    pruner = dg.get_pruner_of_module(module)
+    fn = pruner.prune_out_channels
+    if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1:
+        fn = function.prune_depthwise_conv_out_channels  # as TP's get_pruning_group does
+    root = dg.module2node[module]
+    start = [_helpers._HybridIndex(i, i) for i in range(pruner.get_out_channels(module))]
+    first = Dependency(fn, fn, source=root, target=root)
+    seen: dict[tuple[Any, Any], set] = {(root, fn): set(start)}
+    found: dict[tuple[Any, Any], tuple[Any, list]] = {(root, fn): (first, list(start))}
+    stack = [(root, fn, start)]
+    while stack:
+        if time.perf_counter() > graph.deadline:
+            raise CsgdError(
+                f"tracing stopped after {TRACE_SECONDS:.0f} s in the group of "
+                f"'{graph.names.get(module, '?')}' (the graph is too large to walk)",
+                "declare channel_groups() on the model, or trace a smaller variant",
+            )
+        node, fn, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+            key = (dep.target, dep.handler)
+            have = seen.setdefault(key, set())
+            fresh = [i for i in dict.fromkeys(new) if i not in have]
+            if not fresh:
+                continue
+            have.update(fresh)
+            found.setdefault(key, (dep, []))[1].extend(fresh)
+            stack.append((dep.target, dep.handler, fresh))
+    return [(dep, [(int(i.idx), int(i.root_idx)) for i in ix]) for dep, ix in found.values()]
+
+
+# -- what a non-layer node does to the channels ------------------------------------------------
 
 
 @dataclass
@@ -143,88 +170,63 @@ class _Raw:
         return {(m, k, i) for (m, k), ps in self.pairs.items() for i, _ in ps}
 
 
-def _classify(dg: Any, names: dict[Any, str], dep: Any) -> tuple[str | None, str | None]:
+def _classify(graph: Graph, dep: Any) -> tuple[str | None, str | None]:
     """(kind or None, problem or None) of one dependency target of a group."""
-    import torch_pruning as tp
-
     node, mod = dep.target, dep.target.module
     if isinstance(mod, nn.Parameter):
-        return None, f"parameter '{dg._param_to_name.get(mod, '?')}' acts on the channels"
-    name = names.get(mod)
+        return None, f"parameter '{graph.dg._param_to_name.get(mod, '?')}' acts on the channels"
+    name = graph.names.get(mod)
     if name is not None:  # a layer: its rule decides (csgd_cli.layers)
-        kind = member_kind(mod, bool(dg.is_out_channel_pruning_fn(dep.handler)), name)
+        kind = member_kind(mod, bool(graph.dg.is_out_channel_pruning_fn(dep.handler)), name)
         if kind in ("out", "channel", "in"):
             return kind, None
         return None, kind
-    op = tp.ops
-    if isinstance(mod, (op._ConcatOp, op._SplitOp, op._SliceOp)):
-        return None, None
-    if isinstance(mod, op._OutputOp):
-        return "output", None
-    outs = [n.module for n in node.outputs]
-    if isinstance(mod, op._ReshapeOp):
-        if outs and all(isinstance(o, nn.Linear) for o in outs):
-            return None, None  # a flatten into a linear layer: ``repeat`` columns per channel
-        return None, "a reshape/view of the channels (not a flatten into a linear layer)"
-    if isinstance(mod, op._ElementWiseOp):
-        gf = node.grad_fn
-        kind = _op_name(gf)
-        if kind in _PER_CHANNEL_OPS:
-            return None, None
-        if kind == "TBackward" and outs and all(isinstance(o, nn.Linear) for o in outs):
-            return None, None  # a linear layer's own weight transpose
-        if kind in _REDUCTIONS:
-            dims = getattr(gf, "_saved_dim", None)
-            sizes = getattr(gf, "_saved_self_sym_sizes", None)
-            if dims is not None:
-                dims = [dims] if isinstance(dims, int) else list(dims)
-                nd = len(sizes) if sizes is not None else 4
-                if all(d % nd != 1 for d in dims):
-                    return None, None
-        return None, f"op {kind} is not known to keep channels apart"
-    return None, f"op {type(mod).__name__.strip('_')} is not supported by the merge"
+    problem = op_problem(graph, node, [n.module for n in node.outputs])
+    return ("output", None) if problem == OUTPUT else (None, problem)
 
 
-def _raw_group(dg: Any, names: dict[Any, str], module: nn.Module) -> _Raw:
-    pruner = dg.get_pruner_of_module(module)
-    group = dg.get_pruning_group(
-        module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
-    )
-    raw = _Raw(names[module])
-    for item in group.items:
-        kind, problem = _classify(dg, names, item.dep)
+def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
+    raw = _Raw(graph.names[module])
+    for dep, pairs in _walk(graph, module):
+        kind, problem = _classify(graph, dep)
         if problem:
             raw.problems.append(problem)
-        if kind == "output" or (kind == "out" and not item.dep.target.outputs):
+        if kind == "output" or (kind == "out" and not dep.target.outputs):
             raw.output = True  # the logits (or another output) of the network
         if kind is not None and kind != "output":
-            key = (names[item.dep.target.module], kind)
-            raw.pairs.setdefault(key, []).extend(
-                zip((int(i) for i in item.idxs), (int(r) for r in item.root_idxs), strict=True)
-            )
+            raw.pairs.setdefault((graph.names[dep.target.module], kind), []).extend(pairs)
     raw.logits = raw.output and all(
-        isinstance(dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
+        isinstance(graph.dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
     )
     return raw
 
 
 def _runs(pairs: Iterable[tuple[int, int]], kind: str, order: list[int]) -> list[Member] | None:
     """Members for one (module, kind): runs of group channels stored contiguously in the
-    module (``repeat`` columns each for ``in``); None when the layout is not mappable."""
+    module (``repeat`` columns each for ``in`` after a flatten; a module that holds the
+    channels several times, as a conv over ``cat([x, f(x)])`` with ``f`` per-channel, has
+    members per copy); None when the layout is not mappable."""
     by_root: dict[int, list[int]] = {}
     for local, root in set(pairs):
         by_root.setdefault(root, []).append(local)
     rank = {r: i for i, r in enumerate(order)}
-    repeat = {len(v) for v in by_root.values()}
-    if len(repeat) != 1 or (kind != "in" and repeat != {1}):
+    counts = {len(v) for v in by_root.values()}
+    if len(counts) != 1:
         return None
-    rep = repeat.pop()
-    blocks = []  # (group channel, first local index) with a contiguous block of ``rep``
-    for root, locs in by_root.items():
+    n = counts.pop()
+    for locs in by_root.values():
         locs.sort()
-        if locs != list(range(locs[0], locs[0] + rep)) or locs[0] % rep:
-            return None
-        blocks.append((rank[root], locs[0] // rep))
+    blocked = all(v == list(range(v[0], v[0] + n)) and v[0] % n == 0 for v in by_root.values())
+    if kind == "in" and blocked:  # a flatten: ``n`` columns per channel
+        return _contiguous([(rank[r], v[0] // n) for r, v in by_root.items()], kind, n)
+    out = []  # copy j: the j-th place where each channel is held
+    for j in range(n):
+        out += _contiguous([(rank[r], v[j]) for r, v in by_root.items()], kind, 1)
+    return out
+
+
+def _contiguous(blocks: list[tuple[int, int]], kind: str, rep: int) -> list[Member]:
+    """(group channel, local index) pairs cut into runs contiguous in both."""
     blocks.sort()
     out, run = [], [blocks[0]]
     for g, lo in blocks[1:]:
@@ -237,7 +239,30 @@ def _runs(pairs: Iterable[tuple[int, int]], kind: str, order: list[int]) -> list
     return [Member("", kind, r[0][1], r[0][0], len(r), rep) for r in out]
 
 
+def _tie(raw: _Raw) -> None:
+    """Root channels held by one slot of a layer are one channel (GhostNet adds the stem's
+    8 channels to ``cat([x, dw(x)])`` of a 4-channel conv: stem channels i and i + 4 are
+    both that conv's channel i): each is renamed to the smallest root of its class."""
+    parent: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        while parent.get(r, r) != r:
+            r = parent[r]
+        return r
+
+    for pairs in raw.pairs.values():
+        first: dict[int, int] = {}
+        for local, root in pairs:
+            a, b = find(first.setdefault(local, root)), find(root)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    if parent:
+        for key, pairs in raw.pairs.items():
+            raw.pairs[key] = [(local, find(root)) for local, root in pairs]
+
+
 def _to_group(raw: _Raw, index: dict[str, int]) -> ChannelGroup:
+    _tie(raw)
     order = sorted({r for ps in raw.pairs.values() for _, r in ps})
     width = len(order)
     members: list[Member] = []
@@ -264,13 +289,17 @@ def _to_group(raw: _Raw, index: dict[str, int]) -> ChannelGroup:
 
 
 def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
-    dg = _dependency_graph(model, x)
-    names = {m: n for n, m in model.named_modules()}
+    label = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
+    graph = build_graph(model, x, label)
+    graph.deadline = time.perf_counter() + TRACE_SECONDS
+    names = graph.names
     index = {n: i for i, n in enumerate(names.values())}
-    roots = [
+    roots = [  # layers whose outputs are channels: convs and linear layers (any rule)
         m
         for m in model.modules()
-        if getattr(rule_for(m), "name", None) in ("conv", "linear") and m in dg.module2node
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        and rule_for(m) is not None
+        and m in graph.dg.module2node
     ]
     raws: list[_Raw] = []
     covered: set[tuple[str, int]] = set()
@@ -279,7 +308,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
         width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         if all((n, i) in covered for i in range(width)):
             continue
-        raw = _raw_group(dg, names, m)
+        raw = _raw_group(graph, m)
         covered |= {(mod, i) for mod, k, i in raw.slots() if k in ("out", "channel")}
         raws.append(raw)
     # a later root may span earlier ones (a depthwise conv over a concatenation): keep the

@@ -4,6 +4,12 @@ earlier run (each case passes ``hydra.run.dir=<that run>``).
 
 Cases run three at a time in one module fixture; the config and data cases start while
 the earlier ``csgd run`` that the file and stage-order cases need is still training.
+Meanwhile another live process holds the fake earlier run's directory (its lock), as a
+csgd run still writing there would: only the case that gets that far is refused for it.
+
+Failures that can only happen once a stage runs (a full disk, a NaN image in the data)
+change Hydra's record of the command in the run directory, so they cannot keep this
+contract; ``tests/test_reliability2.py`` checks them for one line and exit 2 instead.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ EARLIER = [
 ]
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
+HOLD = """
+import sys, time
+from csgd_cli import lock
+lock.acquire(sys.argv[1], "train")
+print("held", flush=True)
+time.sleep(1200)  # the fixture kills it; this ends it if pytest itself was killed
+"""
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,12 @@ CASES: dict[str, Case] = {
     "init_and_ckpt_together": Case(
         "train", ("init={fake_ckpt}", "ckpt={fake_ckpt}"), ("both init= and ckpt=", "pass one")
     ),
+    # -- the run directory ----------------------------------------------------------------
+    "run_dir_in_use": Case(
+        "pretrain",
+        (),
+        ("is in use by csgd train (pid {holder_pid} on host", "since", "another hydra.run.dir"),
+    ),
     # -- data -----------------------------------------------------------------------------
     "cifar10_absent_offline": Case(
         "pretrain",
@@ -102,6 +121,18 @@ CASES: dict[str, Case] = {
     ),
     "ckpt_weights_of_other_arch": Case(
         "eval", ("ckpt={relabelled}",), ("do not fit architecture resnet32",), True
+    ),
+    "ckpt_of_a_newer_format": Case(
+        "eval",
+        ("ckpt={newer}",),
+        ("written by a newer csgd", "format 99", "reads formats 1 to 2", "upgrade csgd"),
+        True,
+    ),
+    "ckpt_of_an_older_format_with_other_keys": Case(
+        "eval",
+        ("ckpt={older}",),
+        ("written by an older csgd", "format 1", "writes format 2", "lacks state_dict"),
+        True,
     ),
     "clusters_do_not_fit": Case(
         "prune", ("ckpt={bad_clusters}",), ("do not partition", "csgd cluster"), True
@@ -163,6 +194,9 @@ def make_inputs(run: Path, inputs: Path) -> dict[str, Path]:
         "kwargs": {k: v for k, v in base["arch"]["kwargs"].items() if k != "widths"},
     }
     save_checkpoint(inputs / "relabelled.pt", {**base, "arch": arch})
+    torch.save({**base, "format": 99}, inputs / "newer.pt")  # as a later csgd would write
+    older = {k: v for k, v in base.items() if k != "state_dict"}
+    torch.save({**older, "format": 1, "weights": base["state_dict"]}, inputs / "older.pt")
     return {
         "base": run / "base.pt",
         "pruned": run / "pruned.pt",
@@ -171,6 +205,8 @@ def make_inputs(run: Path, inputs: Path) -> dict[str, Path]:
         "notes": inputs / "notes.txt",
         "bad_clusters": inputs / "bad_clusters.pt",
         "relabelled": inputs / "relabelled.pt",
+        "newer": inputs / "newer.pt",
+        "older": inputs / "older.pt",
     }
 
 
@@ -181,11 +217,19 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (inputs / "no_data").mkdir(parents=True)
     for split in ("train", "val"):
         (inputs / "empty_imagenet" / split).mkdir(parents=True)
-    paths = {
+    paths: dict[str, Any] = {
         "fake_ckpt": make_fake_run(fake),
         "no_data": inputs / "no_data",
         "empty_imagenet": inputs / "empty_imagenet",
     }
+    holder = subprocess.Popen(  # a live csgd process holding the fake run's directory
+        [sys.executable, "-c", HOLD, str(fake)],
+        env={**ENV, "CSGD_LOCK_LEASE_S": "3600"},  # not renewed while the cases run
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    paths["holder_pid"] = holder.pid
     earlier = subprocess.Popen(
         [sys.executable, "-m", "csgd_cli", "run", *EARLIER, f"hydra.run.dir={real}"],
         env=ENV,
@@ -201,24 +245,28 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         return csgd(c.stage, *base, *args, f"hydra.run.dir={run_dir}")
 
     results: dict[str, Any] = {}
-    with ThreadPoolExecutor(3) as pool:
-        before = snapshot(fake)
-        first = {n: pool.submit(go, n, fake) for n, c in CASES.items() if not c.needs_run}
-        results.update({n: (f.result(), fake, before) for n, f in first.items()})
-        _, err = earlier.communicate(timeout=TIMEOUT)
-        assert earlier.returncode == 0, err
-        paths.update(make_inputs(real, inputs))
-        before = snapshot(real)
-        rest = {n: pool.submit(go, n, real) for n, c in CASES.items() if c.needs_run}
-        results.update({n: (f.result(), real, before) for n, f in rest.items()})
-    return results
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            before = snapshot(fake)
+            first = {n: pool.submit(go, n, fake) for n, c in CASES.items() if not c.needs_run}
+            results.update({n: (f.result(), fake, before) for n, f in first.items()})
+            _, err = earlier.communicate(timeout=TIMEOUT)
+            assert earlier.returncode == 0, err
+            paths.update(make_inputs(real, inputs))
+            before = snapshot(real)
+            rest = {n: pool.submit(go, n, real) for n, c in CASES.items() if c.needs_run}
+            results.update({n: (f.result(), real, before) for n, f in rest.items()})
+    finally:
+        holder.kill()
+        holder.wait()
+    return {n: (*r, paths) for n, r in results.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     name: str, outcomes: dict[str, Any]
 ) -> None:
-    proc, run_dir, before = outcomes[name]
+    proc, run_dir, before, paths = outcomes[name]
     case = CASES[name]
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out
@@ -229,5 +277,6 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert proc.returncode == 2, line
     assert line.startswith(f"csgd {case.stage}: error: "), line
     for part in case.expect:
+        part = part.format(**paths) if "{" in part else part
         assert part in line, f"{part!r} not in {line!r}"
     assert snapshot(run_dir) == before, "a file of the earlier run changed"

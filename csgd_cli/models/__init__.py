@@ -27,9 +27,24 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registry_name(name: str, kwargs: Any = None) -> str:
+    """The registry name of ``model.name`` given its ``model.kwargs``: ``source: timm``
+    (the ``model=timm`` config) means timm's network of that name, ``timm.<name>``."""
+    source = (kwargs or {}).get("source")
+    if source not in (None, "timm"):
+        raise CsgdError(f"model.kwargs.source={source} is unknown", "drop it, or pass timm")
+    if source == "timm" and not name.startswith(timm_models.PREFIX):
+        return timm_models.PREFIX + name
+    return name
+
+
 def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model; the result remembers ``arch`` so it can be rebuilt."""
-    if name not in _REGISTRY:
+    name = registry_name(name, kwargs)
+    kwargs.pop("source", None)
+    if name.startswith(timm_models.PREFIX):
+        builder = functools.partial(timm_models.build, name)  # traced groups
+    elif name not in _REGISTRY:
         if torchvision_models.builder_name(name) is None:
             raise CsgdError(
                 f"unknown model '{name}'",
@@ -54,8 +69,19 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def known_model(name: str) -> bool:
-    """A registered model or a torchvision classification builder."""
+    """A registered model, a torchvision classification builder or ``timm.<name>``."""
+    if name.startswith(timm_models.PREFIX):
+        return timm_models.known(name)
     return name in _REGISTRY or torchvision_models.builder_name(name) is not None
+
+
+def plain_checkpoint(sd: dict[str, Any], path: str, label: str) -> dict[str, Any]:
+    """A plain ``state_dict`` file (``init=``) as a checkpoint: of the timm model the
+    config names, else of the torchvision builder its name or tensors fit."""
+    return timm_models.plain_checkpoint(sd, label) or {
+        "arch": torchvision_models.arch_of_state_dict(sd, path, label),
+        "state_dict": dict(sd),
+    }
 
 
 def kaiming_init(model: nn.Module) -> None:
@@ -66,4 +92,12 @@ def kaiming_init(model: nn.Module) -> None:
 
 
 # Importing the families registers them.
-from . import custom, densenet, resnet_cifar, resnet_preact, torchvision_models, vgg  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    custom,
+    densenet,
+    resnet_cifar,
+    resnet_preact,
+    timm_models,
+    torchvision_models,
+    vgg,
+)

@@ -8,26 +8,23 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..api import CSGD
 from ..checkpoint import need_clusters
 from ..errors import NotConverged
 from ..files import write_json
-from ..groups import check_clusters
-from ..metrics import chi_report
 from ..session import load
-from ..tracing import channel_groups
 
 log = logging.getLogger("csgd")
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model, ck = load(cfg.ckpt, "ckpt")
-    clusters, groups = need_clusters(ck, cfg.ckpt), channel_groups(model)
-    check_clusters(groups, clusters)
-    rep = chi_report(model, groups, clusters)
+    pruner = CSGD(model, clusters=need_clusters(ck, cfg.ckpt))  # checks them against the model
+    rep = pruner.chi_report()
     for name, g in rep["groups"].items():
         log.info("%-28s chi %.3e  relative %.3e  max dev %.3e", name, *g.values())
     # Kernels alone are the paper's chi; a merge is exact only if gamma/beta match too.
-    full = chi_report(model, groups, clusters, affine=True)
+    full = pruner.chi_report(affine=True)
     rep["affine_relative"], rep["affine_max_dev"] = full["relative"], full["max_dev"]
     worst = max(rep["relative"], full["relative"])
     rep["ready"], rep["tolerance"] = worst <= cfg.check.tolerance, cfg.check.tolerance

@@ -1,0 +1,204 @@
+"""Pruning to a target (``prune.target=flops|params|latency:<fraction>``): counts reached
+within 1% below and never above, round_to / min_width / include / exclude respected, a
+coupled group (a residual stage) one width, iterative rounds stepping towards the target,
+a latency target timed and cached, bad inputs refused through the CLI, and a whole
+``csgd run prune.target=latency:...`` on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_DIGITS
+from torch import nn
+
+import csgd_cli as csgd_api
+from csgd_cli import cli, latency, widths
+from csgd_cli.errors import CsgdError
+from csgd_cli.metrics import count_macs, count_params
+from csgd_cli.models import get_model
+
+X = torch.randn(2, 3, 16, 16)  # 16x16: counts as exact as at 32x32, four times faster
+
+
+@pytest.fixture
+def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shorter timings (the tests check what is timed and kept, not how precisely)."""
+    monkeypatch.setattr(latency, "LAYER_S", 0.002)
+    monkeypatch.setattr(latency, "NETWORK_S", 0.01)
+    monkeypatch.setattr(latency, "ROUNDS", 3)
+    monkeypatch.setattr(widths, "CONFIRMS", 2)
+    monkeypatch.setattr(latency, "_MEMO", {})
+
+
+def _resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return get_model("resnet20")
+
+
+def _count(kind: str, net: nn.Module) -> int:
+    return count_macs(net, X) if kind == "flops" else count_params(net)
+
+
+def _stage_widths(thin: nn.Module, stage: str) -> set[int]:
+    """Output channels of every producer of a residual stage (they must agree)."""
+    names = next(g for g in thin.channel_groups() if g.name == stage).of_kind("out")
+    mods = dict(thin.named_modules())
+    return {mods[m.module].out_channels for m in names}
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "round_to", "min_width", "rule"),
+    [
+        ("flops", 0.45, 1, None, "distortion"),
+        ("params", 0.3, 1, None, "uniform"),
+        ("flops", 0.5, 4, 8, "distortion"),
+        ("params", 0.4, 8, None, "uniform"),
+    ],
+)
+def test_count_targets_are_reached_within_1pct_and_never_exceeded(
+    kind: str, value: float, round_to: int, min_width: int | None, rule: str
+) -> None:
+    model = _resnet20()
+    pruner = csgd_api.CSGD(
+        model, X, target=f"{kind}:{value}", round_to=round_to, min_width=min_width, rule=rule
+    )
+    thin = pruner.merge(force=True)  # not trained: the shapes are what is checked
+    reached = _count(kind, thin) / _count(kind, model)
+    assert reached <= value, reached  # never above
+    if round_to == 1:
+        assert reached >= 0.99 * value, reached  # within 1% below
+    rep = pruner.target_report
+    assert rep["met"] and rep["ratio"] == pytest.approx(reached) and rep["rule"] == rule
+    floor = min_width or max(round_to, 4)
+    base = {g.name: g.width for g in model.channel_groups()}
+    for name, w in pruner.widths.items():
+        assert w == base[name] or (w % round_to == 0 and w >= floor), (name, w)
+    for stage in ("layer1", "layer2", "layer3"):  # a coupled group is one width
+        assert _stage_widths(thin, stage) == {pruner.widths[stage]}
+
+
+def test_include_exclude_and_coupled_groups_of_a_traced_network() -> None:
+    torch.manual_seed(0)
+    net = get_model("resnet18", num_classes=10, image_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    pruner = csgd_api.CSGD(
+        net, x, target="flops:0.6", include=["layer*.conv1"], exclude=["layer4.*"]
+    )
+    allowed = {n for n in pruner.widths if n.startswith("layer") and not n.startswith("layer4")}
+    assert set(pruner.widths) == allowed  # only the included groups are pruned
+    thin = pruner.merge(force=True)
+    ratio = count_macs(thin, x) / count_macs(net, x)
+    assert 0.594 <= ratio <= 0.6
+    before, after = dict(net.named_modules()), dict(thin.named_modules())
+    for name, m in before.items():
+        if isinstance(m, nn.Conv2d) and not name.endswith("conv1"):
+            assert after[name].out_channels == m.out_channels, name  # stage outputs kept
+
+
+def test_iterative_rounds_step_towards_the_target_of_the_base() -> None:
+    """Round r of n keeps target^(r/n) of the *base's* cost (``base_cost``)."""
+    model = _resnet20()
+    base_macs = count_macs(model, X)
+    r1 = csgd_api.CSGD(model, X, target=f"flops:{0.36**0.5}")
+    thin = r1.merge(force=True)
+    assert count_macs(thin, X) / base_macs <= 0.6
+    r2 = csgd_api.CSGD(
+        thin, X, target="flops:0.36", base_cost=base_macs, base_widths=r1.base_widths
+    )
+    ratio = count_macs(r2.merge(force=True), X) / base_macs
+    assert 0.99 * 0.36 <= ratio <= 0.36
+    assert all(r2.widths[g] <= r1.widths[g] for g in r2.widths)
+
+
+def test_latency_target_is_timed_confirmed_and_cached(tmp_path: Path, quick_timing: None) -> None:
+    torch.manual_seed(0)
+    model = get_model("resnet20", widths=[16] * 12)
+    x = torch.randn(1, 3, 16, 16)
+    kw = {"backend": "eager", "latency_batch": 32, "cache_dir": tmp_path, "round_to": 4}
+    pruner = csgd_api.CSGD(model, x, target="latency:0.8", **kw)
+    rep = pruner.target_report
+    assert rep["met"] and rep["ratio"] <= 0.8  # as timed against the base while choosing
+    assert rep["backend"] == "eager" and rep["batch"] == 32 and rep["layers_timed"] > 0
+    assert all(w % 4 == 0 for w in pruner.widths.values())
+    cache = json.loads(Path(rep["cache"]).read_text())
+    assert Path(rep["cache"]).parent == tmp_path / "latency"
+    assert cache["layers"] and cache["ratios"]  # per-layer and per-network timings
+    # the state records the target; from it, the same clusters come back
+    state = pruner.state_dict()
+    assert state["target"] == "latency:0.8" and state["ratio"] is None
+    again = csgd_api.CSGD.from_state_dict(model, state, x)
+    assert again.clusters == pruner.clusters
+
+
+def test_api_refuses_a_ratio_with_a_target_and_an_unreachable_target() -> None:
+    model = _resnet20()
+    with pytest.raises(CsgdError, match="both given"):
+        csgd_api.CSGD(model, X, ratio=0.5, target="flops:0.5")
+    with pytest.raises(CsgdError, match=r"smallest reachable is flops:0\.0"):
+        csgd_api.CSGD(model, X, target="flops:0.01")
+    with pytest.raises(CsgdError, match="unknown target kind 'speed'"):
+        csgd_api.CSGD(model, X, target="speed:0.5")
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+DIGITS = [a for a in TINY_DIGITS if not a.startswith("+model.kwargs.widths")]
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["run", "prune.target=speed:0.5"], "unknown target kind 'speed'"),
+        (["run", "prune.target=flops:1.5"], "1.5 is outside (0, 1)"),
+        (["run", "prune.target=flops"], "'' is not a number"),
+        (["run", "prune.target=flops:0.5", "ratios=[0.8,0.6]"], "prune.rounds=2"),
+        (["run", "prune.target=flops:0.5", "ratio=0.5"], "both given"),
+        (["run", "prune.target=flops:0.001"], "smallest reachable is flops:0.0"),
+        (["run", "prune.target=params:0.1", "prune.min_width=16"], "prune.min_width=16"),
+        (["groups", "prune.target=latency:0.5", "backend=onnxruntime"], "onnxruntime"),
+    ],
+    ids=["kind", "range", "no_value", "with_ratios", "with_ratio", "unreachable", "min_width",
+         "no_runtime"],
+)  # fmt: skip
+def test_bad_targets_exit_2_with_one_line_and_write_nothing(
+    args: list[str],
+    expect: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # not installed
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main([*args, *DIGITS[:3], "device=cpu", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert expect in err[0] and "Traceback" not in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no timings
+
+
+def test_csgd_run_to_a_latency_target_on_the_cpu(
+    tmp_path: Path, quick_timing: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    cli.main([
+        "run", *[a for a in DIGITS if not a.startswith("dataset.limit")], "dataset.limit=64",
+        "+model.kwargs.widths=[16,16,16,16,16,16,16,16,16,16,16,16]", "pretrain.epochs=0", "schedule.epochs=1", "finetune.epochs=0",
+        "prune.force=true", "prune.export=false", "prune.target=latency:0.8",
+        "prune.round_to=4", "prune.latency_batch=32", "backend=eager", f"hydra.run.dir={out}",
+    ])  # fmt: skip
+    stdout = capsys.readouterr().out
+    widths = json.loads((out / "train" / "widths.json").read_text())
+    rep = widths["target_report"]
+    assert widths["target"] == "latency:0.8" and rep["met"] and rep["ratio"] <= 0.8
+    assert list((out / "latency").glob("resnet20-eager-b32-t*.json"))  # cached in the run
+    summary = json.loads((out / "summary.json").read_text())
+    target = summary["target"]
+    assert target["kind"] == "latency" and set(target["rows"]) == {"flops", "params", "latency"}
+    assert target["rows"]["flops"]["ratio"] < 1 and target["rows"]["params"]["ratio"] < 1
+    after = summary["widths"]["after"]
+    assert after == {**summary["widths"]["before"], **rep["widths"]}
+    assert "target latency:0.8" in stdout and "width before" in stdout
