@@ -1,5 +1,6 @@
 """Which channels of a group become one: k-means on kernels or an even split (C-SGD's
-clusters), the widths they give (``ratio``, ``round_to``), and the L1 baseline's choice."""
+clusters) and the widths they give (``ratio``, ``round_to``); the baselines' criteria
+choose channels at these widths in ``criteria.py``."""
 
 from __future__ import annotations
 
@@ -181,25 +182,3 @@ def target_widths(
         g.name: min(g.width, num_clusters(base.get(g.name, g.width), ratio, round_to))
         for g in groups
     }
-
-
-def l1_selection(model: nn.Module, groups: Sequence[ChannelGroup], ks: dict[str, int]) -> Clusters:
-    """L1-norm filter pruning (Li et al. 2017): keep the ``k`` channels whose kernels have
-    the largest L1 norm, summed over all producers of a (coupled) group (``k`` split over
-    producer segments by width); as singleton "clusters" so that
-    ``merge(..., partial=True)`` drops the rest."""
-    out = {}
-    for g in groups:
-        if g.name not in ks:
-            continue
-        keep: list[int] = []
-        segs = segment_rows(model, g, ("kernel",))
-        ks_seg = split_k(min(ks[g.name], g.width), [(a, b) for a, b, _ in segs])
-        for (a, b, blocks), k in zip(segs, ks_seg, strict=True):
-            score = sum(
-                r.tensor.detach().narrow(0, r.row, b - a).abs().reshape(b - a, -1).sum(1)
-                for r in blocks
-            )
-            keep += [a + int(i) for i in torch.topk(score, k).indices.sort().values]
-        out[g.name] = [[i] for i in keep]
-    return out

@@ -13,7 +13,7 @@ from .errors import CsgdError
 # Names the config accepts, as plain tuples (the modules that act on them import these).
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagenet")
 CLUSTERINGS = ("kmeans", "even")
-PRUNE_METHODS = ("csgd", "l1")
+PRUNE_METHODS = ("csgd", "l1", "l2", "fpgm", "taylor", "slimming", "random")  # criteria.CRITERIA
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
 TARGET_KINDS = ("flops", "params", "latency")  # prune.target=<kind>:<fraction> (widths.TARGETS)
 WIDTH_RULES = ("distortion", "uniform")  # how widths are chosen for a target (widths.RULES)
@@ -28,7 +28,7 @@ class Stage:
     data: bool = False  # reads the data set
     weights: str | None = None  # "ckpt": needs ckpt=; "ckpt|init": either; None: optional
     hint: str = "ckpt=<file.pt>"  # what to pass when the weights are missing
-    clusters: bool = False  # the ckpt must carry clusters (prune: unless prune.method=l1)
+    clusters: bool = False  # the ckpt must carry clusters (prune: unless a baseline)
     fresh: bool = False  # builds a fresh model from model= when no weights are given
     groups: bool = False  # uses prune.include/exclude to choose groups
     onnx: bool = False  # writes ONNX: needs the deploy extra
@@ -132,7 +132,9 @@ class ScheduleConf:
 class PruneConf:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    method: str = "csgd"  # csgd | l1
+    method: str = "csgd"  # csgd, or a baseline: l1 | l2 | fpgm | taylor | slimming | random
+    score_batches: int = 16  # taylor: training batches its scores are summed over
+    slimming_lambda: float = 1e-4  # slimming: L1 penalty on BN gamma in its sparsity phase
     force: bool = False
     tolerance: float = 1e-4  # largest |logit diff| / largest |logit| accepted at merge
     export: bool = True
@@ -239,6 +241,9 @@ def validate(cfg: DictConfig) -> None:
         "|".join(PRUNE_METHODS),
     )
     _need(cfg.prune.tolerance > 0, "prune.tolerance", cfg.prune.tolerance, "> 0")
+    _need(cfg.prune.score_batches >= 1, "prune.score_batches", cfg.prune.score_batches, ">= 1")
+    lam = cfg.prune.slimming_lambda
+    _need(lam >= 0, "prune.slimming_lambda", lam, ">= 0")
     _need(cfg.check.tolerance > 0, "check.tolerance", cfg.check.tolerance, "> 0")
     _need(
         cfg.checkpoint.every_steps >= 0,

@@ -174,6 +174,7 @@ class Timings:
                     self.data[part] = {**stored.get(part, {}), **self.data[part]}
         self.measured = 0  # layer timings taken (not found in a cache)
         self._base: tuple[int, Prepared] | None = None  # the base, exported once
+        self._runners: dict[str, Prepared] = {}  # candidates timed against it
 
     def layer(self, sig: LayerSig) -> float:
         k = ",".join(map(str, sig))
@@ -183,14 +184,23 @@ class Timings:
         return self.data["layers"][k]
 
     def ratio(
-        self, base: nn.Module, build: Callable[[], nn.Module], key: str, shape: Sequence[int]
+        self,
+        base: nn.Module,
+        build: Callable[[], nn.Module],
+        key: str,
+        shape: Sequence[int],
+        again: bool = False,
     ) -> float:
-        """The network ``build()`` gives relative to ``base`` (cached under ``key``)."""
-        if key not in self.data["ratios"]:
+        """The network ``build()`` gives relative to ``base`` (cached under ``key``);
+        ``again``: timed once more, and the larger ratio kept (a lucky round on a busy
+        machine must not pass a candidate)."""
+        if key not in self.data["ratios"] or again:
             if self._base is None or self._base[0] != id(base):
-                self._base = (id(base), prepare(base, self.rt, shape))
-            (_, r), base_ms = compare([self._base[1], prepare(build(), self.rt, shape)], self.rt)
-            self.data["ratios"][key] = r
+                self._base, self._runners = (id(base), prepare(base, self.rt, shape)), {}
+            if key not in self._runners:
+                self._runners[key] = prepare(build(), self.rt, shape)
+            (_, r), base_ms = compare([self._base[1], self._runners[key]], self.rt)
+            self.data["ratios"][key] = max(r, self.data["ratios"].get(key, 0.0))
             self.data["base_ms"][key] = base_ms
         return self.data["ratios"][key]
 

@@ -23,7 +23,6 @@ from .checkpoint import (
     need_clusters,
     save_checkpoint,
 )
-from .clustering import l1_selection, target_widths
 from .deploy import export_onnx_if_installed, export_pt2
 from .device import use_channels_last
 from .distributed import broadcast_object, is_main, on_main
@@ -158,8 +157,10 @@ def train_phase(
     out: Path,
     info: dict[str, Any],
     clusters: Clusters | None = None,
+    make_opt: Callable[[nn.Module, Any], torch.optim.Optimizer] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train with plain SGD (no clusters) or C-SGD; resumes from ``out/last.pt``.
+    """Train with plain SGD (no clusters; ``make_opt(model, schedule)`` instead: a
+    baseline's own, e.g. slimming's) or C-SGD; resumes from ``out/last.pt``.
 
     On resume the clusters, the schedule, epsilon, norm_epsilon and the weight decays
     all come from ``last.pt``: values given anew on the command line are ignored (and
@@ -201,7 +202,7 @@ def train_phase(
             plain_norm_weight_decay=sched.norm_weight_decay,
         )
     else:
-        opt = plain_sgd(model, sched)
+        opt = (make_opt or plain_sgd)(model, sched)
     trainer = Trainer(
         model,
         ctx.data,
@@ -291,35 +292,33 @@ def once(
 
 
 def budget_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
-    """The L1 baseline's fine-tune: ``finetune.epochs + rounds * schedule.epochs`` epochs
-    (the epochs C-SGD would train are added, so both methods train as long), with the
+    """A baseline's fine-tune: ``finetune.epochs + rounds * schedule.epochs`` epochs
+    (the epochs C-SGD would train are added, so all methods train as long), with the
     ``finetune`` learning rate; multistep milestones stay put, a cosine schedule
     stretches over the longer run."""
     extra = rounds * cfg.schedule.epochs
-    log.info("L1 baseline: fine-tune %d + %d epochs (C-SGD's budget)", cfg.finetune.epochs, extra)
+    log.info("%s: fine-tune %d + %d epochs (C-SGD's)", cfg.prune.method, cfg.finetune.epochs, extra)
     return OmegaConf.merge(cfg.finetune, {"epochs": cfg.finetune.epochs + extra})
 
 
 # -- the prune step: choose clusters, merge, verify, write -----------------------------------
 def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor,
                      ratio: float | None, src: str, step: tuple[int, int] | None = None,
-                     cache_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """Merge ``ck``'s clusters (``prune.method=csgd``; ``src`` names the file) or keep
-    the largest-L1 filters at the same widths (``l1``), verified on the real batch ``x``."""
-    p = cfg.prune
-    if p.method == "l1":
+                     cache_dir: Path | None = None, selection: Clusters | None = None,
+                     ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Merge ``ck``'s clusters (``src`` names the file), or keep a baseline's
+    ``selection`` (singletons at C-SGD's widths: ``baselines.prune_step``), verified on
+    the real batch ``x``. ``ratio``, ``step``, ``cache_dir``: unused (widths come with
+    the clusters or the selection); kept for the stages' calls."""
+    del ratio, step, cache_dir
+    if selection is not None:
         groups = channel_groups(model)
-        chosen = select_groups(groups, list(p.include), list(p.exclude))
-        if p.target is not None:  # the widths C-SGD would get: one pruner's choice
-            ks = pruner_for_config(cfg, model, ck, None, step, cache_dir, clustering="even").widths
-        else:
-            ks = target_widths(chosen, ratio, base_widths(model, ck), p.round_to)
-        clusters = l1_selection(model, chosen, ks)
-        thin, rep = merge_checked(model, groups, clusters, x, tolerance=p.tolerance, partial=True)
+        thin, rep = merge_checked(model, groups, selection, x, tolerance=cfg.prune.tolerance, partial=True)  # fmt: skip
+        rep["method"] = cfg.prune.method
     else:
         clusters = need_clusters(ck, src)
         pruner = CSGD(model, x, clusters=clusters, base_widths=base_widths(model, ck))
-        thin, rep = pruner.merge(x, tolerance=p.tolerance, force=p.force), pruner.merge_report
+        thin, rep = pruner.merge(x, tolerance=cfg.prune.tolerance, force=cfg.prune.force), pruner.merge_report  # fmt: skip
     if is_main():
         print(merge_summary(rep))
     return thin, rep

@@ -13,6 +13,7 @@ cannot be read gets the status ``damaged`` with a message saying which file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class Run:
     message: str = ""
     method: str = ""
     ratio: float | None = None
+    target: str | None = None  # prune.target (then ratio: the widths' share it chose)
+    key: str = ""  # the config without the seed: runs that differ only by seed share it
     epsilon: float | None = None
     epochs: int = 0
     acc: dict[str, float | None] = field(default_factory=dict)
@@ -109,7 +112,9 @@ def read_metrics(run: Path, notes: list[str] | None = None) -> dict[str, list[di
     return {ph: [recs[e] for e in sorted(recs)] for ph, recs in phases.items()}
 
 
-_ROW_KEYS = ("acc", "params", "macs", "latency_ms")  # what the report reads of a row
+_ROW_KEYS = ("acc", "params", "macs", "latency_ms")
+# what may differ between runs aggregated as one (the seed; a base model made per seed)
+_SEED_KEYS = ("seed", "init", "resume")  # what the report reads of a row
 
 
 def _summary_rows(summary: Any) -> dict[str, dict[str, Any]] | None:
@@ -170,6 +175,10 @@ def read_run(path: Path, root: Path) -> Run:
     )
     if stage in ("run", "train", "cluster", "check", "prune"):
         run.ratio = (cfg.get("ratios") or [cfg.get("ratio")])[-1]
+        run.target = (cfg.get("prune") or {}).get("target")
+    run.key = json.dumps(
+        {k: v for k, v in cfg.items() if k not in _SEED_KEYS}, sort_keys=True, default=str
+    )
     widths = read_json(path / "widths.json")  # clusters that came with init= win
     if isinstance(widths, dict) and widths.get("ratio") is not None:
         run.ratio = widths["ratio"]
@@ -192,6 +201,8 @@ def read_run(path: Path, root: Path) -> Run:
             damage = "summary.json is damaged (its rows are not those csgd run writes)"
         else:
             run.rows = rows
+            if _number(summary.get("ratio")):  # a target's: the share of widths it chose
+                run.ratio = summary["ratio"]
             for col in ACC_KEYS:
                 keys = [k for k in run.rows if k == col or k.startswith(f"{col}_r")]
                 run.acc[col] = run.rows[keys[-1]]["acc"] if keys else None

@@ -15,8 +15,7 @@ every layer it knows. Four things are done here so that its graph is exact:
   get their index maps from the shapes autograd recorded, per edge, in the order a
   dependency applies them (TP infers sizes recursively, which fails on deep graphs, maps
   a split's pieces by consumer order, and composes split-into-concat maps backwards).
-- **Linear walks.** A group is walked once per (node, channel): TP re-walks a node for
-  every distinct index list that reaches it, exponential on partial residuals (ReXNet).
+- **Linear walks** (``trace_walk``): each (node, channel) of a group is visited once.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from torch import nn
 
 from .errors import CsgdError
 from .layers import member_kind, member_tensors, rule_for
-
-TRACE_SECONDS = 60.0  # a walk that takes longer stops with one line
+from .trace_walk import Flatten, Put, Take
 
 
 def _shape(fn: Any, nr: int) -> tuple[int, ...]:
@@ -81,7 +79,7 @@ class Graph:
     identity: set[Any] = field(default_factory=set)  # ops that leave every channel be
     flatten: set[Any] = field(default_factory=set)  # flattens of an NCHW map (mapped)
     spans: list[tuple[int, int, nn.Module]] = field(default_factory=list)
-    deadline: float = float("inf")
+    deadline: float = float("inf")  # ``trace_walk.walk`` stops after it
     _parent: list[int] = field(default_factory=list)
 
     def owner(self, node: Any) -> nn.Module | None:
@@ -206,8 +204,6 @@ def _set_maps(op: Any, other: Any, k: int, into: Any, out_of: Any) -> bool:
 
 
 def _exact_index_maps(graph: Graph) -> None:
-    from torch_pruning.dependency import index_mapping as im
-
     tp_ops = graph.dg.ops
     unwrapped = [p for p, _ in graph.dg.unwrapped_parameters]
     for node in list(graph.dg.module2node.values()):
@@ -236,9 +232,8 @@ def _exact_index_maps(graph: Graph) -> None:
                 graph.bad[node] = "a concatenation csgd cannot map"
                 continue
             for i, src in zip(live, node.inputs, strict=True):
-                span = offsets[i : i + 2]
-                into = im._ConcatIndexMapping(span, reverse=False)
-                if not _set_maps(node, src, seen[src], into, im._ConcatIndexMapping(span, True)):
+                into, out_of = Put(offsets[i]), Take(offsets[i], offsets[i + 1])
+                if not _set_maps(node, src, seen[src], into, out_of):
                     graph.bad[node] = "a concatenation csgd cannot map"
                     break
                 seen[src] += 1
@@ -257,10 +252,12 @@ def _exact_index_maps(graph: Graph) -> None:
                 nrs = [nr for f, nr in out.grad_fn.next_functions if f is g]
                 k = seen[out]
                 seen[out] += 1
-                span = offsets[nrs[k] : nrs[k] + 2] if k < len(nrs) else None
-                into = im._SplitIndexMapping(span, reverse=True)  # from a piece's consumer
-                if span is None or not _set_maps(
-                    node, out, k, into, im._SplitIndexMapping(span, reverse=False)
+                piece = nrs[k] if k < len(nrs) else None
+                if (
+                    piece is None
+                    or not _set_maps(  # into: from the piece's consumer
+                        node, out, k, Put(offsets[piece]), Take(*offsets[piece : piece + 2])
+                    )
                 ):
                     graph.bad[node] = "a split csgd cannot map"
                     break
@@ -271,17 +268,14 @@ def _exact_index_maps(graph: Graph) -> None:
                 graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
             elif along:
                 a, b, step = g._saved_start, g._saved_end, g._saved_step
-                into = im._SliceIndexMapping(1, a, step, b, reverse=False)
-                if not _set_maps(
-                    node, node.inputs[0], 0, into, im._SliceIndexMapping(1, a, step, b, True)
-                ):
+                if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), Put(a, step)):
                     graph.bad[node] = "a slice csgd cannot map"
                 if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[1]:
                     graph.identity.add(node)  # the whole tensor: stays whole after a merge
             else:
                 graph.identity.add(node)
         elif kind == tp_ops.OPTYPE.RESHAPE:
-            _map_reshape(graph, node, im)
+            _map_reshape(graph, node)
         elif kind == tp_ops.OPTYPE.EXPAND:
             a, b = tuple(g._saved_self_sym_sizes), _shape(g, 0)
             if len(a) == len(b) in (2, 4, 5) and a[1] == b[1]:
@@ -292,25 +286,30 @@ def _exact_index_maps(graph: Graph) -> None:
             graph.identity.add(node)
 
 
-def _map_reshape(graph: Graph, node: Any, im: Any) -> None:
+def _map_reshape(graph: Graph, node: Any) -> None:
     """A flatten of an NCHW map (``repeat`` columns per channel) or a reshape that keeps
     each channel where it was; anything else gets no map (and ``tracing`` excludes it
     unless it is a layer's own)."""
     ins = [(f, nr) for f, nr in node.grad_fn.next_functions if f is not None]
-    if len(ins) != 1 or len(node.inputs) != 1:
-        return
+    owner = graph.owner(node)
+    if len(ins) != 1 or len(node.inputs) != 1 or (owner and rule_for(owner)):
+        return  # inside a layer (F.linear over an NHWC map): its rule speaks for it
     a, b = _shape(*ins[0]), _shape(node.grad_fn, 0)
     if len(a) == 4 and len(b) == 2 and a[0] == b[0] and b[1] == a[1] * a[2] * a[3]:
         stride = a[2] * a[3]
         if stride == 1:
             graph.identity.add(node)
             return
-        into = im._FlattenIndexMapping(stride=stride, reverse=False)
-        out_of = im._FlattenIndexMapping(stride=stride, reverse=True)
-        if _set_maps(node, node.inputs[0], 0, into, out_of):
+        if _set_maps(node, node.inputs[0], 0, Flatten(stride), Flatten(stride, back=True)):
             graph.flatten.add(node)
     elif len(a) == 2 and len(b) == 4 and a == b[:2] and b[2:] == (1, 1):
         graph.identity.add(node)  # (N, C) -> (N, C, 1, 1), e.g. an SE gate
+
+
+def channels_last(node: Any) -> bool:
+    """A linear layer's node whose output has more than two dims (tokens, NHWC maps):
+    its channels are the last dim, not dim 1."""
+    return isinstance(node.module, nn.Linear) and len(_shape(node.grad_fn, 0)) > 2
 
 
 def _whole_inplace(g: Any) -> bool:

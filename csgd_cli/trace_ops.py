@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from .layers import rule_for, split_rule_for
@@ -50,7 +51,8 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
     rule = rule_for(owner) if owner is not None else None
     if rule is not None and (name in PER_CHANNEL_OPS or name in rule.own_ops):
         return None  # the layer's own computation, which its rule describes
-    where = f" in '{graph.names.get(owner, '?')}' ({type(owner).__name__})" if owner else ""
+    at, cls = graph.names.get(owner), type(owner).__name__
+    where = (f" in '{at}' ({cls})" if at else f" in {cls}.forward") if owner is not None else ""
     if isinstance(mod, ops._ConcatOp) or node in graph.identity:
         return None
     if isinstance(mod, (ops._SplitOp, ops._SliceOp)):
@@ -64,7 +66,7 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
     if isinstance(mod, ops._ElementWiseOp):
         g = node.grad_fn
         if name in PER_CHANNEL_OPS:
-            return None
+            return _constant_operand(g, f"op {name}{where}")
         if name in REDUCTIONS:
             dims = getattr(g, "_saved_dim", None)
             sizes = getattr(g, "_saved_self_sym_sizes", None)
@@ -75,3 +77,20 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
                     return None
         return f"op {name}{where} is not known to keep channels apart"
     return f"op {type(mod).__name__.strip('_')}{where} is not supported by the merge"
+
+
+def _constant_operand(g: Any, op: str) -> str | None:
+    """An operand that is no node of the graph (a buffer, a weight used outside its
+    layer) keeps its width after a merge: harmless only if it is one wide along the
+    channels (a scalar, a spatial mask)."""
+    if all(f is not None for f, _ in g.next_functions):
+        return None
+    nd = len(g._input_metadata[0].shape)
+    dims = (1, 2) if nd == 3 else (1,)  # a 3-D tensor: channels first or tokens last
+    saved = [getattr(g, a, None) for a in ("_saved_other", "_saved_self")]
+    consts = [t for t in saved if isinstance(t, torch.Tensor) and not t.requires_grad]
+    if consts and all(
+        t.dim() <= nd - d or t.shape[d - (nd - t.dim())] == 1 for t in consts for d in dims
+    ):
+        return None
+    return f"{op} applies a constant tensor to the channels (a buffer?)"

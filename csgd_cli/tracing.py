@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CsgdError
 from .groups import ChannelGroup, Member
 from .layers import member_kind, rule_for
-from .trace_graph import TRACE_SECONDS, Graph, build_graph
+from .trace_graph import Graph, build_graph, channels_last
 from .trace_ops import OUTPUT, op_problem
+from .trace_walk import TRACE_SECONDS, walk
 
 _CACHE_ATTR = "_csgd_traced_groups"
 _BY_ARCH: dict[str, tuple[tuple, list[ChannelGroup]]] = {}  # one trace per architecture
@@ -107,55 +107,6 @@ def trace_seconds(model: nn.Module) -> float:
     return time.perf_counter() - t
 
 
-# -- a group: every (node, channel) reached from a layer's output channels -------------------
-def _walk(graph: Graph, module: nn.Module) -> list[tuple[Any, list[tuple[int, int]]]]:
-    """Per dependency reached from ``module``'s output channels: its (index, root index)
-    pairs. Index maps act on each index alone, so each (node, handler, pair) is walked
-    once (linear in the graph's size)."""
-    from torch_pruning import _helpers
-    from torch_pruning.dependency import Dependency
-    from torch_pruning.pruner import function
-
-    dg = graph.dg
-    pruner = dg.get_pruner_of_module(module)
-    fn = pruner.prune_out_channels
-    if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1:
-        fn = function.prune_depthwise_conv_out_channels  # as TP's get_pruning_group does
-    root = dg.module2node[module]
-    start = [_helpers._HybridIndex(i, i) for i in range(pruner.get_out_channels(module))]
-    first = Dependency(fn, fn, source=root, target=root)
-    seen: dict[tuple[Any, Any], set] = {(root, fn): set(start)}
-    found: dict[tuple[Any, Any], tuple[Any, list]] = {(root, fn): (first, list(start))}
-    stack = [(root, fn, start)]
-    while stack:
-        if time.perf_counter() > graph.deadline:
-            raise CsgdError(
-                f"tracing stopped after {TRACE_SECONDS:.0f} s in the group of "
-                f"'{graph.names.get(module, '?')}' (the graph is too large to walk)",
-                "declare channel_groups() on the model, or trace a smaller variant",
-            )
-        node, fn, idxs = stack.pop()
-        for dep in node.dependencies:
-            if not dep.is_triggered_by(fn):
-                continue
-            new = idxs
-            for mapping in dep.index_mapping:
-                if mapping is not None:
-                    new = mapping(new)
-            key = (dep.target, dep.handler)
-            have = seen.setdefault(key, set())
-            fresh = [i for i in dict.fromkeys(new) if i not in have]
-            if not fresh:
-                continue
-            have.update(fresh)
-            found.setdefault(key, (dep, []))[1].extend(fresh)
-            stack.append((dep.target, dep.handler, fresh))
-    return [(dep, [(int(i.idx), int(i.root_idx)) for i in ix]) for dep, ix in found.values()]
-
-
-# -- what a non-layer node does to the channels ------------------------------------------------
-
-
 @dataclass
 class _Raw:
     """One Torch-Pruning group: per (module, kind) the (local index, root index) pairs."""
@@ -170,14 +121,14 @@ class _Raw:
         return {(m, k, i) for (m, k), ps in self.pairs.items() for i, _ in ps}
 
 
-def _classify(graph: Graph, dep: Any) -> tuple[str | None, str | None]:
-    """(kind or None, problem or None) of one dependency target of a group."""
-    node, mod = dep.target, dep.target.module
+def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | None]:
+    """(kind or None, problem or None) of one node of a group, reached with ``handler``."""
+    mod = node.module
     if isinstance(mod, nn.Parameter):
         return None, f"parameter '{graph.dg._param_to_name.get(mod, '?')}' acts on the channels"
     name = graph.names.get(mod)
     if name is not None:  # a layer: its rule decides (csgd_cli.layers)
-        kind = member_kind(mod, bool(graph.dg.is_out_channel_pruning_fn(dep.handler)), name)
+        kind = member_kind(mod, bool(graph.dg.is_out_channel_pruning_fn(handler)), name)
         if kind in ("out", "channel", "in"):
             return kind, None
         return None, kind
@@ -187,14 +138,18 @@ def _classify(graph: Graph, dep: Any) -> tuple[str | None, str | None]:
 
 def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
     raw = _Raw(graph.names[module])
-    for dep, pairs in _walk(graph, module):
-        kind, problem = _classify(graph, dep)
+    judged = [(n, h, pairs, *_classify(graph, n, h)) for n, h, pairs in walk(graph, module)]
+    # an NCHW flatten's map is wrong for channels a linear layer wrote last (NHWC, tokens)
+    nhwc = any(kind == "out" and channels_last(n) for n, _, _, kind, _ in judged)
+    for node, _, pairs, kind, problem in judged:
+        if nhwc and node in graph.flatten:
+            problem = "a flatten of channels a linear layer wrote last (NHWC)"
         if problem:
             raw.problems.append(problem)
-        if kind == "output" or (kind == "out" and not dep.target.outputs):
+        if kind == "output" or (kind == "out" and not node.outputs):
             raw.output = True  # the logits (or another output) of the network
         if kind is not None and kind != "output":
-            raw.pairs.setdefault((graph.names[dep.target.module], kind), []).extend(pairs)
+            raw.pairs.setdefault((graph.names[node.module], kind), []).extend(pairs)
     raw.logits = raw.output and all(
         isinstance(graph.dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
     )
@@ -314,17 +269,18 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
     # a later root may span earlier ones (a depthwise conv over a concatenation): keep the
     # widest; two groups that overlap without one holding the other cannot be mapped
     slots = [r.slots() for r in raws]
-    keep = [
-        i
-        for i in range(len(raws))
-        if not any(j != i and slots[i] < slots[j] for j in range(len(raws)))
-    ]
+    holders: dict[tuple[str, str, int], list[int]] = {}
+    for i, s in enumerate(slots):
+        for slot in s:
+            holders.setdefault(slot, []).append(i)
+    near = [{j for slot in s for j in holders[slot]} - {i} for i, s in enumerate(slots)]
+    keep = [i for i in range(len(raws)) if not any(slots[i] < slots[j] for j in near[i])]
     groups = []
     for i in keep:
         if raws[i].logits:
             continue
         g = _to_group(raws[i], index)
-        clash = next((j for j in keep if j != i and slots[i] & slots[j]), None)
+        clash = next((j for j in keep if j in near[i]), None)
         if clash is not None and g.excluded is None:
             g.excluded = f"channels also coupled with the group of '{raws[clash].root}'"
         groups.append(g)

@@ -10,7 +10,8 @@
    pruned.pt timed anew in onnxruntime, alternating, at batch 1 and 64 (must be <= 0.55).
 3. resnet50: the time to choose ResNet-50's widths for a latency target in onnxruntime.
 4. digits: ResNet-20 on digits at FLOPs target 0.25, 3 seeds, quickstart schedule: the
-   distortion rule's widths against uniform widths (same base, same epochs), mean +- std.
+   distortion rule's widths against uniform widths (same base, same epochs), mean +- std
+   (one thread per run; the runs are kept in --out, and a rerun reuses them).
 
 Random weights for 1-3 (no pretrained files offline): counts and latency do not depend
 on them; which groups the distortion rule narrows does. Prints the machine's load.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,8 +51,10 @@ def load() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"
 
 
-def csgd_cli(*args: str) -> None:
+def csgd_cli(*args: str, threads: int | None = None) -> None:
     env = dict(os.environ, CSGD_NO_BAR="1")
+    if threads:  # tiny nets: one thread each is as fast, and spares a shared machine
+        env["OMP_NUM_THREADS"] = str(threads)
     r = subprocess.run([sys.executable, "-m", "csgd_cli", *args], env=env, text=True,
                        capture_output=True)  # fmt: skip
     if r.returncode != 0:
@@ -80,20 +84,22 @@ def counts() -> None:
                       f"{got / value:.4f} {ok} | {secs:.1f} |", flush=True)  # fmt: skip
 
 
-def latency_run(out: Path) -> None:
+def latency_run(out: Path, threads: int | None) -> None:
     print("\n## 2. resnet56, prune.target=latency:0.5 backend=onnxruntime (batch 1)\n")
-    run = out / "r56_latency"
+    nthreads = [f"prune.latency_threads={threads}"] if threads else []
+    run = out.resolve() / "r56_latency"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run: timings not cached before
     t = time.perf_counter()
     csgd_cli(
         "run", "model=resnet56", "dataset=synthetic", "dataset.num_train=64",
         "dataset.num_test=64", "device=cpu", "pretrain.epochs=0", "schedule.epochs=0",
         "finetune.epochs=0", "prune.force=true", "prune.target=latency:0.5",
-        "backend=onnxruntime", "eval.latency_iters=3", f"hydra.run.dir={run}",
+        "backend=onnxruntime", "eval.latency_iters=3", f"hydra.run.dir={run}", *nthreads,
     )  # fmt: skip
     print(f"csgd run took {time.perf_counter() - t:.0f} s")
     rep = json.loads((run / "train" / "widths.json").read_text())["target_report"]
     print(f"widths chosen in {rep['seconds']:.0f} s; {rep['layers_timed']} layer timings cached "
-          f"in {Path(rep['cache']).relative_to(out)}; timed while choosing: "
+          f"in {Path(rep['cache']).relative_to(out.resolve())}; timed while choosing: "
           f"{rep['ratio']:.3f} of the base")  # fmt: skip
     summ = json.loads((run / "summary.json").read_text())["target"]["rows"]["latency"]
     print(f"run summary (base and final timed alternating): {summ['ratio']:.3f}")
@@ -102,20 +108,21 @@ def latency_run(out: Path) -> None:
           f"{sorted(set(thin.widths[3:]))}")  # fmt: skip
     latency.ROUNDS, latency.NETWORK_S = 9, 0.3  # the independent timing: longer
     for batch in (1, 64):
-        (_, r), ms = ratios([base, thin], Runtime("onnxruntime", batch), (3, 32, 32))
+        (_, r), ms = ratios([base, thin], Runtime("onnxruntime", batch, threads), (3, 32, 32))
         ok = "ok" if r <= 0.55 else "MISSED"
         print(f"independent onnxruntime timing, batch {batch}: base {ms:.2f} ms, pruned "
               f"{ms * r:.2f} ms, ratio {r:.3f} ({ok}: <= 0.55)", flush=True)  # fmt: skip
 
 
-def resnet50_latency(out: Path) -> None:
+def resnet50_latency(out: Path, threads: int | None) -> None:
     print("\n## 3. resnet50 (resnet50_imagenet groups), latency:0.7 in onnxruntime, batch 1\n")
     torch.manual_seed(0)
     model = get_model("resnet50")
     x = torch.randn(1, 3, 224, 224)
+    shutil.rmtree(out / "r50", ignore_errors=True)  # a cold choice: nothing timed before
     t = time.perf_counter()
     p = csgd.CSGD(model, x, target="latency:0.7", include=R50_INCLUDE, backend="onnxruntime",
-                  clustering="even", cache_dir=out / "r50")  # fmt: skip
+                  clustering="even", cache_dir=out / "r50", latency_threads=threads)  # fmt: skip
     total = time.perf_counter() - t
     rep = p.target_report
     print(f"width choice: {rep['seconds']:.0f} s ({total:.0f} s with tracing the groups), "
@@ -129,13 +136,14 @@ def digits(out: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
     for seed in seeds:
         base = out / f"digits_base{seed}"
         if not (base / "last.pt").is_file():
-            csgd_cli("pretrain", "experiment=quickstart", f"seed={seed}", f"hydra.run.dir={base}")
+            csgd_cli("pretrain", "experiment=quickstart", f"seed={seed}", f"hydra.run.dir={base}",
+                     threads=1)  # fmt: skip
         for rule in acc:
             run = out / f"digits_{rule}{seed}"
             if not (run / "summary.json").is_file():
                 csgd_cli("run", "experiment=quickstart", f"init={base / 'last.pt'}",
                          f"seed={seed}", "prune.target=flops:0.25", f"prune.rule={rule}",
-                         "prune.export=false", f"hydra.run.dir={run}")  # fmt: skip
+                         "prune.export=false", f"hydra.run.dir={run}", threads=1)  # fmt: skip
             s = json.loads((run / "summary.json").read_text())
             rows, t = s["rows"], s["target"]["rows"]["flops"]
             acc[rule].append(rows["finetuned"]["acc"])
@@ -154,11 +162,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="counts,latency,resnet50,digits")
     ap.add_argument("--out", default="outputs/bench_target", type=Path)  # runs kept: reruns reuse
+    ap.add_argument("--latency-threads", type=int, default=None, help="default: torch's")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
-    parts = {"counts": counts, "latency": lambda: latency_run(a.out),
-             "resnet50": lambda: resnet50_latency(a.out), "digits": lambda: digits(a.out)}  # fmt: skip
+    print(f"latency timed with {a.latency_threads or torch.get_num_threads()} thread(s)")
+    t = a.latency_threads
+    parts = {"counts": counts, "latency": lambda: latency_run(a.out, t),
+             "resnet50": lambda: resnet50_latency(a.out, t), "digits": lambda: digits(a.out)}  # fmt: skip
     for name in a.only.split(","):
         parts[name]()
         print(f"({load()})", flush=True)

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "latency": 2,
     "datasets": 3,
     "models": 3,
+    "trace_walk": 1,  # index maps and the walk along the traced graph
     "trace_graph": 3,  # Torch-Pruning's graph made exact (tracing maps it)
     "trace_ops": 3,  # what a traced op does to the channels
     "report": 3,
@@ -51,6 +52,7 @@ LAYERS: dict[str, int] = {
     "optim": 4,
     "clustering": 4,
     "surgery": 5,
+    "criteria": 5,  # the baselines' criteria (Torch-Pruning's importances on csgd's groups)
     "costs": 5,
     "widths": 6,
     "checkpoint": 6,
@@ -59,6 +61,7 @@ LAYERS: dict[str, int] = {
     "engine": 8,
     "pipeline": 9,
     "preflight": 10,
+    "baselines": 10,  # baselines in csgd run/prune: C-SGD's widths and budget
     "stages": 11,
     "cli": 12,
     "__main__": 13,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csgd_cli.clustering import cluster_groups, l1_selection, target_widths
+from csgd_cli.clustering import cluster_groups, target_widths
+from csgd_cli.criteria import l1_selection
 from csgd_cli.errors import CsgdError
 from csgd_cli.models import get_model
 from csgd_cli.report import write_report

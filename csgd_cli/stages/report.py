@@ -25,6 +25,8 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise CsgdError(f"dir={root}: no such directory", "pass dir=<a run dir or a -m sweep dir>")
     rep = write_report(root)
     print(rep["table"])
-    names = ["report.md", "report.csv", *rep["plots"]]
+    if any(a["n"] > 1 for a in rep["aggregate"]):  # seeds: the table that compares methods
+        print(f"\nmean ± std over the runs that differ only by seed:\n{rep['agg_table']}")
+    names = ["report.md", "report.csv", "report_agg.csv", *rep["plots"]]
     print(f"\n{rep['runs']} run(s); wrote {', '.join(names)} in {root}")
-    return {k: v for k, v in rep.items() if k != "table"}
+    return {k: v for k, v in rep.items() if k not in ("table", "agg_table")}

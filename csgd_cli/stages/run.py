@@ -4,9 +4,9 @@ With ``resume=true`` in the same ``hydra.run.dir`` it skips every phase whose ou
 exists and resumes the interrupted phase from its ``last.pt``.
 ``prune.target`` replaces ``ratio`` (``prune.rounds`` rounds, ``pipeline.round_target``);
 the summary then shows each group's width before and after and the target reached.
-``prune.method=l1`` (the L1-norm baseline) skips C-SGD training, keeps the largest-norm
-filters at the same widths and fine-tunes for the epochs C-SGD would have trained too
-(``pipeline.budget_schedule``).
+A baseline (``prune.method=l1|l2|fpgm|taylor|random``) skips C-SGD training, keeps its
+criterion's best channels at the same widths and fine-tunes for the epochs C-SGD would
+have trained too; ``slimming`` trains them as its sparsity phase instead (``baselines``).
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..baselines import finetune_schedule, prune_step, sparsity_phase
 from ..distributed import barrier, is_main
 from ..files import write_json
 from ..metrics import chi_report, measure, summary_table
 from ..pipeline import (
     base_phase,
-    budget_schedule,
     csgd_phase,
     once,
     payload,
-    prune_for_config,
     save_pruned,
     train_phase,
     widths_reached,
@@ -40,7 +39,7 @@ log = logging.getLogger("csgd")
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
-    info, l1, rows = ctx.data.info, cfg.prune.method == "l1", {}
+    info, method, rows = ctx.data.info, cfg.prune.method, {}
     measure_ = lambda m: measure(m, ctx.data, ctx.device, cfg.eval, cfg.amp, cfg.backend)  # noqa: E731
     model, ck = once(ctx, out / "base.pt", lambda: base_phase(ctx, out / "pretrain"))
     rows["base"], base = measure_(model), model
@@ -52,20 +51,26 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         if cfg.resume and pruned.is_file():
             model, ck = load(str(pruned), "run", info)
             continue
-        if not l1:
-            phase = f"train{tag}"
+        src, widths = out / (f"pruned_r{r}.pt" if r else "base.pt"), None  # ``model``'s file
+        if method == "csgd":
+            phase, src = f"train{tag}", csgd
             train = partial(csgd_phase, ctx, model, ck, phase, out / phase, ratio, step)
             model, ck = once(ctx, csgd, train)
             chi = chi_report(model, channel_groups(model), ck["clusters"])
             log.info("chi %.3e (relative %.3e) after round %d", chi["chi"], chi["relative"], r + 1)
             rows[f"csgd{tag}"] = dict(measure_(model), chi=chi["chi"], chi_relative=chi["relative"])
-        src = str(out / ("base.pt" if l1 else csgd.name))
-        thin, rep = prune_for_config(cfg, model.to(ctx.device), ck, x, ratio, src, step, out)
-        save_pruned(cfg, thin, ck, rep, src, pruned, x)
+        elif method == "slimming":  # widths chosen before it, as C-SGD's clusters are
+            phase, src = f"sparsity{tag}", out / f"sparse{tag}.pt"
+            train = partial(sparsity_phase, ctx, model, ck, phase, out / phase, ratio, step)
+            model, ck = once(ctx, src, train)
+            rows[f"sparse{tag}"], widths = measure_(model), ck["group_widths"]
+        args = (ctx, model.to(ctx.device), ck, x, ratio, str(src), step, out, widths)
+        thin, rep = prune_step(*args)
+        save_pruned(cfg, thin, ck, rep, str(src), pruned, x)
         barrier()  # rank 0 wrote pruned.pt: every rank reads it
         model, ck = load(str(pruned), "run", info)
         rows[f"pruned{tag}"] = {**measure_(model), "merge_check": rep}
-    sched = budget_schedule(cfg, len(ratios)) if l1 else cfg.finetune
+    sched = finetune_schedule(cfg, len(ratios))
     kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
     fine = lambda: train_phase(ctx, model, sched, "finetune", out / "finetune", kw)  # noqa: E731
     model, ck = once(ctx, out / "finetuned.pt", fine)
