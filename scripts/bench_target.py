@@ -80,8 +80,8 @@ def counts() -> None:
                 thin = p.merge(force=True)
                 got = (count_macs(thin, x) if kind == "flops" else count_params(thin)) / base[kind]
                 ok = "ok" if 0.99 * value <= got <= value else "MISSED"
-                print(f"| {name} | {len(p.widths)} | {kind}:{value} | {rule} | {got:.4f} | "
-                      f"{got / value:.4f} {ok} | {secs:.1f} |", flush=True)  # fmt: skip
+                print(f"| {name} | {len(p.widths)} | {kind}:{value} | {rule} | {got:.5f} | "
+                      f"{got / value:.5f} {ok} | {secs:.1f} |", flush=True)  # fmt: skip
 
 
 def latency_run(out: Path, threads: int | None) -> None:
