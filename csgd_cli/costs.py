@@ -14,7 +14,8 @@ widths, and
   and interpolated between the measured channel counts.
 
 ``TermCost.cost(ks)`` evaluates one of these; ``delta`` only the tensors of one group,
-so a greedy search over thousands of width steps stays fast.
+so the greedy searches over thousands of width steps (``descend``, ``give_back``) stay
+fast.
 """
 
 from __future__ import annotations

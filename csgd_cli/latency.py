@@ -172,7 +172,6 @@ class Timings:
             if isinstance(stored, dict):
                 for part in self.data:  # what this process measured wins
                     self.data[part] = {**stored.get(part, {}), **self.data[part]}
-        self.measured = 0  # layer timings taken (not found in a cache)
         self._base: tuple[int, Prepared] | None = None  # the base, exported once
         self._runners: dict[str, Prepared] = {}  # candidates timed against it
 
@@ -180,7 +179,6 @@ class Timings:
         k = ",".join(map(str, sig))
         if k not in self.data["layers"]:
             self.data["layers"][k] = layer_ms(sig, self.rt)
-            self.measured += 1
         return self.data["layers"][k]
 
     def ratio(

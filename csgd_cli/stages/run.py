@@ -1,9 +1,7 @@
 """csgd run: pretrain -> cluster -> train -> check -> prune -> finetune -> eval, one dir.
 
-With ``resume=true`` in the same ``hydra.run.dir`` it skips every phase whose output file
-exists and resumes the interrupted phase from its ``last.pt``.
-``prune.target`` replaces ``ratio`` (``prune.rounds`` rounds, ``pipeline.round_target``);
-the summary then shows each group's width before and after and the target reached.
+``resume=true`` (same ``hydra.run.dir``) skips the phases done and resumes the one cut
+short from its ``last.pt``; ``prune.target`` replaces ``ratio`` (``prune.rounds`` rounds).
 A baseline (``prune.method=l1|l2|fpgm|taylor|random``) skips C-SGD training, keeps its
 criterion's best channels at the same widths and fine-tunes for the epochs C-SGD would
 have trained too; ``slimming`` trains them as its sparsity phase instead (``baselines``).
@@ -64,20 +62,17 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             train = partial(sparsity_phase, ctx, model, ck, phase, out / phase, ratio, step)
             model, ck = once(ctx, src, train)
             rows[f"sparse{tag}"], widths = measure_(model), ck["group_widths"]
-        args = (ctx, model.to(ctx.device), ck, x, ratio, str(src), step, out, widths)
-        thin, rep = prune_step(*args)
+        thin, rep = prune_step(ctx, model.to(ctx.device), ck, x, ratio, str(src), step, out, widths)
         save_pruned(cfg, thin, ck, rep, str(src), pruned, x)
         barrier()  # rank 0 wrote pruned.pt: every rank reads it
         model, ck = load(str(pruned), "run", info)
         rows[f"pruned{tag}"] = {**measure_(model), "merge_check": rep}
-    sched = finetune_schedule(cfg, len(ratios))
+    fine = partial(train_phase, ctx, model, finetune_schedule(cfg, len(ratios)), "finetune")
     kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
-    fine = lambda: train_phase(ctx, model, sched, "finetune", out / "finetune", kw)  # noqa: E731
-    model, ck = once(ctx, out / "finetuned.pt", fine)
+    model, ck = once(ctx, out / "finetuned.pt", lambda: fine(out / "finetune", kw))
     rows["finetuned"] = measure_(model)
-    keys = ("epsilon", "seed")
     summary = {"model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.prune.method}
-    summary.update(ratio=ratios[-1], ratios=ratios, **{k: cfg[k] for k in keys}, rows=rows)
+    summary.update(ratio=ratios[-1], ratios=ratios, epsilon=cfg.epsilon, seed=cfg.seed, rows=rows)
     if is_main():  # widths before and after; a target against what was reached
         summary.update(widths_reached(cfg, base, model, info))
         print(summary_table(rows, summary["widths"], summary.get("target")))
