@@ -29,9 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function
 
 from .clustering import split_k
 from .errors import CsgdError
@@ -40,7 +38,14 @@ from .layers import segment_rows
 
 _CONV, _LINEAR, _BN = nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm
 GammaRows = list[tuple[torch.Tensor, int, int]]  # (BN weight, first row, rows)
-_imp = tp.importance
+
+
+def _tp() -> Any:
+    """Torch-Pruning, imported when a baseline scores channels: it imports timm when
+    that is installed, seconds that every csgd command would otherwise pay at startup."""
+    import torch_pruning
+
+    return torch_pruning
 
 
 @dataclass(frozen=True)
@@ -52,25 +57,25 @@ class Criterion:
     sparsity: bool = False  # a sparsity phase (L1 on BN gamma) replaces C-SGD's training
 
 
-def _sum(cls: Any, kernels: bool = True, **kw: Any) -> Callable[[], Any]:
+def _sum(cls: str, kernels: bool = True, **kw: Any) -> Callable[[], Any]:
     """A TP importance summing its members' raw scores; ``kernels``: over conv/linear
     kernels only (TP's magnitude and Taylor scores would add the BN gammas too)."""
     if kernels:
         kw["target_types"] = [_CONV, _LINEAR]
-    return lambda: cls(group_reduction="sum", normalizer=None, **kw)
+    return lambda: getattr(_tp().importance, cls)(group_reduction="sum", normalizer=None, **kw)
 
 
 CRITERIA: dict[str, Criterion] = {
     c.name: c
     for c in (
-        Criterion("l1", "Li et al. 2017", _sum(_imp.MagnitudeImportance, p=1)),
-        Criterion("l2", "Li et al. 2017 (L2 norm)", _sum(_imp.MagnitudeImportance, p=2)),
-        Criterion("fpgm", "He et al. 2019", _sum(_imp.FPGMImportance, False, p=2)),
-        Criterion("taylor", "Molchanov et al. 2019", _sum(_imp.TaylorImportance), grads=True),
+        Criterion("l1", "Li et al. 2017", _sum("MagnitudeImportance", p=1)),
+        Criterion("l2", "Li et al. 2017 (L2 norm)", _sum("MagnitudeImportance", p=2)),
+        Criterion("fpgm", "He et al. 2019", _sum("FPGMImportance", False, p=2)),
+        Criterion("taylor", "Molchanov et al. 2019", _sum("TaylorImportance"), grads=True),
         Criterion(
-            "slimming", "Liu et al. 2017", _sum(_imp.BNScaleImportance, False), sparsity=True
+            "slimming", "Liu et al. 2017", _sum("BNScaleImportance", False), sparsity=True
         ),
-        Criterion("random", "random channels", _imp.RandomImportance),
+        Criterion("random", "random channels", lambda: _tp().importance.RandomImportance()),
     )
 }
 
@@ -99,6 +104,7 @@ class _Item:
 
 def _prune_fn(m: nn.Module) -> Callable | None:
     """TP's name for "this layer's output channels": selects its branch of each importance."""
+    function = _tp().pruner.function
     if isinstance(m, _CONV):  # a depthwise conv (a per-channel member) too: rows are channels
         return function.prune_conv_out_channels
     if isinstance(m, _LINEAR):

@@ -26,6 +26,16 @@ def use_channels_last(wanted: bool, device: torch.device) -> bool:
     return bool(wanted) and device.type == "cuda"
 
 
+def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile`` for a training forward/backward on ``device``."""
+    if device.type == "cpu":
+        # Inductor turns CPU convs channels_last, and oneDNN's channels_last weight
+        # gradient of a strided 1x1 conv is wrong on some AVX2 CPUs (torch 2.14: eager
+        # channels_last shows it too, and the compiled backward even corrupted memory).
+        torch._inductor.config.layout_optimization = False
+    return torch.compile(model)
+
+
 def amp_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler."""
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

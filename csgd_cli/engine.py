@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import RESUME_KEYS, check_format, save_checkpoint
-from .device import FlatGradScaler, amp_dtype, use_channels_last
+from .device import FlatGradScaler, amp_dtype, compile_for_training, use_channels_last
 from .errors import CsgdError, Preempted
 from .files import in_main_thread
 from .logs import MetricLog
@@ -71,7 +71,7 @@ class Trainer:
         self.amp = amp and device.type == "cuda"
         self.every_steps, self.chi_fn = every_steps, chi_fn
         # compile: forward/backward under torch.compile; the optimizer step stays eager
-        self.forward = torch.compile(model) if compile else model
+        self.forward = compile_for_training(model, device) if compile else model
         self._compile = compile  # fit() compiles the DDP wrapper instead in a job
         self.steps = data.steps_per_epoch()
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(sched, self.steps))
@@ -239,7 +239,7 @@ class Trainer:
         plain = self.forward
         net = distributed.wrap(self.model, self.device)  # DDP in a job, else the model
         if net is not self.model:
-            self.forward = torch.compile(net) if self._compile else net
+            self.forward = compile_for_training(net, self.device) if self._compile else net
         try:
             result = self._fit()
             distributed.sync_buffers(self.model)  # every rank now holds rank 0's model

@@ -326,7 +326,10 @@ def _choose_timed(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
         ks = pick(problem, cost, cands, budget, seed, base)
         while _key(problem, ks) in seen and budget > points[1][0]:  # timed: a step narrower
             budget = cost.cost(ks) * (1 - 1e-9)
-            ks = pick(problem, cost, cands, budget, seed, base)
+            narrower = pick(problem, cost, cands, budget, seed, base)
+            if _key(problem, narrower) == _key(problem, ks):  # noisy timings: no step
+                break  # lowers the modelled time, and asking again would loop forever
+            ks = narrower
         if _key(problem, ks) in seen:
             break
         seen.add(_key(problem, ks))

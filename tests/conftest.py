@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -10,6 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker (and per csgd process it starts): two workers on two cores,
+    # each spinning two OpenMP threads, mostly wait on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # A tiny ResNet-20 on 256 digits: CLI runs that finish in seconds.
 TINY_DIGITS = [

@@ -186,15 +186,15 @@ def test_csgd_run_to_a_latency_target_on_the_cpu(
     out = tmp_path / "run"
     cli.main([
         "run", *[a for a in DIGITS if not a.startswith("dataset.limit")], "dataset.limit=64",
-        "+model.kwargs.widths=[16,16,16,16,16,16,16,16,16,16,16,16]", "pretrain.epochs=0", "schedule.epochs=1", "finetune.epochs=0",
+        "+model.kwargs.widths=[32,32,32,32,32,32,32,32,32,32,32,32]", "pretrain.epochs=0", "schedule.epochs=1", "finetune.epochs=0",
         "prune.force=true", "prune.export=false", "prune.target=latency:0.8",
-        "prune.round_to=4", "prune.latency_batch=32", "backend=eager", f"hydra.run.dir={out}",
+        "prune.round_to=4", "prune.latency_batch=64", "backend=eager", f"hydra.run.dir={out}",
     ])  # fmt: skip
     stdout = capsys.readouterr().out
     widths = json.loads((out / "train" / "widths.json").read_text())
     rep = widths["target_report"]
     assert widths["target"] == "latency:0.8" and rep["met"] and rep["ratio"] <= 0.8
-    assert list((out / "latency").glob("resnet20-eager-b32-t*.json"))  # cached in the run
+    assert list((out / "latency").glob("resnet20-eager-b64-t*.json"))  # cached in the run
     summary = json.loads((out / "summary.json").read_text())
     target = summary["target"]
     assert target["kind"] == "latency" and set(target["rows"]) == {"flops", "params", "latency"}
@@ -202,3 +202,31 @@ def test_csgd_run_to_a_latency_target_on_the_cpu(
     after = summary["widths"]["after"]
     assert after == {**summary["widths"]["before"], **rep["widths"]}
     assert "target latency:0.8" in stdout and "width before" in stdout
+
+
+def test_latency_search_stops_when_noisy_timings_allow_no_narrower_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timings where a narrower layer is measured slower can leave the rule unable to go
+    below a timed candidate; the search then keeps the best candidate instead of asking
+    for ever-smaller budgets (it once spun for minutes in a run)."""
+    import signal
+    from types import SimpleNamespace
+
+    group = SimpleNamespace(name="g", width=8)
+    problem = SimpleNamespace(groups=[group], timings=SimpleNamespace(save=lambda: None))
+    cost = SimpleNamespace(cost=lambda ks: float(ks.get("g", 8)))
+    monkeypatch.setattr(widths, "_measured_ratio", lambda p, ks, again=False: 0.9)
+    stuck = lambda *a: {"g": 8}  # noqa: E731 - a rule that cannot reach the budget
+
+    def hang(*_: object) -> None:
+        raise TimeoutError("the latency search did not stop")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        ks, ratio = widths._choose_timed(problem, cost, {"g": [2, 4, 8]}, 0.5, 0.3, stuck, 0, {})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (ks, ratio) == ({"g": 2}, 0.3)  # the floor: the only candidate timed below 0.5
