@@ -72,9 +72,7 @@ CRITERIA: dict[str, Criterion] = {
         Criterion("l2", "Li et al. 2017 (L2 norm)", _sum("MagnitudeImportance", p=2)),
         Criterion("fpgm", "He et al. 2019", _sum("FPGMImportance", False, p=2)),
         Criterion("taylor", "Molchanov et al. 2019", _sum("TaylorImportance"), grads=True),
-        Criterion(
-            "slimming", "Liu et al. 2017", _sum("BNScaleImportance", False), sparsity=True
-        ),
+        Criterion("slimming", "Liu et al. 2017", _sum("BNScaleImportance", False), sparsity=True),
         Criterion("random", "random channels", lambda: _tp().importance.RandomImportance()),
     )
 }
