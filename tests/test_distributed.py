@@ -269,7 +269,9 @@ def test_a_failing_rank_ends_every_rank_within_seconds(jobs: dict[str, Any]) -> 
     assert "rank      : 1 " in root_cause.split("=====")[0]
     assert jobs["failed_at"] is not None
     took = jobs["fail_ended"] - jobs["failed_at"]
-    assert took < 15, f"the job took {took:.1f} s to end after the failure"
+    # far below the collective timeout (dist.timeout_s=1800) the ranks would otherwise
+    # wait out; 2-18 s seen on 2 cores shared by this file's jobs and a second test worker
+    assert took < 60, f"the job took {took:.1f} s to end after the failure"
     assert not (jobs["root"] / "fail/last.pt").exists()
 
 
