@@ -67,7 +67,7 @@ def prune_step(
     rank 0 and sent to every rank; verified on the real batch ``x``."""
     cfg = ctx.cfg
     if cfg.prune.method == "csgd":
-        return prune_for_config(cfg, model, ck, x, ratio, src, step, cache_dir)
+        return prune_for_config(cfg, model, ck, x, src)
     chosen = None
     if is_main():
         ks = widths or baseline_widths(cfg, model, ck, ratio, step, cache_dir)[0]
@@ -76,7 +76,7 @@ def prune_step(
         groups = channel_groups(model)
         chosen = select(cfg.prune.method, model, groups, ks, seed=cfg.seed, batches=batches)
     selection: Clusters = broadcast_object(chosen)
-    return prune_for_config(cfg, model, ck, x, ratio, src, selection=selection)
+    return prune_for_config(cfg, model, ck, x, src, selection=selection)
 
 
 def sparsity_phase(

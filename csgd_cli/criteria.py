@@ -248,10 +248,16 @@ class SparseGammaSGD(torch.optim.SGD):
     def __init__(self, base: torch.optim.SGD, rows: GammaRows, lam: float) -> None:
         super().__init__(base.param_groups, **base.defaults)
         self.rows, self.lam = rows, float(lam)
+        self._gammas = [t.detach().narrow(0, a, n) for t, a, n in rows]  # views, made once
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Any:
-        for t, a, n in self.rows:
+        pairs = zip(self.rows, self._gammas, strict=True)
+        grads, gammas = [], []
+        for (t, a, n), v in pairs:
             if t.grad is not None:
-                t.grad.narrow(0, a, n).add_(t.narrow(0, a, n).sign(), alpha=self.lam)
+                grads.append(t.grad.narrow(0, a, n))
+                gammas.append(v)
+        if grads:  # one fused sign and add over every row, not two kernels per row
+            torch._foreach_add_(grads, torch._foreach_sign(gammas), alpha=self.lam)
         return super().step(closure)

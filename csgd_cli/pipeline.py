@@ -302,15 +302,11 @@ def budget_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
 
 
 # -- the prune step: choose clusters, merge, verify, write -----------------------------------
-def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor,
-                     ratio: float | None, src: str, step: tuple[int, int] | None = None,
-                     cache_dir: Path | None = None, selection: Clusters | None = None,
-                     ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor, src: str,
+                     selection: Clusters | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Merge ``ck``'s clusters (``src`` names the file), or keep a baseline's
     ``selection`` (singletons at C-SGD's widths: ``baselines.prune_step``), verified on
-    the real batch ``x``. ``ratio``, ``step``, ``cache_dir``: unused (widths come with
-    the clusters or the selection); kept for the stages' calls."""
-    del ratio, step, cache_dir
+    the real batch ``x``. The widths come with the clusters or the selection."""
     if selection is not None:
         groups = channel_groups(model)
         thin, rep = merge_checked(model, groups, selection, x, tolerance=cfg.prune.tolerance, partial=True)  # fmt: skip

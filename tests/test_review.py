@@ -104,7 +104,7 @@ def test_need_clusters_names_the_file(base: Path) -> None:
     path = base / "base/last.pt"
     model = checkpoint.model_from_checkpoint(load_checkpoint(path))
     with pytest.raises(CsgdError, match=f"ckpt={path} has no clusters"):
-        prune_for_config(cfg, model, {}, torch.zeros(2, 1, 8, 8), 0.5, str(path))
+        prune_for_config(cfg, model, {}, torch.zeros(2, 1, 8, 8), str(path))
 
 
 def test_preflight_hands_its_data_and_checkpoint_on(
