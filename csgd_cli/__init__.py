@@ -21,12 +21,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 _WHERE = {
-    "CSGD": "api",
-    "save": "api",
-    "load_model": "api",
-    "ChannelGroup": "groups",
-    "CsgdError": "errors",
-    "channel_groups": "tracing",
+    "CSGD": "api.pruner",
+    "save": "api.pruner",
+    "load_model": "api.pruner",
+    "ChannelGroup": "rules.groups",
+    "CsgdError": "common.errors",
+    "channel_groups": "tracing.trace",
     "get_model": "models",
     "list_models": "models",
     "register_model": "models",

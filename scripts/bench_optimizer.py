@@ -27,10 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from csgd_cli.clustering import cluster_groups, target_widths
+from csgd_cli.core.clustering import cluster_groups, target_widths
+from csgd_cli.core.optim import CentripetalSGD
 from csgd_cli.models import get_model
-from csgd_cli.optim import CentripetalSGD
-from csgd_cli.tracing import channel_groups
+from csgd_cli.tracing.trace import channel_groups
 
 KINDS = ("sgd", "csgd")
 clock = time.perf_counter  # --clock cpu: time.process_time (immune to being descheduled)

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from csgd_cli.clustering import num_clusters
-from csgd_cli.deploy import BACKENDS
-from csgd_cli.metrics import count_macs
+from csgd_cli.common.nets import count_macs
+from csgd_cli.core.clustering import num_clusters
+from csgd_cli.deploy.export import BACKENDS
 from csgd_cli.models import get_model
 
 BASE = (16, 32, 64)

@@ -33,8 +33,8 @@ import torch
 
 import csgd_cli as csgd
 from csgd_cli import latency
-from csgd_cli.latency import Runtime, ratios
-from csgd_cli.metrics import count_macs, count_params
+from csgd_cli.common.nets import count_macs, count_params
+from csgd_cli.deploy.latency import Runtime, ratios
 from csgd_cli.models import get_model
 
 R50_INCLUDE = ["layer*.conv1", "layer*.conv2"]  # conf/experiment/resnet50_imagenet.yaml

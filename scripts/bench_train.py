@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from csgd_cli.config import ScheduleConf
-from csgd_cli.data import augment_batch, normalize
-from csgd_cli.engine import Trainer
+from csgd_cli.common.config import ScheduleConf
+from csgd_cli.core.optim import plain_sgd
 from csgd_cli.models import get_model
-from csgd_cli.optim import plain_sgd
+from csgd_cli.runner.data import augment_batch, normalize
+from csgd_cli.runner.engine import Trainer
 
 
 class _OneBatch:

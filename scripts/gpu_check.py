@@ -30,10 +30,10 @@ import torch
 from omegaconf import OmegaConf
 
 import csgd_cli as csgd
-from csgd_cli.config import ScheduleConf
-from csgd_cli.datasets import build_data
-from csgd_cli.engine import Trainer
-from csgd_cli.metrics import chi_fn
+from csgd_cli.common.config import ScheduleConf
+from csgd_cli.core.chi import chi_fn
+from csgd_cli.runner.datasets import build_data
+from csgd_cli.runner.engine import Trainer
 
 
 def epoch(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
-from csgd_cli.clustering import cluster_groups, target_widths
-from csgd_cli.groups import select_groups
-from csgd_cli.metrics import count_macs, count_params
+from csgd_cli.common.nets import count_macs, count_params
+from csgd_cli.core.clustering import cluster_groups, target_widths
+from csgd_cli.core.surgery import merge
 from csgd_cli.models import get_model
-from csgd_cli.surgery import merge
-from csgd_cli.tracing import channel_groups, trace_seconds
+from csgd_cli.rules.groups import select_groups
+from csgd_cli.tracing.trace import channel_groups, trace_seconds
 
 # (model, kwargs, input size, ratio, prune.include, setting)
 ROWS = [

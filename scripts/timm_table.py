@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import csgd_cli as csgd
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.errors import CsgdError
 from csgd_cli.models import get_model
-from csgd_cli.tracing import trace_seconds
+from csgd_cli.tracing.trace import trace_seconds
 
 # (timm name, family, input size, extra kwargs)
 ROWS = [

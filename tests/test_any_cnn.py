@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_cli.api import load_model
-from csgd_cli.checkpoint import save_checkpoint
-from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
-from csgd_cli.errors import CsgdError
-from csgd_cli.groups import ChannelGroup, prunable
-from csgd_cli.layers import segment_rows
-from csgd_cli.metrics import chi
+from csgd_cli.api.checkpoint import save_checkpoint
+from csgd_cli.api.pruner import load_model
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.core.chi import chi
+from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.core.surgery import merge
 from csgd_cli.models import get_model
-from csgd_cli.surgery import merge
-from csgd_cli.tracing import channel_groups, traced_groups
+from csgd_cli.rules.groups import ChannelGroup, prunable
+from csgd_cli.rules.layers import segment_rows
+from csgd_cli.tracing.trace import channel_groups, traced_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,10 +120,10 @@ def _resnet50_c_sgd_70(size: int) -> float:
     """FLOPs reduction of experiment=resnet50_imagenet's widths at ``size`` x ``size``."""
     from hydra import compose, initialize_config_dir
 
-    from csgd_cli.cli import config_dir
-    from csgd_cli.config import register_schema
-    from csgd_cli.groups import select_groups
-    from csgd_cli.metrics import count_macs
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.common.nets import count_macs
+    from csgd_cli.rules.groups import select_groups
+    from csgd_cli.runner.cli import config_dir
 
     register_schema()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
@@ -230,7 +230,7 @@ def test_bad_models_exit_2_in_one_line(args: tuple, words: str, tmp_path) -> Non
 def test_init_takes_a_plain_torchvision_state_dict(tmp_path) -> None:
     import torchvision
 
-    from csgd_cli.checkpoint import load_checkpoint, model_from_checkpoint
+    from csgd_cli.api.checkpoint import load_checkpoint, model_from_checkpoint
 
     net = torchvision.models.resnet18(weights=None, num_classes=10)
     torch.save(net.state_dict(), tmp_path / "resnet18-f37072fd.pth")

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import csgd_cli as csgd
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.errors import CsgdError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

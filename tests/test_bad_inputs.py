@@ -178,7 +178,7 @@ def make_fake_run(root: Path) -> Path:
 
 def make_inputs(run: Path, inputs: Path) -> dict[str, Path]:
     """Broken files derived from the real earlier run's checkpoints."""
-    from csgd_cli.checkpoint import save_checkpoint
+    from csgd_cli.api.checkpoint import save_checkpoint
 
     csgd_pt = run / "csgd.pt"
     blob = csgd_pt.read_bytes()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from csgd_cli.cli import config_dir
-from csgd_cli.config import STAGES, register_schema, validate
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.config import STAGES, register_schema, validate
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.runner.cli import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 register_schema()
@@ -123,7 +123,7 @@ def test_configs_found_from_an_installed_wheel(tmp_path: Path) -> None:
         check=True,
     )
     code = (
-        "import csgd_cli, csgd_cli.cli as c;"
+        "import csgd_cli, csgd_cli.runner.cli as c;"
         "print(csgd_cli.__file__);print(c.config_dir());"
         "c.main(['train','--cfg','job','experiment=quickstart'])"
     )

@@ -19,19 +19,19 @@ from omegaconf import OmegaConf
 from test_report import csgd, rows_of
 from torch import nn
 
-from csgd_cli.clustering import cluster_groups
-from csgd_cli.criteria import (
+from csgd_cli.baselines.criteria import (
     CRITERIA,
     SparseGammaSGD,
     channel_scores,
     gamma_rows,
     select,
 )
-from csgd_cli.errors import CsgdError
-from csgd_cli.optim import plain_sgd
-from csgd_cli.report import write_report
-from csgd_cli.surgery import merge
-from csgd_cli.tracing import channel_groups
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.core.clustering import cluster_groups
+from csgd_cli.core.optim import plain_sgd
+from csgd_cli.core.surgery import merge
+from csgd_cli.runner.report import write_report
+from csgd_cli.tracing.trace import channel_groups
 
 
 class Coupled(nn.Module):
@@ -68,7 +68,7 @@ def kept(clusters: dict[str, list[list[int]]], name: str) -> list[int]:
 
 
 def test_table_names_every_method_of_the_config() -> None:
-    from csgd_cli.config import PRUNE_METHODS
+    from csgd_cli.common.config import PRUNE_METHODS
 
     assert set(PRUNE_METHODS) == {"csgd", *CRITERIA}
 

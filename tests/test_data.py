@@ -1,4 +1,4 @@
-"""Tests for csgd_cli.data: loaders, seeded/resumable/sharded order, augmentation."""
+"""Tests for csgd_cli.runner.data: loaders, seeded/resumable/sharded order, augmentation."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from csgd_cli.config import DATASETS
-from csgd_cli.data import augment_batch, normalize
-from csgd_cli.datasets import build_data
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.config import DATASETS
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.runner.data import augment_batch, normalize
+from csgd_cli.runner.datasets import build_data
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csgd_cli.deploy import (
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.core.chi import chi
+from csgd_cli.deploy.export import (
     BACKENDS,
     check_onnx,
     export_onnx,
@@ -19,8 +21,6 @@ from csgd_cli.deploy import (
     measure_latency,
     onnx_node_types,
 )
-from csgd_cli.errors import CsgdError
-from csgd_cli.metrics import chi
 from csgd_cli.models import get_model
 
 pytest.importorskip("onnxruntime")
@@ -176,16 +176,16 @@ class _Batches:
 def _train(compile: bool, tmp_path: Path, steps: int = 3) -> dict[str, list[float]]:
     from omegaconf import OmegaConf
 
-    from csgd_cli.config import ScheduleConf
-    from csgd_cli.engine import Trainer
+    from csgd_cli.common.config import ScheduleConf
+    from csgd_cli.runner.engine import Trainer
 
     torch.manual_seed(0)
     model = get_model("resnet20", **R8)
     sched = OmegaConf.structured(ScheduleConf(epochs=1, lr=0.05, milestones=[], log_every=0))
     # C-SGD: its flat-buffer parameter views must survive compilation (the harder case)
-    from csgd_cli.clustering import cluster_groups, target_widths
-    from csgd_cli.optim import CentripetalSGD
-    from csgd_cli.tracing import channel_groups
+    from csgd_cli.core.clustering import cluster_groups, target_widths
+    from csgd_cli.core.optim import CentripetalSGD
+    from csgd_cli.tracing.trace import channel_groups
 
     groups = channel_groups(model)
     clusters = cluster_groups(model, groups, target_widths(groups, 0.5), "even", 0)

@@ -16,10 +16,10 @@ from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
-from csgd_cli.datasets import build_data
+from csgd_cli.runner.datasets import build_data
 
 pytest.importorskip("onnxruntime")
-from csgd_cli.deploy import check_onnx, onnx_node_types
+from csgd_cli.deploy.export import check_onnx, onnx_node_types
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 # the stock ResNet-20 widths (16/32/64): what rounding to 8 or 16 is about

@@ -17,14 +17,14 @@ from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 from torch import nn
 
-from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
-from csgd_cli.config import STAGES
-from csgd_cli.groups import ChannelGroup, producer, reader
-from csgd_cli.layers import segment_rows
-from csgd_cli.metrics import chi_report
+from csgd_cli.common.config import STAGES
+from csgd_cli.core.chi import chi_report
+from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.core.optim import CentripetalSGD
 from csgd_cli.models import get_model
-from csgd_cli.optim import CentripetalSGD
-from csgd_cli.tracing import channel_groups
+from csgd_cli.rules.groups import ChannelGroup, producer, reader
+from csgd_cli.rules.layers import segment_rows
+from csgd_cli.tracing.trace import channel_groups
 
 PKG = Path(__file__).resolve().parents[1] / "csgd_cli"
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
@@ -52,7 +52,7 @@ def collapse(model: nn.Module, clusters: dict[str, list[list[int]]], roles=("ker
 
 # -- structure ----------------------------------------------------------------------------
 def test_no_stage_imports_another_stage_and_stages_are_short() -> None:
-    for path in sorted((PKG / "stages").glob("*.py")):
+    for path in sorted((PKG / "runner" / "stages").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ...
@@ -64,7 +64,7 @@ def test_no_stage_imports_another_stage_and_stages_are_short() -> None:
 
 def test_help_and_a_bad_override_do_not_import_torch() -> None:
     code = (
-        "import sys, csgd_cli.cli as c\n"
+        "import sys, csgd_cli.runner.cli as c\n"
         "for argv in (['--help'], ['train', 'epsilon=-1']):\n"
         "    try:\n"
         "        c.main(argv)\n"
@@ -96,7 +96,7 @@ def test_groups_stage_lists_names_widths_and_members() -> None:
 
 def test_sweep_expansion_is_pinned() -> None:
     """The one private Hydra call csgd makes: if an upgrade changes it, this fails."""
-    from csgd_cli.cli import expand_sweep
+    from csgd_cli.runner.cli import expand_sweep
 
     points = expand_sweep(["epsilon=0.001,0.01", "seed=0,1", "model=resnet20"])
     assert points == [
@@ -160,9 +160,9 @@ def test_dataset_defaults_have_one_source() -> None:
     """Defect 5: a data set built from a bare config equals the composed one."""
     from hydra import compose, initialize_config_dir
 
-    from csgd_cli.cli import config_dir
-    from csgd_cli.config import register_schema
-    from csgd_cli.datasets import build_data
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
+    from csgd_cli.runner.datasets import build_data
 
     register_schema()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):

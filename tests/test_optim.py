@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_cli.clustering import cluster_groups, target_widths
-from csgd_cli.groups import ChannelGroup, producer, reader
-from csgd_cli.metrics import chi
+from csgd_cli.core.chi import chi
+from csgd_cli.core.clustering import cluster_groups, target_widths
+from csgd_cli.core.optim import CentripetalSGD
 from csgd_cli.models import get_model
-from csgd_cli.optim import CentripetalSGD
+from csgd_cli.rules.groups import ChannelGroup, producer, reader
 
 
 def dense_m(clusters: list[list[int]], n: int) -> torch.Tensor:

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
-from csgd_cli.datasets import build_data
-from csgd_cli.engine import Trainer
-from csgd_cli.metrics import evaluate
+from csgd_cli.core.optim import plain_sgd
 from csgd_cli.models import get_model
-from csgd_cli.optim import plain_sgd
+from csgd_cli.runner.datasets import build_data
+from csgd_cli.runner.engine import Trainer
+from csgd_cli.runner.evaluate import evaluate
 
 TINY = [
     "dataset=synthetic",
@@ -211,7 +211,7 @@ def test_quickstart_merges_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["kmeans", "even"])
 def test_cluster_is_deterministic(tmp_path: Path, method: str) -> None:
-    from csgd_cli.clustering import cluster_groups, target_widths
+    from csgd_cli.core.clustering import cluster_groups, target_widths
 
     model = get_model("resnet20")
     groups = model.channel_groups()

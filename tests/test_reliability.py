@@ -267,8 +267,8 @@ def test_seed_reaches_python_numpy_torch_kmeans_and_data_order(
     from omegaconf import OmegaConf
 
     from csgd_cli import clustering
-    from csgd_cli.datasets import build_data
-    from csgd_cli.seeding import seed_everything
+    from csgd_cli.common.seeding import seed_everything
+    from csgd_cli.runner.datasets import build_data
 
     def draw(seed: int) -> tuple[Any, ...]:
         seed_everything(seed)
@@ -300,14 +300,14 @@ def test_seed_reaches_python_numpy_torch_kmeans_and_data_order(
 # -- 2 + 3. atomic checkpoints ----------------------------------------------------------
 _SLOW_SAVE = """
 import os, sys, time, torch
-from csgd_cli.checkpoint import save_checkpoint
+from csgd_cli.api.checkpoint import save_checkpoint
 os.fsync = lambda fd: time.sleep(60)  # a slow disk: the kill lands inside the save
 save_checkpoint(sys.argv[1], {"arch": {"name": "x"}, "state_dict": {"w": torch.ones(8 << 20)}})
 """
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
-    from csgd_cli.checkpoint import load_checkpoint, save_checkpoint
+    from csgd_cli.api.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"arch": {"name": "x"}, "state_dict": {"w": torch.zeros(4)}, "epoch": 1})
@@ -407,7 +407,7 @@ def _crafted(tmp_path: Path, kind: str) -> tuple[Path, Path]:
 @pytest.mark.parametrize("kind", ["system", "open"])
 def test_crafted_pickle_is_refused_by_load_model(tmp_path: Path, kind: str) -> None:
     import csgd_cli
-    from csgd_cli.errors import CsgdError
+    from csgd_cli.common.errors import CsgdError
 
     path, marker = _crafted(tmp_path, kind)
     with pytest.raises(CsgdError, match="could run on load; refused"):

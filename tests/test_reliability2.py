@@ -32,7 +32,7 @@ import torch
 from conftest import TINY_DIGITS as TINY
 
 from csgd_cli import lock
-from csgd_cli.errors import CsgdError
+from csgd_cli.common.errors import CsgdError
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
@@ -129,7 +129,7 @@ def nan_sample() -> int:
     """The digits image the NaN run poisons: position NAN_POS of epoch 0's order."""
     from omegaconf import OmegaConf
 
-    from csgd_cli.datasets import build_data
+    from csgd_cli.runner.datasets import build_data
 
     cfg = OmegaConf.create({"name": "digits", "limit": 256, "batch_size": 16})
     order = build_data(cfg, seed=0, device=torch.device("cpu")).epoch_indices(0)
@@ -308,12 +308,12 @@ def test_processes_racing_for_a_lock_exactly_one_wins(tmp_path: Path) -> None:
 FULL_DISK = """
 import json, resource, sys, torch
 from pathlib import Path
-from csgd_cli.checkpoint import save_checkpoint
-from csgd_cli.deploy import export_pt2
-from csgd_cli.errors import CsgdError
-from csgd_cli.files import atomic_write
-from csgd_cli.logs import MetricLog
-from csgd_cli.report import write_csv
+from csgd_cli.api.checkpoint import save_checkpoint
+from csgd_cli.deploy.export import export_pt2
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.common.files import atomic_write
+from csgd_cli.runner.logs import MetricLog
+from csgd_cli.runner.report import write_csv
 d = Path(sys.argv[1])
 save_checkpoint(d / "last.pt", {"arch": {"name": "x"}, "state_dict": {}, "epoch": 1})
 log = MetricLog(d, "train", tensorboard=False)
@@ -341,8 +341,8 @@ print(json.dumps(out))
 
 # -- 3. damaged logs and files ----------------------------------------------------------
 def test_a_new_record_never_joins_a_line_cut_by_a_killed_writer(tmp_path: Path) -> None:
-    from csgd_cli.files import read_jsonl
-    from csgd_cli.logs import MetricLog
+    from csgd_cli.common.files import read_jsonl
+    from csgd_cli.runner.logs import MetricLog
 
     (tmp_path / "metrics.jsonl").write_text('{"phase": "train", "step": 1}\n{"phase": "tr')
     MetricLog(tmp_path, "train", tensorboard=False).write({"step": 2})
@@ -369,7 +369,7 @@ def _epoch(epoch: int) -> str:
 def test_report_skips_a_cut_line_and_marks_damaged_runs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from csgd_cli.report import write_report
+    from csgd_cli.runner.report import write_report
 
     cut = _fake_run(tmp_path / "cut") / "metrics.jsonl"
     cut.write_text(_epoch(1) + _epoch(2) + '{"phase": "train", "step": 9, "epo')
@@ -398,8 +398,8 @@ def test_report_skips_a_cut_line_and_marks_damaged_runs(
 def _trainer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Any = None, log_every: int = 0
 ) -> Any:
-    from csgd_cli.engine import Trainer
     from csgd_cli.models import get_model
+    from csgd_cli.runner.engine import Trainer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # no TensorBoard: faster
 
@@ -419,7 +419,7 @@ def _trainer(
 def test_checkpoints_carry_a_format_and_other_formats_are_refused_by_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from csgd_cli.checkpoint import FORMAT, load_checkpoint
+    from csgd_cli.api.checkpoint import FORMAT, load_checkpoint
 
     trainer = _trainer(tmp_path, monkeypatch)
     trainer.save("last.pt")
@@ -457,7 +457,7 @@ def test_nan_input_found_on_the_gpu_path_too(
     same step and sample. Run on the CPU with the GPU path forced."""
     from omegaconf import OmegaConf
 
-    from csgd_cli.datasets import build_data
+    from csgd_cli.runner.datasets import build_data
 
     cfg = OmegaConf.create({"name": "digits", "limit": 64, "batch_size": 16, "augment": False})
     data = build_data(cfg, seed=0, device=torch.device("cpu"))
@@ -548,7 +548,7 @@ def test_full_disk_during_a_run_keeps_the_previous_last_pt(
     need = float(re.search(r"it needs ([\d.]+) KiB", line).group(1))  # type: ignore[union-attr]
     assert abs(need - len(runs["last_before"]) / 1024) < 1, line  # a checkpoint's size
     assert (race / "last.pt").read_bytes() == runs["last_before"]
-    from csgd_cli.checkpoint import load_checkpoint
+    from csgd_cli.api.checkpoint import load_checkpoint
 
     assert load_checkpoint(race / "last.pt", "run")["step_in_epoch"] >= 2
     assert not list(race.glob(".*.tmp")), "no temporary file (the killed run's was removed too)"
@@ -589,7 +589,7 @@ def test_every_writer_on_a_full_disk_stops_with_one_line_and_keeps_the_old_file(
         )
         assert "it needs " in msg and "\n" not in msg, msg
     assert "it needs 12" in msgs["last.pt"]  # 128 KiB of zeros and the zip around them
-    from csgd_cli.checkpoint import load_checkpoint
+    from csgd_cli.api.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from csgd_cli.clustering import cluster_groups, target_widths
-from csgd_cli.criteria import l1_selection
-from csgd_cli.errors import CsgdError
+from csgd_cli.baselines.criteria import l1_selection
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.core.clustering import cluster_groups, target_widths
+from csgd_cli.core.surgery import merge
 from csgd_cli.models import get_model
-from csgd_cli.report import write_report
-from csgd_cli.runs import read_runs
-from csgd_cli.surgery import merge
-from csgd_cli.tracing import channel_groups
+from csgd_cli.runner.report import write_report
+from csgd_cli.runner.runs import read_runs
+from csgd_cli.tracing.trace import channel_groups
 
 TINY = [
     "dataset=digits",
@@ -229,9 +229,9 @@ def test_l1_same_widths_keeps_largest_norms(ratio: float, one_thread: None) -> N
 def test_l1_budget_rule() -> None:
     from hydra import compose, initialize_config_dir
 
-    from csgd_cli.cli import config_dir
-    from csgd_cli.config import register_schema
-    from csgd_cli.pipeline import budget_schedule as l1_finetune
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
+    from csgd_cli.runner.pipeline import budget_schedule as l1_finetune
 
     register_schema()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -306,8 +306,8 @@ def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str,
     pytest.importorskip(plugin)  # optional extras: csgd[joblib], csgd[slurm]
     from hydra import compose, initialize_config_dir
 
-    from csgd_cli.cli import config_dir
-    from csgd_cli.config import register_schema
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
 
     register_schema()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -14,9 +14,9 @@ from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli import checkpoint, cli, datasets
-from csgd_cli.checkpoint import load_checkpoint
-from csgd_cli.device import use_channels_last
-from csgd_cli.errors import CsgdError
+from csgd_cli.api.checkpoint import load_checkpoint
+from csgd_cli.common.device import use_channels_last
+from csgd_cli.common.errors import CsgdError
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 FAST = [*TINY_DIGITS, "schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0"]
@@ -64,7 +64,7 @@ def test_clusters_from_init_record_their_own_ratio_and_refuse_other_widths(
     assert last["group_widths"] == {k: len(v) for k, v in last["clusters"].items()}
     assert json.loads((base / "tr/widths.json").read_text())["ratio"] == 0.5
     run("train", *FAST, f"init={clustered}", f"hydra.run.dir={base / 'tr2'}")
-    from csgd_cli.runs import read_run
+    from csgd_cli.runner.runs import read_run
 
     assert read_run(base / "tr2", base).ratio == 0.5  # cfg.ratio is 0.625
 
@@ -98,7 +98,7 @@ def test_messages_name_real_keys_and_paths(tmp_path: Path) -> None:
 
 
 def test_need_clusters_names_the_file(base: Path) -> None:
-    from csgd_cli.pipeline import prune_for_config
+    from csgd_cli.runner.pipeline import prune_for_config
 
     cfg = OmegaConf.create({"prune": {"method": "csgd", "tolerance": 1e-4, "force": False}})
     path = base / "base/last.pt"
@@ -141,9 +141,9 @@ def test_the_loop_calls_step_hooks_instead_of_a_test_switch() -> None:
 
     assert "CSGD_TEST" not in inspect.getsource(engine)
     seen: list[int] = []
-    from csgd_cli.config import ScheduleConf
+    from csgd_cli.common.config import ScheduleConf
+    from csgd_cli.core.optim import plain_sgd
     from csgd_cli.models import get_model
-    from csgd_cli.optim import plain_sgd
 
     data = datasets.build_data(
         OmegaConf.create({"name": "synthetic", "num_train": 32, "num_test": 8, "batch_size": 8}),

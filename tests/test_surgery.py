@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csgd_cli.clustering import cluster_groups, num_clusters, target_widths
-from csgd_cli.metrics import chi, count_macs
+from csgd_cli.common.nets import count_macs
+from csgd_cli.core.chi import chi
+from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.core.surgery import merge
 from csgd_cli.models import get_model
-from csgd_cli.surgery import merge
-from csgd_cli.tracing import channel_groups
+from csgd_cli.tracing.trace import channel_groups
 
 
 def collapse(model: torch.nn.Module, clusters: dict) -> None:

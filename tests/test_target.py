@@ -16,8 +16,8 @@ from torch import nn
 
 import csgd_cli as csgd_api
 from csgd_cli import cli, latency, widths
-from csgd_cli.errors import CsgdError
-from csgd_cli.metrics import count_macs, count_params
+from csgd_cli.common.errors import CsgdError
+from csgd_cli.common.nets import count_macs, count_params
 from csgd_cli.models import get_model
 
 X = torch.randn(2, 3, 16, 16)  # 16x16: counts as exact as at 32x32, four times faster

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from csgd_cli import cli, tracing
-from csgd_cli.api import load_model
-from csgd_cli.groups import prunable
+from csgd_cli.api.pruner import load_model
 from csgd_cli.models import get_model
-from csgd_cli.trace_walk import TRACE_SECONDS
-from csgd_cli.tracing import channel_groups, trace_seconds
+from csgd_cli.rules.groups import prunable
+from csgd_cli.tracing.trace import channel_groups, trace_seconds
+from csgd_cli.tracing.walk import TRACE_SECONDS
 from tests.test_any_cnn import exact_merge
 
 timm = pytest.importorskip("timm")
@@ -222,7 +222,7 @@ def test_timm_families_trace_in_seconds_and_merge_exactly() -> None:
 def test_a_run_traces_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The preflight's fresh model, the run's model, its pruner and optimizer: one trace
     (groups are cached on the model and on its spec until a layer changes shape)."""
-    from csgd_cli.api import CSGD
+    from csgd_cli.api.pruner import CSGD
 
     calls = []
     trace = tracing._trace

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csgd_cli.errors import CsgdError
-from csgd_cli.groups import Member
+from csgd_cli.common.errors import CsgdError
 from csgd_cli.models import get_model
-from csgd_cli.tracing import channel_groups, traced_groups
+from csgd_cli.rules.groups import Member
+from csgd_cli.tracing.trace import channel_groups, traced_groups
 from tests.tracing_models import Grouped, Mixed, Shuffle, Untraceable
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CsgdError
+from ..common.errors import CsgdError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

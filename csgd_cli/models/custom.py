@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CsgdError
+from ..common.errors import CsgdError
 from . import register_model
 
 SHAPE_KEYS = ("num_classes", "in_channels", "image_size")

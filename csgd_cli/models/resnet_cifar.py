@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, producer, reader
+from ..rules.groups import ChannelGroup, producer, reader
 from . import kaiming_init, register_model
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CsgdError
+from ..common.errors import CsgdError
 
 PREFIX = "timm."
 INSTALL = 'pip install "csgd[timm]" (or pip install timm)'

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CsgdError
+from ..common.errors import CsgdError
 from . import register_model
 
 PREFIX = "torchvision."

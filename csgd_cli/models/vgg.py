@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, producer, reader
+from ..rules.groups import ChannelGroup, producer, reader
 from . import kaiming_init, register_model
 
 # Comma-separated conv output widths; "M" is a 2x2 max-pool.

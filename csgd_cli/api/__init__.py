@@ -1,0 +1,1 @@
+"""Floor 5: the public API: CSGD, save, load_model and the checkpoint format."""

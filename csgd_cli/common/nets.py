@@ -1,0 +1,51 @@
+"""What csgd measures on a model: chi (kernel deviation), top-1 and loss, parameters,
+FLOPs (multiply-adds) and latency."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@torch.no_grad()
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_model(model: nn.Module, x: Any) -> Any:
+    """``model(x)``; a tuple or list ``x`` holds the forward's positional arguments."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def outputs_of(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (a tensor, or tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in outputs_of(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in outputs_of(o)]
+    return []
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
+    """Multiply-adds of one forward pass on one sample, by torch's own flop counter.
+    ``example``: the input shape of one sample, or an example input (its first sample)."""
+    if isinstance(example, (torch.Tensor, tuple, list)) and not all(
+        isinstance(v, int) for v in example
+    ):
+        x = [t[:1] for t in example] if isinstance(example, (tuple, list)) else example[:1]
+    else:
+        p = next(model.parameters())
+        x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as fc:
+        run_model(model, x)
+    model.train(was_training)
+    return fc.get_total_flops() // 2

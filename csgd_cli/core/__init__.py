@@ -1,0 +1,1 @@
+"""Floor 3: the method: clustering, the centripetal optimizer, chi, the merge."""

@@ -1,0 +1,174 @@
+"""Merge clustered channels into a physically thinner network, and verify the merge.
+
+Per pruned group, each cluster keeps its first member. Every member of the group is
+rebuilt by the rule of its layer kind (``layers.member_tensors``): ``out`` and
+``channel`` tensors are sliced to the kept channels (kernel, bias, gamma/beta, running
+stats); ``in`` tensors get the input slices of a cluster *summed* into the kept one (the
+removed channels carried the same feature map, so the thin network computes the same
+function). Declared models are rebuilt from their width spec; any other model (traced,
+csgd's or the user's own) is copied and its layers resized by their rules
+(``layers.fit_to_state_dict``). Nothing here prints or writes: ``merge_checked``
+returns its report.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.errors import CsgdError
+from ..common.nets import count_macs, count_params, outputs_of, run_model
+from ..models import get_model
+from ..rules.groups import ChannelGroup, Clusters, check_clusters
+from ..rules.layers import fit_to_state_dict, member_tensors
+
+Segment = tuple[int, int, list[list[int]]]  # (offset in the dim, width, local clusters)
+
+
+def _reduce_dim(t: torch.Tensor, dim: int, segments: list[Segment], summed: bool) -> torch.Tensor:
+    """Rebuild ``t`` along ``dim``: listed segments are merged by cluster, the rest copied."""
+    pieces, pos = [], 0
+    for offset, width, clusters in sorted(segments, key=lambda s: s[0]):
+        if offset > pos:
+            pieces.append(t.narrow(dim, pos, offset - pos))
+        for members in clusters:
+            idx = torch.tensor([offset + i for i in members], device=t.device)
+            sel = t.index_select(dim, idx)
+            pieces.append(sel.sum(dim, keepdim=True) if summed else sel.narrow(dim, 0, 1))
+        pos = offset + width
+    if pos < t.shape[dim]:
+        pieces.append(t.narrow(dim, pos, t.shape[dim] - pos))
+    return torch.cat(pieces, dim)
+
+
+def _merge_tensor(t: torch.Tensor, dim: int, segs: list[Segment], repeat: int) -> torch.Tensor:
+    if dim == 0:
+        return _reduce_dim(t, 0, segs, summed=False)
+    # an input dimension: ``repeat`` columns per channel (a flatten of an HxW map)
+    shape = t.shape
+    w = t.reshape(shape[0], shape[1] // repeat, repeat, *shape[2:])
+    w = _reduce_dim(w, 1, segs, summed=True)
+    return w.reshape(shape[0], -1, *shape[2:])
+
+
+def merge_state_dict(
+    model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters, partial: bool = False
+) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """New widths (one per group, in order) and the thin model's state_dict.
+
+    ``partial``: clusters need not cover every channel; uncovered channels are dropped
+    (used by the L1 baseline, where nothing is merged)."""
+    if not partial:
+        check_clusters(groups, clusters)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mods = dict(model.named_modules())
+    edits: dict[tuple[str, int, int], list[Segment]] = {}  # (key, dim, repeat) -> segments
+    widths = []
+    for g in groups:
+        cl = clusters.get(g.name)
+        widths.append(len(cl) if cl else g.width)
+        if not cl or (len(cl) == g.width and not partial):
+            continue
+        if g.excluded is not None:
+            raise CsgdError(f"group '{g.name}' cannot be pruned ({g.excluded})", "exclude it")
+        for m in g.members:
+            first, end = m.span(g.width)
+            local = [[i - first for i in c] for c in cl if first <= c[0] < end]
+            for name, dim, _role in member_tensors(mods[m.module], m.kind):
+                key = (f"{m.module}.{name}", dim, m.repeat)
+                edits.setdefault(key, []).append((m.offset, end - first, local))
+    for (key, dim, repeat), segs in edits.items():
+        sd[key] = _merge_tensor(sd[key], dim, segs, repeat)
+    return widths, sd
+
+
+def merge(
+    model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters, partial: bool = False
+) -> nn.Module:
+    """The thin model: the same class with the merged widths (declared models), else a
+    copy of ``model`` whose layers are resized by their rules; weights loaded, on the
+    model's device and dtype, in the model's train/eval mode."""
+    widths, sd = merge_state_dict(model, groups, clusters, partial)
+    by_name = {g.name: w for g, w in zip(groups, widths, strict=True)}
+    arch = getattr(model, "arch", None)
+    if hasattr(model, "widths") and arch is not None:
+        thin = get_model(arch["name"], **dict(arch["kwargs"], widths=widths))
+        thin.load_state_dict(sd)
+    else:
+        thin = copy.deepcopy(model)
+        fit_to_state_dict(thin, sd)
+        if arch is not None:  # load_model rebuilds it and resizes by these widths
+            thin.arch = {**arch, "group_widths": by_name}
+    p = next(model.parameters())
+    thin.to(device=p.device, dtype=p.dtype)
+    thin.group_widths = by_name
+    return thin.train(model.training)
+
+
+@torch.no_grad()
+def merge_checked(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    clusters: Clusters,
+    x: Any,
+    *,
+    tolerance: float,
+    force: bool = False,
+    partial: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Thin model and its check against ``model`` on ``x`` (a batch of real data: a
+    tensor, or a tuple of the forward's arguments). Every output is compared (a tuple or
+    dict of tensors too); a merge (not ``partial``, i.e. not a baseline's selection) whose
+    outputs differ beyond ``tolerance`` (relative) is refused unless ``force``."""
+    was_training = model.training
+    model.eval()
+    try:
+        thin = merge(model, groups, clusters, partial=partial).eval()
+        outs_a, outs_b = outputs_of(run_model(model, x)), outputs_of(run_model(thin, x))
+    finally:
+        model.train(was_training)
+    diff = rel = 0.0
+    for a, b in zip(outs_a, outs_b, strict=True):  # every output of the network
+        a, b = a.double(), b.double()
+        d = (a - b).abs().max().item()
+        diff, rel = max(diff, d), max(rel, d / max(a.abs().max().item(), 1e-30))
+    first = next((a for a in outs_a if a.dim() >= 2), outs_a[0])  # logits or a score map
+    agree = first.argmax(1) == outs_b[outs_a.index(first)].argmax(1) if first.dim() >= 2 else None
+    rep = {
+        "method": "l1" if partial else "csgd",
+        "max_abs_logit_diff": diff,
+        "relative_logit_diff": rel,
+        "top1_agreement": agree.double().mean().item() if agree is not None else 1.0,
+        "outputs": len(outs_a),
+        "check_samples": int(outs_a[0].shape[0]) if outs_a[0].dim() else 1,
+        "params_before": count_params(model),
+        "params_after": count_params(thin),
+        "macs_before": count_macs(model, x),
+        "macs_after": count_macs(thin, x),
+        "widths": list(thin.group_widths.values()),
+        "group_widths": thin.group_widths,
+    }
+    rep["flops_reduction"] = 1 - rep["macs_after"] / max(rep["macs_before"], 1)
+    if not partial and rel > tolerance and not force:
+        raise CsgdError(
+            f"merge check failed: relative output difference {rel:.2e} > "
+            f"tolerance {tolerance:g} (clusters have not collapsed); nothing written",
+            "train longer or with a larger epsilon, or force the merge "
+            "(csgd prune: prune.force=true; the API: merge(force=True))",
+        )
+    return thin, rep
+
+
+def merge_summary(rep: dict[str, Any]) -> str:
+    """One line on a merge: params, FLOPs and the check against the trained model."""
+    return (
+        f"params {rep['params_before']:,} -> {rep['params_after']:,}  "
+        f"FLOPs {rep['macs_before'] / 1e6:.2f}M -> {rep['macs_after'] / 1e6:.2f}M MACs "
+        f"(-{100 * rep['flops_reduction']:.2f}%)  merge check: max |logit diff| "
+        f"{rep['max_abs_logit_diff']:.3e} (relative {rep['relative_logit_diff']:.2e}), "
+        f"top-1 agreement {100 * rep['top1_agreement']:.2f}%"
+    )

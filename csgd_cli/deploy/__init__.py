@@ -1,0 +1,1 @@
+"""Floor 3: export and runtimes (onnxruntime), latency timing."""

@@ -1,0 +1,299 @@
+"""Deployment: ONNX export with BatchNorm folded, an onnxruntime check, and latency per runtime.
+
+``onnx``/``onnxruntime`` are an optional extra (``pip install "csgd[deploy]"``) imported
+inside the functions that need them, so ``import csgd_cli.deploy`` stays cheap.
+
+Runtimes (``BACKENDS``, CPU): ``eager`` (the model as is), ``channels_last`` (NHWC
+memory format, what oneDNN prefers), ``compile`` (``torch.compile`` of the channels_last
+model, static shapes, inductor freezing), ``onnxruntime`` (the exported file, every graph
+optimisation on, including the blocked NCHWc layouts that make widths in multiples of
+8/16 pay off, as many intra-op threads as torch uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.errors import CsgdError, disk_full, is_disk_full
+
+OPSET = 17
+_EXTRA = 'pip install "csgd[deploy]"'
+
+
+def require_runtime(backend: str = "onnxruntime") -> None:
+    """Refuse, before any work, a runtime whose packages are not installed."""
+    if backend == "onnxruntime":
+        _require("onnx")
+        _require("onnxruntime")
+
+
+def _require(name: str) -> Any:
+    """Import ``onnx`` or ``onnxruntime`` or raise a one-line CsgdError naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise CsgdError(f"{name} is not installed", f"install the deploy extra: {_EXTRA}") from e
+
+
+# -- BatchNorm folding ----------------------------------------------------------------------
+def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that directly follows a conv
+    folded into that conv (weights ``W * g / s``, bias ``b' = (b - mu) g / s + beta``).
+
+    Generic over any ``torch.fx``-traceable model: a conv->BN pair is folded when the
+    conv's output feeds only the BN and neither module is called twice. BNs that follow
+    something else (DenseNet's pre-activation BNs over a concatenation) stay. ``model``
+    itself is not modified; the result is a ``torch.fx.GraphModule``.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    m = copy.deepcopy(model).eval()
+    gm = torch.fx.symbolic_trace(m)
+    mods = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        bn = mods.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+            continue
+        src = node.args[0]
+        conv = mods.get(src.target) if isinstance(src, torch.fx.Node) else None
+        if (
+            src.op != "call_module"
+            or not isinstance(conv, nn.modules.conv._ConvNd)
+            or isinstance(conv, nn.modules.conv._ConvTransposeNd)
+            or len(src.users) != 1
+            or calls[src.target] != 1
+            or calls[node.target] != 1
+        ):
+            continue
+        _set_module(gm, src.target, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()
+
+
+# -- ONNX -----------------------------------------------------------------------------------
+def export_onnx(
+    model: nn.Module, sample: torch.Tensor, path: str | os.PathLike[str], opset: int = OPSET
+) -> Path:
+    """Write ``model`` (eval mode, BatchNorm folded) to ``path`` as ONNX, batch axis dynamic.
+
+    ``sample`` is one input batch (any batch size; only its shape/dtype matter). The file
+    is written to a temporary name beside ``path`` and renamed, so a failed export leaves
+    no partial file. Uses the TorchScript-based exporter (``dynamo=False``): for these
+    CNNs it is exact and ~10x faster than the dynamo exporter (ResNet-56: 0.8 s vs 7.4 s).
+    A model ``torch.fx`` cannot trace is exported unfolded; the exporter then folds the
+    conv->BN pairs itself.
+    """
+    _require("onnx")
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folded = fold_batchnorm(model).cpu().float()
+    except Exception:  # not fx-traceable (data-dependent control flow): the TorchScript
+        # exporter's own eval-mode pass still folds every conv->BN pair it can see
+        folded = copy.deepcopy(model).cpu().float().eval()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            torch.onnx.export(
+                folded,
+                (sample.detach().cpu().float(),),
+                tmp,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and is_disk_full(e):  # one line, not the exporter's traceback
+            raise disk_full(path, e) from e
+        raise
+    return path
+
+
+def onnx_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with every graph optimisation on (incl. the blocked
+    NCHWc layouts) and ``threads`` intra-op threads (default: torch's thread count)."""
+    ort = _require("onnxruntime")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_onnx(path: str | os.PathLike[str], model: nn.Module, x: torch.Tensor) -> float:
+    """Max |logits_onnx - logits_torch| / max |logits_torch| on batch ``x`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        ref = model(x.to(p.device) if p is not None else x).float().cpu()
+    finally:
+        model.train(was_training)
+    sess = onnx_session(path)
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.cpu().float().numpy()})[0])
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def onnx_node_types(path: str | os.PathLike[str]) -> list[str]:
+    """The op types of an ONNX file's graph, in order (e.g. to check BN was folded)."""
+    onnx = _require("onnx")
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+# -- runtimes and latency -------------------------------------------------------------------
+@dataclass
+class Runner:
+    """A model prepared for one runtime: ``prepare`` converts an input batch once (memory
+    format, NumPy), ``run`` does one forward on a prepared input."""
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[torch.Tensor], Any]
+
+
+def _eager(model: nn.Module, sample: torch.Tensor) -> Runner:
+    return Runner(model, lambda x: x)
+
+
+def _channels_last(model: nn.Module, sample: torch.Tensor) -> Runner:
+    m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return Runner(m, lambda x: x.contiguous(memory_format=torch.channels_last))
+
+
+def _compile(model: nn.Module, sample: torch.Tensor) -> Runner:
+    # Static shapes: otherwise a second model (other widths) or batch size recompiles
+    # with symbolic sizes, which on CPU runs slower than eager. Freezing: inference only,
+    # weights become constants (oneDNN prepacks them).
+    m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    compiled = torch.compile(m, dynamic=False, options={"freezing": True})
+    return Runner(compiled, lambda x: x.contiguous(memory_format=torch.channels_last))
+
+
+def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Runner:
+    _require("onnxruntime")
+    with tempfile.TemporaryDirectory(prefix="csgd-onnx-") as d:
+        sess = onnx_session(export_onnx(model, sample[:1], Path(d) / "model.onnx"))
+    name = sess.get_inputs()[0].name
+    return Runner(
+        lambda a: sess.run(None, {name: a})[0], lambda x: x.detach().cpu().float().numpy()
+    )
+
+
+#: runtime name -> factory(model in eval mode, sample batch) -> Runner
+BACKENDS: dict[str, Callable[[nn.Module, torch.Tensor], Runner]] = {
+    "eager": _eager,
+    "channels_last": _channels_last,
+    "compile": _compile,
+    "onnxruntime": _onnxruntime,
+}
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    backend: str = "eager",
+    input_shape: Sequence[int] = (3, 32, 32),
+    batch: int = 1,
+    iters: int = 10,
+    warmup: int = 3,
+) -> dict[str, Any]:
+    """Median forward time of one batch of ``batch`` random inputs in ``backend`` (CPU).
+
+    Returns ``{"latency_ms", "throughput" (images/s), "batch_size", "backend"}``; the
+    backend is prepared (copied, compiled, exported) before timing starts and ``model``
+    is not modified.
+    """
+    if backend not in BACKENDS:
+        raise CsgdError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
+    model = copy.deepcopy(model).cpu().float().eval()
+    x = torch.randn(batch, *input_shape)
+    runner = BACKENDS[backend](model, x)
+    a = runner.prepare(x)
+    for _ in range(max(warmup, 1 if backend == "compile" else 0)):
+        runner.run(a)
+    times = []
+    for _ in range(max(iters, 1)):
+        t0 = time.perf_counter()
+        runner.run(a)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "latency_ms": med * 1e3,
+        "throughput": batch / med,
+        "batch_size": batch,
+        "backend": backend,
+    }
+
+
+def export_onnx_if_installed(thin: nn.Module, x: torch.Tensor, path: Path) -> Path | None:
+    """``pruned.onnx`` (BN folded, dynamic batch), checked in onnxruntime, when the
+    ``deploy`` extra is installed; a note saying how to get it otherwise."""
+    import importlib.util
+    import logging
+
+    log = logging.getLogger("csgd")
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        log.info('no %s: pip install "csgd[deploy]" to export ONNX', path.name)
+        return None
+    from .export import check_onnx, export_onnx
+
+    export_onnx(thin, x[:2], path)
+    log.info("wrote %s (onnxruntime logits within %.1e relative)", path, check_onnx(path, thin, x))
+    return path
+
+
+def export_pt2(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """A standalone ``torch.export`` program (loads with torch.export.load, no csgd)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(thin.eval(), (x[:2],), dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()  # in memory first: a full disk then names the size it needed
+    torch.export.save(ep, buf)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, e, buf.getbuffer().nbytes) from e
+        raise
+    return path

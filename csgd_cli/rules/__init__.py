@@ -1,0 +1,1 @@
+"""Floor 1: channel groups and the one rule per layer kind."""

@@ -1,0 +1,1 @@
+"""Floor 6: the CLI: stages, training loop, session, preflight, lock, distributed, logs, reports."""

@@ -1,0 +1,339 @@
+"""Everything that reads a stage's Hydra config: the checkpoint payload, the pruner of a
+config, the training phases (plain SGD or C-SGD, resumable from ``last.pt``) and the
+prune step. The C-SGD parts go through the public API (``api.CSGD``), as a user's own
+training loop would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..api.checkpoint import (
+    base_widths,
+    load_checkpoint,
+    model_from_checkpoint,
+    need_clusters,
+    save_checkpoint,
+)
+from ..api.pruner import CSGD
+from ..common.device import use_channels_last
+from ..common.errors import CsgdError
+from ..common.files import write_json
+from ..core.chi import chi_fn
+from ..core.optim import plain_sgd
+from ..core.surgery import merge_checked, merge_summary
+from ..deploy.export import export_onnx_if_installed, export_pt2
+from ..deploy.latency import Runtime
+from ..rules.groups import Clusters, select_groups
+from ..targets.widths import round_target, width_share
+from ..tracing.trace import channel_groups
+from .distributed import broadcast_object, is_main, on_main
+from .engine import Trainer
+from .session import Ctx, load, new_model
+from .tables import target_rows
+
+log = logging.getLogger("csgd")
+CLUSTER_RECORD = ("ratio", "width_settings", "group_widths")  # payload keys about clusters
+# the settings that decide clusters, as given on a command line; recorded with them
+WIDTH_KEYS = ("ratio", "prune.target", "prune.min_width", "prune.rule", "prune.round_to",
+              "prune.include", "prune.exclude", "clustering")  # fmt: skip
+
+
+def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Fields every checkpoint carries besides the training state."""
+    return {
+        "arch": model.arch,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "stage": cfg.stage,
+        "seed": cfg.seed,
+        "base_widths": base_widths(model, ck),
+        "target_base": ck.get("target_base"),  # a target's base cost, kept across rounds
+        "clusters": None,
+        **extra,
+    }
+
+
+def width_settings(cfg: DictConfig, ratio: float | None = None) -> dict[str, Any]:
+    """The ``WIDTH_KEYS`` values of ``cfg`` (``ratio`` overriding), as plain data."""
+    out = {k: OmegaConf.select(cfg, k) for k in WIDTH_KEYS}
+    out = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
+    if cfg.prune.target is not None:
+        return {**out, "ratio": None}  # the target chose the widths
+    return {**out, "ratio": cfg.ratio if ratio is None else ratio}
+
+
+def pruner_for_config(
+    cfg: DictConfig,
+    model: nn.Module,
+    ck: dict[str, Any],
+    ratio: float | None = None,
+    step: tuple[int, int] | None = None,
+    cache_dir: Path | None = None,
+    **kw: Any,
+) -> CSGD:
+    """The pruner of a config: clusters stored in ``ck`` when it has them and neither
+    ``ratio`` nor a target round ``step`` is forced (iterative rounds force theirs), else
+    new ones for ``prune.include``/``exclude``: at ``prune.target`` (round ``step``, its
+    latency timings cached under ``cache_dir``) or at ``ratio`` (default ``cfg.ratio``) of
+    the original widths. ``kw`` overrides CSGD arguments (``clustering=even``)."""
+    common = {"epsilon": cfg.epsilon, "norm_epsilon": cfg.norm_epsilon}
+    if ck.get("clusters") and ratio is None and step is None:
+        return CSGD(model, clusters=ck["clusters"], base_widths=base_widths(model, ck), **common)
+    p, how = cfg.prune, {"ratio": cfg.ratio if ratio is None else ratio}
+    if p.target is not None:  # round ``step``; later rounds: of the first round's base cost
+        target = round_target(p.target, *(step or (1, 1)))
+        how = dict(
+            target=target, min_width=p.min_width, rule=p.rule, backend=cfg.backend,
+            latency_batch=p.latency_batch, latency_threads=p.latency_threads, cache_dir=cache_dir,
+            base_cost=(ck.get("target_base") or {}).get(target.partition(":")[0]),
+        )  # fmt: skip
+    args = dict(
+        include=list(p.include), exclude=list(p.exclude), round_to=p.round_to,
+        clustering=cfg.clustering, seed=cfg.seed, base_widths=base_widths(model, ck),
+    )  # fmt: skip
+    return CSGD(model, **{**args, **common, **how, **kw})
+
+
+def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dict[str, Any]:
+    """What widths.json and the checkpoint say about the widths: ``ratio`` (with a
+    target, the chosen widths' share of the original ones, for reports), the settings,
+    each group's width, and with a target what it reached and its base cost."""
+    widths, rep = pruner.widths, pruner.target_report
+    out: dict[str, Any] = {"ratio": settings["ratio"], "width_settings": settings}
+    out["group_widths"] = widths
+    if rep is not None:
+        out.update(target=rep["target"], target_report=rep, target_base={rep["kind"]: rep["base"]})
+        out["ratio"] = width_share(pruner.base_widths, widths)
+    return out
+
+
+def widths_reached(cfg: DictConfig, base: nn.Module, final: nn.Module, info: Any) -> dict:
+    """``csgd run``'s summary: each group's width ``before`` and ``after``; with a target,
+    the target against what ``final`` reached (``metrics.target_rows``) and ``ratio``, the
+    pruned groups' share of their original widths (what reports plot against)."""
+    before = {g.name: g.width for g in channel_groups(base)}
+    out: dict[str, Any] = {"widths": {"before": before}}
+    out["widths"]["after"] = after = {g.name: g.width for g in channel_groups(final)}
+    p = cfg.prune
+    if p.target is not None:
+        shape = (info.in_channels, info.image_size, info.image_size)
+        rt = Runtime(cfg.backend, p.latency_batch, p.latency_threads)
+        out["target"] = target_rows(p.target, base, final, shape, rt)
+        chosen = [g.name for g in select_groups(channel_groups(base), p.include, p.exclude)]
+        out["ratio"] = width_share(before, {g: after[g] for g in chosen})
+    return out
+
+
+# -- training phases -----------------------------------------------------------------------
+def _hyper(sched: Any, cfg: DictConfig, clusters: Clusters | None) -> dict[str, Any]:
+    """What decides the optimizer: kept in last.pt, so a resume trains as it began."""
+    h: dict[str, Any] = {"schedule": OmegaConf.to_container(sched, resolve=True)}
+    if clusters:
+        h.update(epsilon=cfg.epsilon, norm_epsilon=cfg.norm_epsilon)
+    return h
+
+
+def _resume_from(last: Path, phase: str, model: nn.Module) -> dict[str, Any]:
+    ck = load_checkpoint(last, "run")
+    if ck.get("phase") != phase or ck["arch"] != model.arch:
+        raise CsgdError(
+            f"{last} belongs to another phase or model, not to '{phase}'",
+            "resume in the run directory the interrupted run used (hydra.run.dir=...)",
+        )
+    return ck
+
+
+def train_phase(
+    ctx: Ctx,
+    model: nn.Module,
+    sched: DictConfig,
+    phase: str,
+    out: Path,
+    info: dict[str, Any],
+    clusters: Clusters | None = None,
+    make_opt: Callable[[nn.Module, Any], torch.optim.Optimizer] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train with plain SGD (no clusters; ``make_opt(model, schedule)`` instead: a
+    baseline's own, e.g. slimming's) or C-SGD; resumes from ``out/last.pt``.
+
+    On resume the clusters, the schedule, epsilon, norm_epsilon and the weight decays
+    all come from ``last.pt``: values given anew on the command line are ignored (and
+    a differing one is named in a warning)."""
+    cfg = ctx.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(ctx.device)
+    if use_channels_last(cfg.channels_last, ctx.device):
+        model.to(memory_format=torch.channels_last)
+    last, ck = out / "last.pt", None
+    hyper = _hyper(sched, cfg, clusters)
+    if cfg.resume and last.is_file():
+        ck = _resume_from(last, phase, model)
+        if clusters and ck.get("clusters"):  # the clusters this phase was trained with
+            if ck["clusters"] != clusters:
+                log.info("resume: using the clusters stored in %s, not new ones", last)
+            clusters = ck["clusters"]
+            # and so does what the checkpoint records about them (widths, settings)
+            info = {**info, **{k: ck[k] for k in CLUSTER_RECORD if k in ck}}
+        stored = ck.get("hyper") or hyper
+        for k in sorted(set(hyper) | set(stored)):
+            if hyper.get(k) != stored.get(k):
+                log.warning(
+                    "resume: %s comes from %s (%s), not the command line", k, last, stored.get(k)
+                )
+        hyper = stored
+    elif cfg.resume:
+        log.warning("resume=true but %s does not exist: %s starts from its beginning", last, phase)
+    sched = OmegaConf.create(hyper["schedule"])
+    pruner = None
+    if clusters:  # checked against the model's groups by the pruner
+        eps = {"epsilon": hyper["epsilon"], "norm_epsilon": hyper["norm_epsilon"]}
+        pruner = CSGD(model, clusters=clusters, base_widths=info.get("base_widths"), **eps)
+        opt = pruner.optimizer(
+            lr=sched.lr,
+            momentum=sched.momentum,
+            nesterov=sched.nesterov,
+            weight_decay=sched.weight_decay,
+            plain_norm_weight_decay=sched.norm_weight_decay,
+        )
+    else:
+        opt = (make_opt or plain_sgd)(model, sched)
+    trainer = Trainer(
+        model,
+        ctx.data,
+        sched,
+        opt,
+        device=ctx.device,
+        out=out,
+        phase=phase,
+        payload=dict(
+            info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
+        ),
+        amp=cfg.amp,
+        compile=cfg.compile,
+        channels_last=cfg.channels_last,
+        every_steps=cfg.checkpoint.every_steps,
+        chi_fn=chi_fn(model, pruner.groups, pruner.clusters) if pruner else None,
+    )
+    if ck is not None:
+        trainer.restore(ck)
+        log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)
+    metrics = trainer.fit()
+    if sched.epochs == 0:  # nothing trained: last.pt is still the phase's result
+        trainer.save("last.pt")
+    state = {**trainer.state(), "metrics": metrics}
+    if clusters:  # untie params from the optimizer's flat buffer so it can be freed
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone(memory_format=torch.preserve_format)
+                p.grad = None
+    return model, state
+
+
+def csgd_phase(
+    ctx: Ctx,
+    model: nn.Module,
+    ck: dict[str, Any],
+    phase: str,
+    out: Path,
+    ratio: float | None = None,
+    step: tuple[int, int] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Cluster (rank 0, then broadcast; clusters stored in ``ck`` win unless ``ratio``
+    or a target round ``step`` is given) and C-SGD-train ``model`` for the ``schedule``
+    config. The checkpoint records what the clusters are: their widths, and the
+    settings that made them (the checkpoint's own when the clusters came with it)."""
+    cfg = ctx.cfg
+    made = None
+    given = bool(ck.get("clusters")) and ratio is None and step is None
+    if is_main():
+        pruner = pruner_for_config(cfg, model, ck, ratio, step, ctx.out)
+        if given:  # as the checkpoint that brought the clusters says
+            record = {k: ck[k] for k in ("target", "target_report") if ck.get(k)}
+            record["width_settings"] = dict(ck.get("width_settings") or {"ratio": ck.get("ratio")})
+            ratio_ = ck.get("ratio", record["width_settings"]["ratio"])  # a target's: the share
+            record.update(ratio=ratio_, group_widths=pruner.widths)
+        else:
+            record = width_record(cfg, pruner, width_settings(cfg, ratio))
+        made = (pruner.clusters, record)
+    clusters, record = broadcast_object(made)
+    write_json(out / "widths.json", record)  # what the report's ratio column shows
+    info = payload(cfg, model, ck, epsilon=cfg.epsilon)
+    info.update(record)  # a target's base cost, set by the first round, wins
+    return train_phase(ctx, model, cfg.schedule, phase, out, info, clusters)
+
+
+def base_phase(ctx: Ctx, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """``csgd run``'s base model: the ``init=`` weights, else a fresh model pretrained."""
+    cfg = ctx.cfg
+    if cfg.init is not None:
+        model, ck = load(cfg.init, "init", ctx.data.info)
+        return model, {**payload(cfg, model, ck), "state_dict": model.state_dict()}
+    model = new_model(cfg, ctx.data.info)
+    return train_phase(ctx, model, cfg.pretrain, "pretrain", out, payload(cfg, model, {}))
+
+
+def once(
+    ctx: Ctx, path: Path, make: Callable[[], tuple[nn.Module, dict[str, Any]]]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``csgd run``'s phases: the checkpoint at ``path`` when a resumed run already wrote
+    it, else ``make()``'s model and checkpoint, saved at ``path``."""
+    if ctx.cfg.resume and path.is_file():
+        ck = load_checkpoint(path, "run")
+        return model_from_checkpoint(ck, str(path)), ck
+    model, ck = make()
+    save_checkpoint(path, ck)  # rank 0 writes; nobody reads it before the next barrier
+    return model, ck
+
+
+def budget_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
+    """A baseline's fine-tune: ``finetune.epochs + rounds * schedule.epochs`` epochs
+    (the epochs C-SGD would train are added, so all methods train as long), with the
+    ``finetune`` learning rate; multistep milestones stay put, a cosine schedule
+    stretches over the longer run."""
+    extra = rounds * cfg.schedule.epochs
+    log.info("%s: fine-tune %d + %d epochs (C-SGD's)", cfg.prune.method, cfg.finetune.epochs, extra)
+    return OmegaConf.merge(cfg.finetune, {"epochs": cfg.finetune.epochs + extra})
+
+
+# -- the prune step: choose clusters, merge, verify, write -----------------------------------
+def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor, src: str,
+                     selection: Clusters | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Merge ``ck``'s clusters (``src`` names the file), or keep a baseline's
+    ``selection`` (singletons at C-SGD's widths: ``baselines.prune_step``), verified on
+    the real batch ``x``. The widths come with the clusters or the selection."""
+    if selection is not None:
+        groups = channel_groups(model)
+        thin, rep = merge_checked(model, groups, selection, x, tolerance=cfg.prune.tolerance, partial=True)  # fmt: skip
+        rep["method"] = cfg.prune.method
+    else:
+        clusters = need_clusters(ck, src)
+        pruner = CSGD(model, x, clusters=clusters, base_widths=base_widths(model, ck))
+        thin, rep = pruner.merge(x, tolerance=cfg.prune.tolerance, force=cfg.prune.force), pruner.merge_report  # fmt: skip
+    if is_main():
+        print(merge_summary(rep))
+    return thin, rep
+
+
+def save_pruned(
+    cfg: Any,
+    thin: nn.Module,
+    ck: dict[str, Any],
+    rep: dict[str, Any],
+    src: str,
+    path: Path,
+    x: torch.Tensor,
+) -> None:
+    """``pruned.pt`` (csgd checkpoint) and, with ``prune.export``, ``pruned.pt2``
+    (torch.export) and ``pruned.onnx`` (when onnx is installed) beside it."""
+    info = payload(cfg, thin, ck, pruned_from=src, merge_check=rep, metrics=rep)
+    save_checkpoint(path, {**info, "state_dict": thin.state_dict()})
+    if cfg.prune.export:
+        on_main(export_pt2, thin, x[:2], path.with_suffix(".pt2"))  # then every rank goes on
+        on_main(export_onnx_if_installed, thin, x, path.with_suffix(".onnx"))

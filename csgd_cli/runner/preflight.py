@@ -1,0 +1,143 @@
+"""One preflight for every stage: check what it will read before any file is written.
+
+Each stage declares its needs in ``config.STAGES`` (data set, ``ckpt=`` or ``init=``,
+clusters, a fresh model, prune globs); this module reads the declaration, never the
+stage's name, and raises ``CsgdError`` with the fix on the first problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..api.checkpoint import check_arch, check_fits, need_clusters
+from ..common.config import STAGES, target_parts
+from ..common.device import pick_device
+from ..common.errors import CsgdError
+from ..deploy.export import require_runtime
+from ..deploy.latency import Runtime
+from ..models import known_model, list_models, registry_name, timm_models
+from ..rules.groups import check_clusters, select_groups
+from ..targets.widths import Problem, Target, check_reachable
+from ..tracing.trace import channel_groups, example_input
+from .datasets import build_data
+from .pipeline import WIDTH_KEYS, width_settings
+from .session import load, new_model, trust_named_model
+
+
+def check_model_name(cfg: DictConfig) -> None:
+    name = registry_name(cfg.model.name, cfg.model.kwargs)
+    if name.startswith(timm_models.PREFIX):  # timm missing: the install command, in one line
+        timm_models.require_known(name)
+    elif not known_model(name):
+        raise CsgdError(
+            f"unknown model '{cfg.model.name}'",
+            f"choose model=<{'|'.join(list_models())}>, or model=torchvision "
+            "model.name=<a torchvision.models classification builder>",
+        )
+
+
+def check_width_keys(cfg: DictConfig, ck: dict[str, Any], where: str, explicit: Any) -> None:
+    """``csgd train`` with clusters that come with the checkpoint: a command line asking
+    for other widths (ratio, round_to, include/exclude, clustering) is refused, not
+    silently ignored."""
+    have = ck.get("width_settings") or {"ratio": ck.get("ratio")}
+    want = width_settings(cfg)
+    for key in WIDTH_KEYS:
+        if key in explicit and want[key] != have.get(key):
+            shown = have.get(key, "not recorded")
+            raise CsgdError(
+                f"{where} carries its own clusters (made with {key}={shown}), but "
+                f"{key}={want[key]} asks for other widths",
+                f"drop {key}= to train its clusters, or pass init= a checkpoint without "
+                "clusters (the base model) to cluster anew",
+            )
+
+
+def check_target(
+    cfg: DictConfig, model: nn.Module, ck: dict[str, Any], explicit: Sequence[str]
+) -> None:
+    """``prune.target``: no ratio given beside it, the runtime of a latency target
+    installed, and a value the allowed groups can reach (a latency floor is timed: the
+    stage reuses the timing)."""
+    p = cfg.prune
+    if p.target is None:
+        return
+    if "ratio" in explicit:
+        raise CsgdError(
+            f"ratio={cfg.ratio} and prune.target={p.target} both given",
+            "pass one: prune.target chooses each group's width, ratio one fraction for all",
+        )
+    kind, value = target_parts(p.target)
+    if kind == "latency":
+        require_runtime(cfg.backend)
+    groups = channel_groups(model)
+    chosen = select_groups(groups, p.include, p.exclude)
+    problem = Problem(
+        model, groups, [g.name for g in chosen], example_input(model), p.round_to,
+        p.min_width or max(p.round_to, 4),
+        Runtime(cfg.backend, p.latency_batch, p.latency_threads), None,
+    )  # fmt: skip
+    check_reachable(problem, Target(kind, value), (ck.get("target_base") or {}).get(kind))
+
+
+def preflight(
+    cfg: DictConfig, explicit: Sequence[str] = (), cache: dict[Any, Any] | None = None
+) -> None:
+    """Check the device, data set, checkpoints and their clusters, model arguments and
+    prune globs of ``cfg.stage``. ``explicit``: config keys given on the command line
+    (``model`` there must agree with the checkpoint). ``cache`` (one per CLI call)
+    keeps data sets and checkpoints shared by the points of a sweep."""
+    cache = {} if cache is None else cache
+    need = STAGES[cfg.stage]
+    trust_named_model(cfg)
+    check_model_name(cfg)
+    if need.weights == "ckpt" and cfg.ckpt is None:
+        raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
+    if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
+        raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
+    if need.onnx or (need.data and cfg.backend != "eager"):
+        require_runtime("onnxruntime" if need.onnx else cfg.backend)
+    if need.target and cfg.prune.target is not None:  # before any file is read
+        if target_parts(cfg.prune.target)[0] == "latency":
+            require_runtime(cfg.backend)
+    loaded = []
+    for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake
+        path = cfg[key]
+        if path is not None:
+            if (key, path) not in cache:
+                cache[(key, path)] = load(path, key)
+            model, ck = cache[(key, path)]
+            if "model" in explicit:
+                check_arch(ck, path, key, registry_name(cfg.model.name, cfg.model.kwargs))
+            loaded.append((key, path, model, ck))
+    info = None
+    if need.data:
+        pick_device(cfg.device)
+        dkey = "data:" + OmegaConf.to_yaml(cfg.dataset, resolve=True)
+        if dkey not in cache:
+            cache[dkey] = build_data(cfg.dataset, seed=0, device=torch.device("cpu"))
+        info = cache[dkey].info
+    model = None
+    for key, path, model, ck in loaded:
+        if info is not None:
+            check_fits(ck, f"{key}={path}", info)
+        if ck.get("clusters"):
+            check_clusters(channel_groups(model), ck["clusters"], f"{key}={path}")
+            if need.keeps_clusters:
+                check_width_keys(cfg, ck, f"{key}={path}", explicit)
+        elif need.groups:
+            select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
+        if key == "ckpt" and need.clusters and cfg.prune.method == "csgd":
+            need_clusters(ck, path)
+    ck = loaded[-1][3] if loaded else {}
+    if model is None and need.fresh:
+        model = new_model(cfg, info)  # refuses model arguments the constructor does not take
+        if need.groups:
+            select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
+    if need.target and model is not None and not (need.keeps_clusters and ck.get("clusters")):
+        check_target(cfg, model, ck, explicit)

@@ -1,0 +1,347 @@
+"""Per-group widths for a target: a fraction of the base's multiply-adds, parameters or
+measured latency (``prune.target=flops:0.45``).
+
+A target kind is one entry of ``TARGETS``: how its cost is counted (``costs``), the
+width step its candidates take, and whether a choice is confirmed by timing. A rule is
+one entry of ``RULES``: ``distortion`` (default) or ``uniform``.
+
+``distortion`` (C-SGD's own signal): merging a group into ``k`` clusters moves every
+filter to its cluster's centre, so the k-means distortion at ``k`` (the squared distance
+the centripetal pull must cover, on the joint kernels of the group's producers, each
+producer scaled to unit norm) says what a width costs the network. It is read for every
+``k`` at once from Ward's agglomerative clustering (each merge adds its rise in
+within-cluster squares). Greedily, the width step with the least distortion added per
+unit of cost saved is taken until the target is met; then steps are given back, the most
+distortion removed per unit of cost first, while the target still holds (that lands a
+count target within a fraction of a percent below it).
+
+``uniform``: one fraction of the original width for every group (bisection), then the
+same give-back, the narrowest group (relative to its original width) first.
+
+Candidates: multiples of ``round_to`` (latency targets: of 8 when ``round_to`` is 1, the
+block CPU runtimes compute channels in) from ``min_width`` up, and the group's current
+width; a group narrower than ``min_width`` stays whole; a coupled group (a residual
+stage) is one group, so it has one width.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.config import TARGET_KINDS, WIDTH_RULES, target_parts
+from ..common.errors import CsgdError
+from ..common.nets import count_macs, count_params
+from ..core.clustering import candidate_widths, cluster_groups, distortion_curve
+from ..core.surgery import merge
+from ..deploy.export import BACKENDS, require_runtime
+from ..deploy.latency import Runtime, Timings
+from ..rules.groups import ChannelGroup
+from .costs import Shapes, TermCost, descend, give_back, latency_cost, macs_cost, params_cost
+
+log = logging.getLogger("csgd")
+LATENCY_STEP = 8  # channels per block in onnxruntime's NCHWc and oneDNN (AVX2)
+LADDER = 48  # most width steps a group takes in the greedy descent (all, giving back)
+CONFIRMS = 4  # timed candidates per latency choice (the floor and base not counted)
+Widths = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+def parse_target(text: str | Target) -> Target:
+    """``flops:0.45`` -> Target; one-line errors for an unknown kind or a bad value."""
+    if isinstance(text, Target):
+        return text
+    kind, v = target_parts(text)
+    return Target(kind, v)
+
+
+def round_target(spec: str, r: int = 1, n: int = 1) -> str:
+    """Iterative rounds: round ``r`` of ``n`` aims at ``value ** (r / n)`` of the base's
+    cost, each round keeping the same fraction of what the one before left."""
+    kind, value = target_parts(spec)
+    return f"{kind}:{value ** (r / n):.6g}"
+
+
+def width_share(before: Widths, after: Widths) -> float:
+    """The groups of ``after``: their widths' share of their ``before`` widths."""
+    return round(sum(after.values()) / max(sum(before[g] for g in after), 1), 4)
+
+
+@dataclass
+class Problem:
+    """What one choice works on."""
+
+    model: nn.Module
+    groups: list[ChannelGroup]
+    names: list[str]  # the groups allowed to shrink
+    x: Any  # an example input
+    round_to: int
+    min_width: int
+    runtime: Runtime
+    cache_dir: Path | None
+    timings: Timings | None = None
+    curves: dict[str, Callable[[int], float]] | None = None  # distortion, once per choice
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    label: str
+    cost: Callable[[Problem, Shapes, dict[str, list[int]]], TermCost]
+    step: Callable[[int], int]  # candidate width step for a round_to
+    count: Callable[[nn.Module, Any], int] | None  # the exact count; None: timed instead
+
+    @property
+    def measured(self) -> bool:
+        return self.count is None
+
+
+TARGETS: dict[str, TargetKind] = {
+    "flops": TargetKind(
+        "multiply-adds", lambda p, s, c: macs_cost(p.model, s, p.x), int, count_macs
+    ),
+    "params": TargetKind(
+        "parameters", lambda p, s, c: params_cost(p.model, s, p.x), int,
+        lambda net, x: count_params(net),
+    ),
+    "latency": TargetKind(
+        "latency",
+        lambda p, s, c: latency_cost(p.model, s, p.x, p.timings, c),  # type: ignore[arg-type]
+        lambda r: r if r > 1 else LATENCY_STEP,
+        None,
+    ),
+}  # fmt: skip
+assert tuple(TARGETS) == TARGET_KINDS  # config validates the names
+
+
+def _ladder(cands: list[int]) -> list[int]:
+    n = len(cands)  # the current width (last) is always a rung
+    return (
+        cands
+        if n <= LADDER
+        else sorted({cands[round(i * (n - 1) / (LADDER - 1))] for i in range(LADDER)})
+    )
+
+
+# -- rules ------------------------------------------------------------------------------------
+def _distortion_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
+                     budget: float, seed: int, base: Widths) -> Widths:  # fmt: skip
+    del base
+    if problem.curves is None:
+        by_name = {g.name: g for g in problem.groups}
+        problem.curves = {
+            n: distortion_curve(problem.model, by_name[n], seed) for n in problem.names
+        }
+    curves = problem.curves
+    ks = {g: c[-1] for g, c in cands.items()}
+    descend(cost, ks, {g: _ladder(c) for g, c in cands.items()}, budget, lambda g, k: curves[g](k))
+    give_back(
+        cost, ks, cands, budget,
+        lambda g, k, k2, d: (curves[g](k) - curves[g](k2)) / d if d > 0 else float("inf"),
+    )  # fmt: skip
+    return ks
+
+
+def _uniform_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
+                  budget: float, seed: int, base: Widths) -> Widths:  # fmt: skip
+    del problem, seed
+
+    def at(r: float) -> Widths:  # the candidate nearest r x original width (ties down)
+        return {g: min(c, key=lambda k: (abs(k - r * base[g]), k)) for g, c in cands.items()}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # the largest fraction that meets the budget
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost.cost(at(mid)) <= budget else (lo, mid)
+    ks = at(lo)
+    give_back(cost, ks, cands, budget, lambda g, k, k2, d: -k / base[g])
+    return ks
+
+
+RULES = {"distortion": _distortion_rule, "uniform": _uniform_rule}
+assert tuple(RULES) == WIDTH_RULES
+
+
+# -- the choice -------------------------------------------------------------------------------
+def _thin(problem: Problem, ks: Widths) -> nn.Module:
+    """The network at widths ``ks`` (even clusters: the shapes are what counts)."""
+    model = problem.model
+    clusters = cluster_groups(model, problem.groups, ks, "even")
+    with torch.no_grad():
+        return merge(model, problem.groups, clusters).eval()
+
+
+def _key(problem: Problem, ks: Widths) -> str:
+    now = [g.width for g in problem.groups]
+    return f"{now}->{[ks.get(g.name, g.width) for g in problem.groups]}"
+
+
+def _measured_ratio(problem: Problem, ks: Widths, again: bool = False) -> float:
+    assert problem.timings is not None
+    build = lambda: _thin(problem, ks)  # noqa: E731
+    return problem.timings.ratio(problem.model, build, _key(problem, ks), problem.shape, again)
+
+
+def unreachable(target: Target, floor: float, problem: Problem) -> CsgdError:
+    return CsgdError(
+        f"prune.target={target.spec} cannot be met with the groups allowed: the smallest "
+        f"reachable is {target.kind}:{floor:.4g} (every allowed group at its narrowest, "
+        f"prune.min_width={problem.min_width}, prune.round_to={problem.round_to})",
+        f"pass prune.target={target.kind}:{floor:.4g} or more, a smaller prune.min_width, "
+        "or include more groups",
+    )
+
+
+@dataclass
+class Choice:
+    widths: Widths  # the groups allowed to shrink, at their chosen widths
+    report: dict[str, Any]
+
+
+def setup(problem: Problem, target: Target) -> tuple[TermCost, dict[str, list[int]]]:
+    """The target's cost over the allowed groups' widths, and their candidate widths."""
+    kind = TARGETS[target.kind]
+    if kind.measured and problem.timings is None:
+        backend = problem.runtime.backend
+        if backend not in BACKENDS:
+            raise CsgdError(f"backend={backend} is unknown", f"pass backend=<{'|'.join(BACKENDS)}>")
+        require_runtime(backend)
+        if not isinstance(problem.x, torch.Tensor):
+            raise CsgdError("a latency target times one tensor input", "pass a count target")
+        arch = getattr(problem.model, "arch", None) or {}
+        name = arch.get("name") or type(problem.model).__name__
+        problem.timings = Timings(name, problem.runtime, problem.cache_dir)
+    step = kind.step(problem.round_to)
+    by_name = {g.name: g for g in problem.groups}
+    cands = {n: candidate_widths(by_name[n].width, step, problem.min_width) for n in problem.names}
+    shapes = Shapes(problem.model, problem.groups, set(problem.names))
+    return kind.cost(problem, shapes, cands), cands
+
+
+def _floor(problem: Problem, target: Target, cost: TermCost, cands: dict[str, list[int]],
+           base_cost: float | None) -> tuple[float, float]:  # fmt: skip
+    """(the current network's cost, the smallest fraction of ``base_cost`` (default:
+    that cost) the allowed groups reach); a latency is timed (ms), the floor against it."""
+    lowest = {g: c[0] for g, c in cands.items()}
+    if not TARGETS[target.kind].measured:
+        now = cost.cost({})
+        return now, cost.cost(lowest) / (base_cost or now)
+    timings = problem.timings
+    assert timings is not None
+    r = _measured_ratio(problem, lowest)
+    timings.save()
+    now = timings.data["base_ms"][_key(problem, lowest)]
+    return now, r * now / (base_cost or now)
+
+
+def check_reachable(problem: Problem, target: Target, base_cost: float | None = None) -> None:
+    """Refuse a target below what the allowed groups can reach (one line, the floor)."""
+    cost, cands = setup(problem, target)
+    _, floor = _floor(problem, target, cost, cands, base_cost)
+    if floor > target.value:
+        raise unreachable(target, floor, problem)
+
+
+def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int = 0,
+           base_widths: Widths | None = None, base_cost: float | None = None) -> Choice:  # fmt: skip
+    """Widths of the allowed groups meeting ``target`` (a fraction of ``base_cost``:
+    default the model's own cost; iterative rounds pass the first round's base)."""
+    t0 = time.perf_counter()
+    if rule not in RULES:
+        raise CsgdError(f"rule={rule} is unknown", f"pass rule=<{'|'.join(RULES)}>")
+    cost, cands = setup(problem, target)
+    base = {g.name: (base_widths or {}).get(g.name, g.width) for g in problem.groups}
+    now, floor = _floor(problem, target, cost, cands, base_cost)
+    if floor > target.value:
+        raise unreachable(target, floor, problem)
+    budget = target.value * (base_cost or now)  # absolute: MACs, parameters or ms
+    pick, count = RULES[rule], TARGETS[target.kind].count
+    if budget >= now:  # an iterative round that is there already
+        ks, reached = {n: c[-1] for n, c in cands.items()}, now
+    elif count is not None:
+        ks = pick(problem, cost, cands, budget, seed, base)
+        reached = cost.cost(ks) if cost.exact else count(_thin(problem, ks), problem.x)
+        for _ in range(3):  # exact for every layer a rule knows; should another layer's
+            if reached <= budget:  # cost change too, shrink by the gap
+                break
+            ks = pick(problem, cost, cands, 2 * budget - reached, seed, base)
+            reached = count(_thin(problem, ks), problem.x)
+    else:
+        ks, reached = _choose_timed(
+            problem, cost, cands, budget / now, floor * (base_cost or now) / now, pick, seed, base
+        )
+        reached *= now
+    report: dict[str, Any] = {
+        "target": target.spec, "kind": target.kind, "value": target.value, "rule": rule,
+        "label": TARGETS[target.kind].label, "base": base_cost or now, "now": now,
+        "reached": reached, "ratio": reached / (base_cost or now),
+        "round_to": problem.round_to, "min_width": problem.min_width,
+        "before": {n: base[n] for n in problem.names}, "widths": dict(ks),
+    }  # fmt: skip
+    report["met"] = report["ratio"] <= target.value
+    if problem.timings is not None:
+        t = problem.timings
+        report.update(
+            backend=t.rt.backend, batch=t.rt.batch, threads=t.rt.nthreads,
+            layers_timed=len(t.data["layers"]), cache=str(t.path) if t.path else None,
+        )  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return Choice(ks, report)
+
+
+def _choose_timed(problem: Problem, cost: TermCost, cands: dict[str, list[int]], want: float,
+                  floor: float, pick: Callable[..., Widths], seed: int,
+                  base: Widths) -> tuple[Widths, float]:  # fmt: skip
+    """(widths, measured ratio to the current network): start from the current network
+    and the floor, run the rule at the modelled time whose measured ratio interpolates
+    to ``want``, time that candidate against the current network, repeat with the new
+    point (``CONFIRMS`` times); the slowest candidate timed at or below ``want`` wins."""
+    lowest = {g: c[0] for g, c in cands.items()}
+    points = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
+    ok, seen = (floor, lowest), {_key(problem, lowest)}
+    for _ in range(CONFIRMS):
+        pts = sorted(points)
+        i = max(j for j, (_, r) in enumerate(pts) if r <= want)
+        (x1, y1), (x2, y2) = pts[i], pts[min(i + 1, len(pts) - 1)]
+        budget = x1 if y2 <= y1 else x1 + (want - y1) * (x2 - x1) / (y2 - y1)
+        ks = pick(problem, cost, cands, budget, seed, base)
+        while _key(problem, ks) in seen and budget > points[1][0]:  # timed: a step narrower
+            budget = cost.cost(ks) * (1 - 1e-9)
+            narrower = pick(problem, cost, cands, budget, seed, base)
+            if _key(problem, narrower) == _key(problem, ks):  # noisy timings: no step
+                break  # lowers the modelled time, and asking again would loop forever
+            ks = narrower
+        if _key(problem, ks) in seen:
+            break
+        seen.add(_key(problem, ks))
+        r = _measured_ratio(problem, ks)
+        if r <= want:  # a pass is timed twice, the slower ratio kept
+            r = _measured_ratio(problem, ks, again=True)
+        log.info("latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
+                 cost.cost(ks), r, want)  # fmt: skip
+        points.append((cost.cost(ks), r))
+        if ok[0] < r <= want:
+            ok = (r, ks)
+        if ok[0] >= 0.95 * want:
+            break
+    problem.timings.save()  # type: ignore[union-attr]
+    return ok[1], ok[0]

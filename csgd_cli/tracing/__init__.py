@@ -1,0 +1,1 @@
+"""Floor 2: finding a network's channel groups by tracing."""

@@ -1,0 +1,96 @@
+"""What a traced op does to the channels it carries: kept apart (and still right after a
+merge), or why not. Layers are judged by their rules (``layers.py``); this is every
+other node of the graph (``trace_graph.Graph``): autograd ops, concatenations, splits,
+slices and reshapes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..rules.layers import rule_for, split_rule_for
+
+PER_CHANNEL_OPS = {
+    "AddBackward", "SubBackward", "MulBackward", "DivBackward", "NegBackward",
+    "ReluBackward", "HardtanhBackward", "SigmoidBackward", "SiluBackward", "TanhBackward",
+    "HardswishBackward", "HardsigmoidBackward", "GeluBackward", "LeakyReluBackward",
+    "EluBackward", "SoftplusBackward", "MishBackward", "ExpBackward", "PowBackward",
+    "CloneBackward", "MaxPool2DWithIndicesBackward", "MaxPool2DBackward",
+    "AvgPool2DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveMaxPool2DBackward",
+    "MaxPool1DWithIndicesBackward", "AvgPool1DBackward", "AdaptiveAvgPool1DBackward",
+    "UpsampleNearest2DBackward", "UpsampleBilinear2DBackward", "ConstantPadNdBackward",
+    "ReflectionPad2DBackward", "ReplicationPad2DBackward", "ToCopyBackward",
+    "AliasBackward", "ContiguousBackward",
+}  # fmt: skip
+REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "SqueezeBackward",
+              "UnsqueezeBackward"}  # fmt: skip
+
+
+def op_name(grad_fn: Any) -> str:
+    return re.sub(r"\d+$", "", grad_fn.name()) if grad_fn is not None else "?"
+
+
+OUTPUT = "output"
+
+
+def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
+    """None when ``node`` (of ``graph``, a ``trace_graph.Graph``) keeps channels apart and
+    stays right after a merge, ``OUTPUT`` for the network's output, else why the group
+    cannot be merged exactly. ``outs``: the modules of the nodes it feeds."""
+    ops = graph.dg.ops
+    mod, name = node.module, op_name(node.grad_fn)
+    if isinstance(mod, ops._OutputOp):
+        return OUTPUT
+    if node in graph.bad:
+        return graph.bad[node]
+    owner = graph.owner(node)
+    rule = rule_for(owner) if owner is not None else None
+    if rule is not None and (name in PER_CHANNEL_OPS or name in rule.own_ops):
+        return None  # the layer's own computation, which its rule describes
+    at, cls = graph.names.get(owner), type(owner).__name__
+    where = (f" in '{at}' ({cls})" if at else f" in {cls}.forward") if owner is not None else ""
+    if isinstance(mod, ops._ConcatOp) or node in graph.identity:
+        return None
+    if isinstance(mod, (ops._SplitOp, ops._SliceOp)):
+        if owner is not None and split_rule_for(owner) is not None:
+            return None  # its sizes are refit after the merge (layers.SPLIT_RULES)
+        return f"channels split at sizes fixed in the forward code{where}"
+    if isinstance(mod, ops._ReshapeOp):
+        if node in graph.flatten and outs and all(isinstance(o, nn.Linear) for o in outs):
+            return None  # a flatten into a linear layer: ``repeat`` columns per channel
+        return f"a reshape/view of the channels{where} (not a flatten into a linear layer)"
+    if isinstance(mod, ops._ElementWiseOp):
+        g = node.grad_fn
+        if name in PER_CHANNEL_OPS:
+            return _constant_operand(g, f"op {name}{where}")
+        if name in REDUCTIONS:
+            dims = getattr(g, "_saved_dim", None)
+            sizes = getattr(g, "_saved_self_sym_sizes", None)
+            if dims is not None:
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                nd = len(sizes) if sizes is not None else 4
+                if all(d % nd != 1 for d in dims):
+                    return None
+        return f"op {name}{where} is not known to keep channels apart"
+    return f"op {type(mod).__name__.strip('_')}{where} is not supported by the merge"
+
+
+def _constant_operand(g: Any, op: str) -> str | None:
+    """An operand that is no node of the graph (a buffer, a weight used outside its
+    layer) keeps its width after a merge: harmless only if it is one wide along the
+    channels (a scalar, a spatial mask)."""
+    if all(f is not None for f, _ in g.next_functions):
+        return None
+    nd = len(g._input_metadata[0].shape)
+    dims = (1, 2) if nd == 3 else (1,)  # a 3-D tensor: channels first or tokens last
+    saved = [getattr(g, a, None) for a in ("_saved_other", "_saved_self")]
+    consts = [t for t in saved if isinstance(t, torch.Tensor) and not t.requires_grad]
+    if consts and all(
+        t.dim() <= nd - d or t.shape[d - (nd - t.dim())] == 1 for t in consts for d in dims
+    ):
+        return None
+    return f"{op} applies a constant tensor to the channels (a buffer?)"

@@ -1,0 +1,298 @@
+"""A model's channel groups: declared by the model, else traced from one forward pass.
+
+Torch-Pruning's ``DependencyGraph`` (the field's standard tracer for coupled channels)
+follows autograd from the logits back to the input and tells, for the output channels of
+a conv or linear layer, every tensor slice that must shrink with them, with index maps
+through concatenations, splits and flattens. Each of its groups is mapped onto our
+``ChannelGroup``:
+
+- every layer is mapped by its rule (``csgd_cli.rules.layers``): conv/linear output rows ->
+  ``out``; BatchNorm, per-channel norms and depthwise convs -> ``channel``; conv/linear
+  input columns -> ``in`` (``repeat`` columns per channel after a flatten);
+- a member is cut into runs where its channels sit contiguously in the module, so a BN
+  over a concatenation is a ``channel`` member at its offset, and a layer holding the
+  channels twice (a conv over ``cat([x, f(x)])``) has a member per copy;
+- the graph is TP's made exact first (``trace_graph``: index maps from recorded shapes,
+  ops attributed to the layer that ran them; ``trace_ops`` judges each op);
+- the group's channel order is the root layer's, and the group is named after its first
+  producer (stable across iterative rounds, which re-trace the thinned model).
+
+Never a wrong merge: anything the merge cannot make exact (the input or output of a
+grouped, non-depthwise conv; LayerNorm, GroupNorm over several channels and other layers
+without a rule; a free ``nn.Parameter`` applied to the channels; a reshape that is not a flatten
+into a linear layer, a transpose or permute as in a channel shuffle; a reduction over
+channels; any op not known to keep channels apart) makes the group *excluded* with a
+one-line reason naming the layer. Groups of the network's logits are not groups.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..rules.groups import ChannelGroup, Member
+from ..rules.layers import member_kind, rule_for
+from .graph import Graph, build_graph, channels_last
+from .ops import OUTPUT, op_problem
+from .walk import TRACE_SECONDS, walk
+
+_CACHE_ATTR = "_csgd_traced_groups"
+_BY_ARCH: dict[str, tuple[tuple, list[ChannelGroup]]] = {}  # one trace per architecture
+
+
+def example_input(model: nn.Module) -> torch.Tensor:
+    """One input of the model's shape: ``model.input_shape``, else ``in_channels`` and
+    ``image_size`` of its registry kwargs, else the first conv's inputs at 64x64."""
+    p = next(iter(model.parameters()), None)
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        kw = (getattr(model, "arch", None) or {}).get("kwargs", {})
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        c = kw.get("in_channels") or (first.in_channels if first is not None else 3)
+        s = kw.get("image_size") or 64
+        shape = (c, s, s)
+    kw = {"dtype": p.dtype, "device": p.device} if p is not None else {}
+    return torch.randn(1, *shape, **kw)
+
+
+def channel_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """The model's groups: its own ``channel_groups()`` when it declares them, else traced
+    from one forward pass of ``x`` (default: ``example_input(model)``)."""
+    fn = getattr(model, "channel_groups", None)
+    if fn is not None:
+        return fn()
+    return traced_groups(model, x)
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def _arch_key(model: nn.Module) -> str | None:
+    arch = getattr(model, "arch", None)  # registry models: the same spec, the same graph
+    try:
+        return json.dumps(arch, sort_keys=True) if arch else None
+    except TypeError:
+        return None
+
+
+def traced_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """The model's channel groups from a trace, cached until a layer changes shape: on
+    the model, and for registry models on their spec (a stage's preflight and the stage,
+    or the phases of ``csgd run``, trace once). Raises ``CsgdError`` when the forward
+    pass cannot be traced."""
+    sig, key = _signature(model), _arch_key(model)
+    cached = model.__dict__.get(_CACHE_ATTR) or _BY_ARCH.get(key or "")
+    if cached is None or cached[0] != sig:
+        cached = (sig, _trace(model, example_input(model) if x is None else x))
+        if key is not None:
+            _BY_ARCH.clear()  # the last architecture only: groups are small, models not
+            _BY_ARCH[key] = cached
+    model.__dict__[_CACHE_ATTR] = cached
+    return [ChannelGroup(g.name, g.width, list(g.members), g.excluded) for g in cached[1]]
+
+
+def trace_seconds(model: nn.Module) -> float:
+    """Wall time of one uncached trace (reported in the docs)."""
+    model.__dict__.pop(_CACHE_ATTR, None)
+    _BY_ARCH.clear()
+    t = time.perf_counter()
+    traced_groups(model)
+    return time.perf_counter() - t
+
+
+@dataclass
+class _Raw:
+    """One Torch-Pruning group: per (module, kind) the (local index, root index) pairs."""
+
+    root: str
+    pairs: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    logits: bool = False
+    output: bool = False
+
+    def slots(self) -> set[tuple[str, str, int]]:
+        return {(m, k, i) for (m, k), ps in self.pairs.items() for i, _ in ps}
+
+
+def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | None]:
+    """(kind or None, problem or None) of one node of a group, reached with ``handler``."""
+    mod = node.module
+    if isinstance(mod, nn.Parameter):
+        return None, f"parameter '{graph.dg._param_to_name.get(mod, '?')}' acts on the channels"
+    name = graph.names.get(mod)
+    if name is not None:  # a layer: its rule decides (csgd_cli.rules.layers)
+        kind = member_kind(mod, bool(graph.dg.is_out_channel_pruning_fn(handler)), name)
+        if kind in ("out", "channel", "in"):
+            return kind, None
+        return None, kind
+    problem = op_problem(graph, node, [n.module for n in node.outputs])
+    return ("output", None) if problem == OUTPUT else (None, problem)
+
+
+def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
+    raw = _Raw(graph.names[module])
+    judged = [(n, h, pairs, *_classify(graph, n, h)) for n, h, pairs in walk(graph, module)]
+    # an NCHW flatten's map is wrong for channels a linear layer wrote last (NHWC, tokens)
+    nhwc = any(kind == "out" and channels_last(n) for n, _, _, kind, _ in judged)
+    for node, _, pairs, kind, problem in judged:
+        if nhwc and node in graph.flatten:
+            problem = "a flatten of channels a linear layer wrote last (NHWC)"
+        if problem:
+            raw.problems.append(problem)
+        if kind == "output" or (kind == "out" and not node.outputs):
+            raw.output = True  # the logits (or another output) of the network
+        if kind is not None and kind != "output":
+            raw.pairs.setdefault((graph.names[node.module], kind), []).extend(pairs)
+    raw.logits = raw.output and all(
+        isinstance(graph.dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
+    )
+    return raw
+
+
+def _runs(pairs: Iterable[tuple[int, int]], kind: str, order: list[int]) -> list[Member] | None:
+    """Members for one (module, kind): runs of group channels stored contiguously in the
+    module (``repeat`` columns each for ``in`` after a flatten; a module that holds the
+    channels several times, as a conv over ``cat([x, f(x)])`` with ``f`` per-channel, has
+    members per copy); None when the layout is not mappable."""
+    by_root: dict[int, list[int]] = {}
+    for local, root in set(pairs):
+        by_root.setdefault(root, []).append(local)
+    rank = {r: i for i, r in enumerate(order)}
+    counts = {len(v) for v in by_root.values()}
+    if len(counts) != 1:
+        return None
+    n = counts.pop()
+    for locs in by_root.values():
+        locs.sort()
+    blocked = all(v == list(range(v[0], v[0] + n)) and v[0] % n == 0 for v in by_root.values())
+    if kind == "in" and blocked:  # a flatten: ``n`` columns per channel
+        return _contiguous([(rank[r], v[0] // n) for r, v in by_root.items()], kind, n)
+    out = []  # copy j: the j-th place where each channel is held
+    for j in range(n):
+        out += _contiguous([(rank[r], v[j]) for r, v in by_root.items()], kind, 1)
+    return out
+
+
+def _contiguous(blocks: list[tuple[int, int]], kind: str, rep: int) -> list[Member]:
+    """(group channel, local index) pairs cut into runs contiguous in both."""
+    blocks.sort()
+    out, run = [], [blocks[0]]
+    for g, lo in blocks[1:]:
+        if g == run[-1][0] + 1 and lo == run[-1][1] + 1:
+            run.append((g, lo))
+        else:
+            out.append(run)
+            run = [(g, lo)]
+    out.append(run)
+    return [Member("", kind, r[0][1], r[0][0], len(r), rep) for r in out]
+
+
+def _tie(raw: _Raw) -> None:
+    """Root channels held by one slot of a layer are one channel (GhostNet adds the stem's
+    8 channels to ``cat([x, dw(x)])`` of a 4-channel conv: stem channels i and i + 4 are
+    both that conv's channel i): each is renamed to the smallest root of its class."""
+    parent: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        while parent.get(r, r) != r:
+            r = parent[r]
+        return r
+
+    for pairs in raw.pairs.values():
+        first: dict[int, int] = {}
+        for local, root in pairs:
+            a, b = find(first.setdefault(local, root)), find(root)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    if parent:
+        for key, pairs in raw.pairs.items():
+            raw.pairs[key] = [(local, find(root)) for local, root in pairs]
+
+
+def _to_group(raw: _Raw, index: dict[str, int]) -> ChannelGroup:
+    _tie(raw)
+    order = sorted({r for ps in raw.pairs.values() for _, r in ps})
+    width = len(order)
+    members: list[Member] = []
+    problems = list(raw.problems)
+    kind_rank = {"out": 0, "channel": 1, "in": 2}
+    for (module, kind), pairs in sorted(
+        raw.pairs.items(), key=lambda kv: (index[kv[0][0]], kind_rank[kv[0][1]])
+    ):
+        runs = _runs(pairs, kind, order)
+        if runs is None:
+            problems.append(f"'{module}' holds the channels in a layout csgd cannot map")
+            continue
+        for m in runs:
+            length = None if (m.start == 0 and m.length == width) else m.length
+            members.append(Member(module, kind, m.offset, m.start, length, m.repeat))
+    outs = [m.module for m in members if m.kind == "out"]
+    name = outs[0] if outs else raw.root
+    if not outs:
+        problems.append("no conv or linear layer produces these channels (network input?)")
+    if raw.output:
+        problems.append("the channels are an output of the network")
+    excluded = problems[0] if problems else None
+    return ChannelGroup(name, width, members, excluded)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
+    label = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
+    graph = build_graph(model, x, label)
+    graph.deadline = time.perf_counter() + TRACE_SECONDS
+    names = graph.names
+    index = {n: i for i, n in enumerate(names.values())}
+    roots = [  # layers whose outputs are channels: convs and linear layers (any rule)
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        and rule_for(m) is not None
+        and m in graph.dg.module2node
+    ]
+    raws: list[_Raw] = []
+    covered: set[tuple[str, int]] = set()
+    for m in roots:
+        n = names[m]
+        width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if all((n, i) in covered for i in range(width)):
+            continue
+        raw = _raw_group(graph, m)
+        covered |= {(mod, i) for mod, k, i in raw.slots() if k in ("out", "channel")}
+        raws.append(raw)
+    # a later root may span earlier ones (a depthwise conv over a concatenation): keep the
+    # widest; two groups that overlap without one holding the other cannot be mapped
+    slots = [r.slots() for r in raws]
+    holders: dict[tuple[str, str, int], list[int]] = {}
+    for i, s in enumerate(slots):
+        for slot in s:
+            holders.setdefault(slot, []).append(i)
+    near = [{j for slot in s for j in holders[slot]} - {i} for i, s in enumerate(slots)]
+    keep = [i for i in range(len(raws)) if not any(slots[i] < slots[j] for j in near[i])]
+    groups = []
+    for i in keep:
+        if raws[i].logits:
+            continue
+        g = _to_group(raws[i], index)
+        clash = next((j for j in keep if j in near[i]), None)
+        if clash is not None and g.excluded is None:
+            g.excluded = f"channels also coupled with the group of '{raws[clash].root}'"
+        groups.append(g)
+    _unique_names(groups)
+    return sorted(groups, key=lambda g: index.get(g.name.split("@")[0], 0))
+
+
+def _unique_names(groups: list[ChannelGroup]) -> None:
+    seen: dict[str, int] = {}
+    for g in groups:
+        seen[g.name] = seen.get(g.name, 0) + 1
+    for g in groups:
+        if seen[g.name] > 1:
+            first = next(m for m in g.members if m.module == g.name)
+            g.name = f"{g.name}@{first.offset}"
