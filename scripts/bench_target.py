@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import csgd_cli as csgd
-from csgd_cli import latency
 from csgd_cli.common.nets import count_macs, count_params
+from csgd_cli.deploy import latency
 from csgd_cli.deploy.latency import Runtime, ratios
 from csgd_cli.models import get_model
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from csgd_cli import cli, distributed, engine
+from csgd_cli.runner import cli, distributed, engine
 
 FAIL = "CSGD_TEST_FAIL: rank failed on purpose at step"
 

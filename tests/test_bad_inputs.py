@@ -41,7 +41,7 @@ ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
 HOLD = """
 import sys, time
-from csgd_cli import lock
+from csgd_cli.runner import lock
 lock.acquire(sys.argv[1], "train")
 print("held", flush=True)
 time.sleep(1200)  # the fixture kills it; this ends it if pytest itself was killed

@@ -266,8 +266,8 @@ def test_seed_reaches_python_numpy_torch_kmeans_and_data_order(
 ) -> None:
     from omegaconf import OmegaConf
 
-    from csgd_cli import clustering
     from csgd_cli.common.seeding import seed_everything
+    from csgd_cli.core import clustering
     from csgd_cli.runner.datasets import build_data
 
     def draw(seed: int) -> tuple[Any, ...]:
@@ -333,7 +333,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
 def test_failing_save_keeps_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from csgd_cli import checkpoint
+    from csgd_cli.api import checkpoint
 
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint(path, {"arch": {"name": "x"}, "state_dict": {}, "epoch": 1})

@@ -31,8 +31,8 @@ import pytest
 import torch
 from conftest import TINY_DIGITS as TINY
 
-from csgd_cli import lock
 from csgd_cli.common.errors import CsgdError
+from csgd_cli.runner import lock
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
@@ -42,7 +42,7 @@ TIMEOUT = 300
 WRAPPER = """
 import os, resource, signal, sys, time
 import torch
-from csgd_cli import cli, datasets, engine
+from csgd_cli.runner import cli, datasets, engine
 if os.environ.get("T_SLEEP"):
     engine.STEP_HOOKS.append(lambda trainer, step: time.sleep(float(os.environ["T_SLEEP"])))
 if os.environ.get("T_NAN"):
@@ -62,7 +62,7 @@ cli.main(sys.argv[1:])
 """
 HOLD = """
 import sys, time
-from csgd_cli import lock
+from csgd_cli.runner import lock
 print(lock.acquire(sys.argv[1], "train").record["token"], flush=True)
 time.sleep(600)
 """
@@ -262,7 +262,7 @@ def test_lease_renewal_and_the_takeover_rules(
 
 RACER = """
 import sys, time
-from csgd_cli import lock
+from csgd_cli.runner import lock
 go = float(sys.argv[2])
 time.sleep(max(0.0, go - time.time()))
 try:

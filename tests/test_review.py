@@ -13,10 +13,11 @@ import torch
 from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 
-from csgd_cli import checkpoint, cli, datasets
+from csgd_cli.api import checkpoint
 from csgd_cli.api.checkpoint import load_checkpoint
 from csgd_cli.common.device import use_channels_last
 from csgd_cli.common.errors import CsgdError
+from csgd_cli.runner import cli, datasets
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 FAST = [*TINY_DIGITS, "schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0"]
@@ -137,7 +138,7 @@ def test_the_loop_calls_step_hooks_instead_of_a_test_switch() -> None:
     """6: the step loop has no test code: callers pass hooks."""
     import inspect
 
-    from csgd_cli import engine
+    from csgd_cli.runner import engine
 
     assert "CSGD_TEST" not in inspect.getsource(engine)
     seen: list[int] = []

@@ -15,10 +15,12 @@ from conftest import TINY_DIGITS
 from torch import nn
 
 import csgd_cli as csgd_api
-from csgd_cli import cli, latency, widths
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.common.nets import count_macs, count_params
+from csgd_cli.deploy import latency
 from csgd_cli.models import get_model
+from csgd_cli.runner import cli
+from csgd_cli.targets import widths
 
 X = torch.randn(2, 3, 16, 16)  # 16x16: counts as exact as at 32x32, four times faster
 

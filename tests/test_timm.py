@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csgd_cli import cli, tracing
 from csgd_cli.api.pruner import load_model
 from csgd_cli.models import get_model
 from csgd_cli.rules.groups import prunable
+from csgd_cli.runner import cli
+from csgd_cli.tracing import trace as tracing
 from csgd_cli.tracing.trace import channel_groups, trace_seconds
 from csgd_cli.tracing.walk import TRACE_SECONDS
 from tests.test_any_cnn import exact_merge
