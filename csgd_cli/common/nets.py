@@ -17,8 +17,20 @@ def count_params(model: nn.Module) -> int:
 
 
 def run_model(model: nn.Module, x: Any) -> Any:
-    """``model(x)``; a tuple or list ``x`` holds the forward's positional arguments."""
+    """``model(x)``; a tuple or list ``x`` holds the forward's positional arguments, a
+    dict its keyword arguments (``{"input_ids": ...}``, as transformers models take them)."""
+    if isinstance(x, dict):
+        return model(**x)
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def first_samples(x: Any, n: int = 1) -> Any:
+    """The first ``n`` samples of an example input (a tensor, tuple/list or dict of them)."""
+    if isinstance(x, dict):
+        return {k: first_samples(v, n) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(first_samples(v, n) for v in x)
+    return x[:n] if isinstance(x, torch.Tensor) and x.dim() else x
 
 
 def outputs_of(out: Any) -> list[torch.Tensor]:
@@ -36,10 +48,11 @@ def outputs_of(out: Any) -> list[torch.Tensor]:
 def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
     """Multiply-adds of one forward pass on one sample, by torch's own flop counter.
     ``example``: the input shape of one sample, or an example input (its first sample)."""
-    if isinstance(example, (torch.Tensor, tuple, list)) and not all(
-        isinstance(v, int) for v in example
+    if isinstance(example, dict) or (
+        isinstance(example, (torch.Tensor, tuple, list))
+        and not all(isinstance(v, int) for v in example)
     ):
-        x = [t[:1] for t in example] if isinstance(example, (tuple, list)) else example[:1]
+        x = first_samples(example)
     else:
         p = next(model.parameters())
         x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)

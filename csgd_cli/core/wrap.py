@@ -1,0 +1,158 @@
+"""C-SGD over any torch optimizer (AdamW, SGD, Lion, ...): ``wrap(optimizer, ...)``.
+
+C-SGD's update splits into a part every member of a cluster shares and a part that
+shrinks the members' differences (``core.optim``):
+
+    G'_i = mean_H G  +  lam K_i  +  eps (K_i - mean_H K)
+
+``wrap`` keeps the optimizer's own update for the shared part and adds the pull itself:
+
+- before the optimizer's step, every member's gradient is replaced by its cluster's
+  mean, so the members' moment estimates (Adam's ``exp_avg``/``exp_avg_sq``, momentum
+  buffers) stay identical and the members move by the same amount;
+- after the step, each member moves ``lr * eps`` of its pre-step distance towards the
+  pre-step centre: ``K_i -= lr * eps * (K_i - mean_H K)``.
+
+The optimizer's own weight decay shrinks the differences by ``(1 - lr * lam)`` (SGD's
+L2 and AdamW's decoupled decay alike), so together they fall by ``1 - lr * (lam + eps)``
+a step, C-SGD's rate; with plain SGD (no momentum) the trajectory is C-SGD's exactly.
+Norm gamma/beta and biases of a pruned group are pulled with ``norm_epsilon``.
+An optimizer that already holds state gets its members' state rows averaged once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.errors import CsgdError
+from ..rules.groups import ChannelGroup, Clusters, cluster_labels
+from ..rules.layers import segment_rows
+
+_ATTR = "_csgd_wrap"
+
+
+@dataclass
+class _Rows:
+    param: torch.Tensor
+    row: int
+    n: int
+    labels: torch.Tensor  # cluster index per row
+    inv_size: torch.Tensor  # (k, 1): 1 / |H|
+    eps: float
+
+
+def _cluster_mean(x: torch.Tensor, r: _Rows) -> torch.Tensor:
+    """(n, d) rows -> each row replaced by its cluster's mean."""
+    mean = torch.zeros(r.inv_size.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
+    return mean.index_add_(0, r.labels, x).mul_(r.inv_size).index_select(0, r.labels)
+
+
+class CentripetalWrap:
+    """The hooks ``wrap`` puts on one optimizer (``optimizer._csgd_wrap``); ``remove()``
+    restores the optimizer's own ``step``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        clusters: Clusters,
+        epsilon: float,
+        norm_epsilon: float | None = None,
+    ) -> None:
+        if getattr(optimizer, _ATTR, None) is not None:
+            raise CsgdError("this optimizer is wrapped already", "wrap each optimizer once")
+        self.optimizer = optimizer
+        lr_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        norm_eps = 0.1 * epsilon if norm_epsilon is None else norm_epsilon
+        self._rows: list[tuple[_Rows, dict[str, Any]]] = []
+        seen: set[tuple[int, int]] = set()
+        for g in groups:
+            if g.name not in clusters:
+                continue
+            for a, b, blocks in segment_rows(model, g, ("kernel", "affine")):
+                local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
+                for blk in blocks:
+                    p = blk.tensor
+                    if id(p) not in lr_of or (id(p), blk.row) in seen:
+                        continue  # frozen, or owned by another optimizer
+                    seen.add((id(p), blk.row))
+                    dev = p.device
+                    sizes = torch.tensor([len(c) for c in local], dtype=p.dtype, device=dev)
+                    rows = _Rows(
+                        p, blk.row, b - a,
+                        torch.tensor(cluster_labels(local, b - a), device=dev),
+                        (1.0 / sizes).unsqueeze(1),
+                        epsilon if blk.role == "kernel" else norm_eps,
+                    )  # fmt: skip
+                    self._rows.append((rows, lr_of[id(p)]))
+        self._average_state()
+        self._own_step: Callable[..., Any] = optimizer.step
+        optimizer.step = self.step  # type: ignore[method-assign]
+        setattr(optimizer, _ATTR, self)
+
+    @property
+    def tensors(self) -> int:
+        """How many row blocks of the model's tensors this optimizer pulls together."""
+        return len(self._rows)
+
+    @torch.no_grad()
+    def _average_state(self) -> None:
+        """Members of a cluster start from the same optimizer state (a no-op when fresh)."""
+        for r, _ in self._rows:
+            for v in self.optimizer.state.get(r.param, {}).values():
+                if isinstance(v, torch.Tensor) and v.shape == r.param.shape:
+                    sub = v.narrow(0, r.row, r.n)
+                    sub.copy_(_cluster_mean(sub.reshape(r.n, -1), r).view_as(sub))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """The closure (Lightning passes one: forward and backward), the gradients'
+        cluster means, the optimizer's own step, then the centripetal pull."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pulls = []
+        for r, group in self._rows:
+            w = r.param.detach().narrow(0, r.row, r.n)
+            flat = w.reshape(r.n, -1)
+            if r.eps and group["lr"]:
+                pulls.append((w, (flat - _cluster_mean(flat, r)).mul_(-group["lr"] * r.eps)))
+            g = r.param.grad
+            if g is not None:
+                sub = g.narrow(0, r.row, r.n)
+                sub.copy_(_cluster_mean(sub.reshape(r.n, -1), r).view_as(sub))
+        self._own_step(**kwargs)
+        for w, d in pulls:
+            w.add_(d.view_as(w))
+        return loss
+
+    def remove(self) -> None:
+        """Back to the plain optimizer."""
+        self.optimizer.step = self._own_step  # type: ignore[method-assign]
+        setattr(self.optimizer, _ATTR, None)
+
+
+def wrap(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    clusters: Clusters,
+    epsilon: float,
+    norm_epsilon: float | None = None,
+) -> torch.optim.Optimizer:
+    """``optimizer`` itself, its ``step`` now C-SGD's over the pruned groups' parameters
+    (the optimizer's class, state, schedulers and checkpoints unchanged)."""
+    CentripetalWrap(optimizer, model, groups, clusters, epsilon, norm_epsilon)
+    return optimizer
+
+
+def wrapped(optimizer: torch.optim.Optimizer) -> CentripetalWrap | None:
+    """The wrap on ``optimizer``, or None."""
+    return getattr(optimizer, _ATTR, None)
