@@ -74,8 +74,9 @@ def counts() -> None:
         for kind, value in (("flops", flops), ("params", params)):
             for rule in ("distortion", "uniform"):
                 t = time.perf_counter()
-                p = csgd.CSGD(model, x, target=f"{kind}:{value}", include=include, rule=rule,
-                              clustering="even")  # fmt: skip
+                plan = csgd.plan_widths(model, x, target=f"{kind}:{value}", include=include,
+                                        rule=rule)  # fmt: skip
+                p = csgd.CSGD(model, x, widths=plan, clustering="even")
                 secs = time.perf_counter() - t
                 thin = p.merge(force=True)
                 got = (count_macs(thin, x) if kind == "flops" else count_params(thin)) / base[kind]
@@ -121,8 +122,15 @@ def resnet50_latency(out: Path, threads: int | None) -> None:
     x = torch.randn(1, 3, 224, 224)
     shutil.rmtree(out / "r50", ignore_errors=True)  # a cold choice: nothing timed before
     t = time.perf_counter()
-    p = csgd.CSGD(model, x, target="latency:0.7", include=R50_INCLUDE, backend="onnxruntime",
-                  clustering="even", cache_dir=out / "r50", latency_threads=threads)  # fmt: skip
+    plan = csgd.plan_widths(
+        model,
+        x,
+        target="latency:0.7",
+        include=R50_INCLUDE,
+        runtime=Runtime("onnxruntime", 1, threads),
+        cache_dir=out / "r50",
+    )
+    p = csgd.CSGD(model, x, widths=plan, clustering="even")
     total = time.perf_counter() - t
     rep = p.target_report
     print(f"width choice: {rep['seconds']:.0f} s ({total:.0f} s with tracing the groups), "

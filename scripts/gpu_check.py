@@ -55,8 +55,8 @@ def epoch(
     model = csgd.get_model("resnet56", num_classes=10, in_channels=3).to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    pruner = csgd.CSGD(model, ratio=0.625, epsilon=3e-3)
-    opt = pruner.optimizer(lr=0.03, momentum=0.9, weight_decay=1e-4)
+    pruner = csgd.CSGD(model, ratio=0.625)
+    opt = pruner.optimizer(lr=0.03, epsilon=3e-3, momentum=0.9, weight_decay=1e-4)
     sched = OmegaConf.structured(ScheduleConf(epochs=1, milestones=[], log_every=0))
     chi = chi_fn(model, pruner.groups, pruner.clusters)
     chi0 = chi()[0].item()

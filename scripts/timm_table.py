@@ -116,13 +116,13 @@ def row(name: str, family: str, size: int, kw: dict) -> dict:
     x = torch.randn(48, 3, size, size, dtype=torch.float64)
     y = torch.randint(0, 10, (48,))
     try:
-        kw = {"epsilon": EPSILON, "norm_epsilon": EPSILON, "clustering": "even"}
-        pruner = csgd.CSGD(model, x[:2], ratio=0.5, **kw)
+        pruner = csgd.CSGD(model, x[:2], ratio=0.5, clustering="even")
     except CsgdError as e:  # refused before any training
         out["refused"] = str(e).split(" (")[0]  # the first clause; the row has the rest
         out["time_s"] = time.perf_counter() - t0
         return out
-    opt = pruner.optimizer(lr=LR, momentum=0.0, weight_decay=0.0)
+    opt = pruner.optimizer(lr=LR, epsilon=EPSILON, norm_epsilon=EPSILON, momentum=0.0,
+                           weight_decay=0.0)  # fmt: skip
     model.train()
     steps = 0
     while steps < MAX_STEPS and (steps % 4 or not pruner.ready(tolerance=1e-20)):

@@ -81,9 +81,9 @@ def test_own_loop_with_gradscaler_and_autocast_merges_exactly(net, loss_fn) -> N
     model = net()
     x = torch.randn(64, 3, 8, 8)
     y = torch.randint(0, 4, (64, 8, 8))
-    pruner = csgd.CSGD(model, x[:8], ratio=0.5, epsilon=4.0, norm_epsilon=4.0)
+    pruner = csgd.CSGD(model, x[:8], ratio=0.5)
     assert pruner.excluded(), "the output head's channels are an output: excluded"
-    opt = pruner.optimizer(lr=0.1, momentum=0.0, weight_decay=0.0)
+    opt = pruner.optimizer(0.1, epsilon=4.0, norm_epsilon=4.0, momentum=0.0, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu")
     sched = torch.optim.lr_scheduler.StepLR(opt, 60, 0.5)
     # long enough for BN's running statistics (momentum 0.1) to forget the early steps,
@@ -126,16 +126,16 @@ def test_compiled_model_and_resume_from_the_users_own_checkpoint(tmp_path: Path)
     base = TwoHeads()
     start = {k: v.clone() for k, v in base.state_dict().items()}
     compiled = torch.compile(base, backend="eager")
-    pruner = csgd.CSGD(compiled, x, ratio=0.5, epsilon=0.5)
+    pruner = csgd.CSGD(compiled, x, ratio=0.5)
     assert pruner.model is base
-    opt = pruner.optimizer(lr=0.05)
+    opt = pruner.optimizer(lr=0.05, epsilon=0.5)
     steps(compiled, opt, 6)
     full = {k: v.clone() for k, v in base.state_dict().items()}
 
     again = TwoHeads()
     again.load_state_dict(start)
-    p1 = csgd.CSGD(again, x, ratio=0.5, epsilon=0.5)
-    o1 = p1.optimizer(lr=0.05)
+    p1 = csgd.CSGD(again, x, ratio=0.5)
+    o1 = p1.optimizer(lr=0.05, epsilon=0.5)
     steps(again, o1, 3)
     torch.save(
         {"model": again.state_dict(), "opt": o1.state_dict(), "pruner": p1.state_dict()},
@@ -146,7 +146,7 @@ def test_compiled_model_and_resume_from_the_users_own_checkpoint(tmp_path: Path)
     resumed.load_state_dict(ck["model"])
     p2 = csgd.CSGD.from_state_dict(resumed, ck["pruner"], x)
     assert p2.clusters == pruner.clusters == p1.clusters
-    o2 = p2.optimizer(lr=0.05)
+    o2 = p2.optimizer(lr=0.05, epsilon=0.5)
     o2.load_state_dict(ck["opt"])
     steps(resumed, o2, 3)
     for k, v in full.items():
@@ -157,7 +157,7 @@ def test_load_model_resizes_the_users_class_and_never_imports_it(tmp_path: Path)
     torch.manual_seed(2)
     x = torch.randn(8, 3, 8, 8)
     model = SegNet()
-    pruner = csgd.CSGD(model, x, ratio=0.5, epsilon=1.0, clusters=None)
+    pruner = csgd.CSGD(model, x, ratio=0.5, clusters=None)
     thin = pruner.merge(x, force=True)
     path = csgd.save(thin, tmp_path / "thin.pt")
     with pytest.raises(CsgdError, match=r"own class \(test_api.SegNet\).*model=SegNet"):
@@ -206,9 +206,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     model = GNNet()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32, 8, 8), generator=g)
-    pruner = csgd.CSGD(model, x[:4], ratio=0.5, epsilon=0.3)
+    pruner = csgd.CSGD(model, x[:4], ratio=0.5)
     net = DDP(model) if world > 1 else model
-    opt = pruner.optimizer(lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = pruner.optimizer(lr=0.05, epsilon=0.3, momentum=0.9, weight_decay=1e-4)
     for step in range(8):
         xb, yb = x[step % 2 * 16 :][:16], y[step % 2 * 16 :][:16]
         part = slice(rank * 16 // world, (rank + 1) * 16 // world)

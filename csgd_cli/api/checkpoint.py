@@ -17,7 +17,7 @@ from torch import nn
 from ..common.errors import CsgdError
 from ..common.files import atomic_write
 from ..models import get_model
-from ..rules.layers import fit_to_state_dict
+from ..rules.layers import fit_to_state_dict, member_tensors
 from ..tracing.trace import channel_groups
 
 REQUIRED = ("arch", "state_dict")
@@ -260,6 +260,39 @@ def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = T
     except (RuntimeError, TypeError) as e:
         raise _damaged(where, "weights do not load into the network", e) from e
     return model
+
+
+def check_shapes(model: nn.Module, ck: dict[str, Any], where: str) -> None:
+    """Refuse, in one line, a file whose tensors differ from ``model``'s anywhere a merge
+    cannot have changed them (another class count, another stem): only the dimensions
+    the merged groups cut (the file's ``group_widths``) may differ."""
+    want, sd = model.state_dict(), ck["state_dict"]
+    cut: set[tuple[str, int]] = set()
+    merged = ck.get("group_widths") or (ck.get("arch") or {}).get("group_widths") or {}
+    if merged:
+        try:
+            groups = channel_groups(model)
+        except CsgdError:  # not traceable without an input: the rules resize as before
+            return
+        mods = dict(model.named_modules())
+        for g in groups:
+            for m in g.members if g.name in merged else ():
+                p = f"{m.module}." if m.module else ""
+                cut.update(
+                    (p + attr, dim) for attr, dim, _ in member_tensors(mods[m.module], m.kind)
+                )
+    for k, v in sd.items():
+        w = want.get(k)
+        if w is None or not torch.is_tensor(v) or v.shape == w.shape:
+            continue
+        dims = range(max(v.dim(), w.dim()))
+        if v.dim() != w.dim() or any(v.shape[d] != w.shape[d] and (k, d) not in cut for d in dims):
+            raise CsgdError(
+                f"{where}: {k} is {list(v.shape)} in the file but {list(w.shape)} in the "
+                "model passed",
+                "pass a model built as the file's network was (its class count, its "
+                "layers), or load_model(path) without model=",
+            )
 
 
 def base_widths(model: nn.Module, ck: dict[str, Any]) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """C-SGD in any training loop: the public API (the CLI's stages use it too).
 
     import csgd_cli as csgd
-    pruner = csgd.CSGD(model, example_input, ratio=0.625, epsilon=3e-3)
-    opt = pruner.optimizer(lr=0.01, momentum=0.9, weight_decay=1e-4)
+    pruner = csgd.CSGD(model, example_input, ratio=0.625)   # or widths=csgd.plan_widths(...)
+    opt = pruner.optimizer(lr=0.01, epsilon=3e-3, momentum=0.9, weight_decay=1e-4)
     ...  # the user's own loop: opt.zero_grad(); loss.backward(); opt.step()
     thin = pruner.merge()                 # physically thinner, same function
     csgd.save(thin, "pruned.pt")
@@ -23,25 +23,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.config import EPSILON
 from ..common.errors import CsgdError
 from ..common.nets import run_model
 from ..core.chi import chi_report
-from ..core.clustering import check_method, cluster_groups, target_widths
+from ..core.clustering import check_method, cluster_groups
 from ..core.optim import CentripetalSGD
 from ..core.surgery import merge_checked
-from ..deploy.latency import Runtime
-from ..rules.groups import ChannelGroup, Clusters, check_clusters, describe, select_groups
-from ..targets.widths import Problem, choose, parse_target
+from ..rules.groups import ChannelGroup, Clusters, check_clusters, describe
+from ..targets.plan import WidthPlan, plan_widths
 from ..tracing.trace import channel_groups, example_input
 from .checkpoint import (
     USER_ARCH,
+    check_shapes,
     load_checkpoint,
     load_into,
     model_from_checkpoint,
     save_checkpoint,
 )
 
-STATE_FORMAT = 1  # CSGD.state_dict() layout
+STATE_FORMAT = 2  # CSGD.state_dict() layout (2: the width plan; epsilon is the optimizer's)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,16 +57,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 class CSGD:
     """Channel groups, clusters and the centripetal optimizer of one network.
 
-    ``ratio``: clusters per group = round(ratio x original width) (``round_to``: a
-    multiple of it). ``target`` instead (``"flops:0.45"``, ``"params:0.5"``,
-    ``"latency:0.5"``): per-group widths chosen by ``rule`` to keep that fraction of the
-    model's cost (``base_cost``: of that absolute cost instead, for iterative rounds),
-    none narrower than ``min_width`` (default max(round_to, 4)); a latency target is
-    timed in ``backend`` at ``latency_batch`` with ``latency_threads``, the timings kept
-    under ``cache_dir``; ``target_report`` says what was reached.
-    ``include``/``exclude``: globs over group names (``describe()`` lists them).
-    ``clusters``: reuse saved ones (``pruner.clusters`` of an earlier run).
-    ``norm_epsilon``: the pull on norm gamma/beta and biases (default 0.1 x epsilon).
+    Widths: ``ratio`` (clusters per group = round(ratio x original width), default the
+    paper's 5/8), ``target`` (``"flops:0.45"``, ``"params:0.5"``, ``"latency:0.5"``,
+    chosen with ``plan_widths``' defaults), or ``widths``: a ``WidthPlan`` from
+    ``csgd.plan_widths(...)`` (every width setting: rule, round_to, min_width, runtime)
+    or a plain ``{group: width}`` dict. ``include``/``exclude``: globs over group names
+    (``describe()`` lists them) for a ratio or target. ``clusters``: reuse saved ones
+    (``pruner.clusters`` of an earlier run). Epsilon goes with the optimizer:
+    ``pruner.optimizer(lr, epsilon=...)``.
     """
 
     def __init__(
@@ -74,79 +73,70 @@ class CSGD:
         example_input: Any = None,
         *,
         ratio: float | None = None,
-        epsilon: float = 3e-3,
-        norm_epsilon: float | None = None,
+        target: str | None = None,
+        widths: WidthPlan | dict[str, int] | None = None,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
-        round_to: int = 1,
         clustering: str = "kmeans",
         seed: int = 0,
         clusters: Clusters | None = None,
-        base_widths: dict[str, int] | None = None,
-        target: str | None = None,
-        min_width: int | None = None,
-        rule: str = "distortion",
-        backend: str = "eager",
-        latency_batch: int = 1,
-        latency_threads: int | None = None,
-        cache_dir: str | Path | None = None,
-        base_cost: float | None = None,
     ) -> None:
-        if target is not None and ratio is not None:
-            raise CsgdError(f"ratio={ratio} and target={target!r} both given", "pass one of them")
-        ratio = 0.625 if ratio is None and target is None else ratio
-        if ratio is not None and not 0 < ratio <= 1:
-            raise CsgdError(f"ratio={ratio} is out of range", "pass 0 < ratio <= 1")
-        if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
-            raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
-        if round_to < 1:
-            raise CsgdError(f"round_to={round_to} is out of range", "pass round_to >= 1")
         check_method(clustering)
         self.model = unwrap(model)
         self.example_input = example_input
-        self.epsilon, self.norm_epsilon = float(epsilon), norm_epsilon
-        self.settings = {
-            "ratio": ratio,
-            "target": None if target is None else parse_target(target).spec,
-            "min_width": min_width,
-            "rule": rule,
-            "include": list(include),
-            "exclude": list(exclude),
-            "round_to": round_to,
-            "clustering": clustering,
-            "seed": seed,
-        }
+        self.clustering, self.seed = clustering, seed
         self.groups: list[ChannelGroup] = channel_groups(self.model, example_input)
-        self.base_widths = dict(base_widths or {g.name: g.width for g in self.groups})
-        self.target_report: dict[str, Any] | None = None
+        self._optimizers: list[Any] = []
+        self.merge_report: dict[str, Any] | None = None
+        if widths is not None and (ratio is not None or target is not None):
+            raise CsgdError("widths= and ratio=/target= both given", "pass one of them")
+        original = {g.name: g.width for g in self.groups}
         if clusters is not None:
             clusters = {k: [list(map(int, c)) for c in v] for k, v in dict(clusters).items()}
             check_clusters(self.groups, clusters, "clusters=")
             self.clusters: Clusters = clusters
+            if not isinstance(widths, WidthPlan):
+                widths = WidthPlan({k: len(v) for k, v in clusters.items()}, original)
+            self.plan = widths
+            return
+        if widths is None:
+            self.plan = plan_widths(
+                self.model, example_input, ratio=ratio, target=target, include=include,
+                exclude=exclude, seed=seed, groups=self.groups,
+            )  # fmt: skip
+        elif isinstance(widths, WidthPlan):
+            self.plan = widths
         else:
-            chosen = select_groups(self.groups, include, exclude)
-            if target is not None:
-                x = example_input if example_input is not None else example_input_for(self.model)
-                problem = Problem(
-                    self.model, self.groups, [g.name for g in chosen], x, round_to,
-                    min_width or max(round_to, 4),
-                    Runtime(backend, latency_batch, latency_threads),
-                    Path(cache_dir) if cache_dir is not None else None,
-                )  # fmt: skip
-                choice = choose(
-                    problem, parse_target(target), rule, seed, self.base_widths, base_cost
-                )
-                ks, self.target_report = choice.widths, choice.report
-            else:
-                ks = target_widths(chosen, ratio, self.base_widths, round_to)
-            self.clusters = cluster_groups(self.model, chosen, ks, clustering, seed)
-        self.merge_report: dict[str, Any] | None = None
+            self.plan = WidthPlan({k: int(v) for k, v in dict(widths).items()}, original)
+        self.clusters = cluster_groups(
+            self.model, self._planned(), self.plan.widths, clustering, seed
+        )
+
+    def _planned(self) -> list[ChannelGroup]:
+        by_name = {g.name: g for g in self.groups}
+        unknown = sorted(set(self.plan.widths) - set(by_name))
+        if unknown:
+            raise CsgdError(
+                f"widths= names {unknown[0]!r}, not a channel group of this model",
+                "pass a plan made for this model (pruner.describe() lists its groups)",
+            )
+        return [by_name[n] for n in self.plan.widths]
+
+    def _input(self) -> Any:
+        if self.example_input is None:
+            self.example_input = example_input_for(self.model)
+        return self.example_input
 
     # -- what the pruner knows --------------------------------------------------------
     @property
     def widths(self) -> dict[str, int]:
         """Width of every pruned group after the merge (its number of clusters)."""
         return {name: len(cl) for name, cl in self.clusters.items()}
+
+    @property
+    def target_report(self) -> dict[str, Any] | None:
+        """A target's: what it asked, what the chosen widths reach (``plan.report``)."""
+        return self.plan.report
 
     def describe(self) -> str:
         """Every group: name, width, members by kind, excluded or not and why."""
@@ -160,25 +150,52 @@ class CSGD:
     def optimizer(
         self,
         lr: float,
+        *,
+        epsilon: float = EPSILON,
+        norm_epsilon: float | None = None,
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 1e-4,
         plain_norm_weight_decay: float | None = None,
     ) -> CentripetalSGD:
         """The C-SGD optimizer over every parameter of the model (a torch Optimizer:
-        learning-rate schedulers, GradScaler and DDP work with it)."""
-        return CentripetalSGD(
+        learning-rate schedulers, GradScaler and DDP work with it). ``epsilon``: the
+        centripetal strength; ``norm_epsilon`` the pull on norm gamma/beta and biases
+        (default 0.1 x epsilon). For speed it makes every parameter a view into one
+        flat buffer; ``merge()`` (or ``opt.release()``) gives each its own storage back."""
+        if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
+            raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
+        opt = CentripetalSGD(
             self.model,
             self.groups,
             self.clusters,
             lr=lr,
-            epsilon=self.epsilon,
+            epsilon=float(epsilon),
             momentum=momentum,
             nesterov=nesterov and momentum > 0,
             weight_decay=weight_decay,
-            norm_epsilon=self.norm_epsilon,
+            norm_epsilon=norm_epsilon,
             plain_norm_weight_decay=plain_norm_weight_decay,
         )
+        self._optimizers.append(opt)
+        return opt
+
+    def wrap(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epsilon: float = EPSILON,
+        norm_epsilon: float | None = None,
+    ) -> torch.optim.Optimizer:
+        """Turn any torch optimizer over the model (AdamW, SGD, ...) into C-SGD, in place:
+        cluster-mean gradients before its step, the centripetal pull (``epsilon``;
+        ``norm_epsilon`` on norm gamma/beta and biases, default 0.1 x epsilon) after it
+        (``csgd_cli.core.wrap``). Returns ``optimizer``."""
+        from ..core.wrap import wrap
+
+        if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
+            raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
+        return wrap(optimizer, self.model, self.groups, self.clusters, epsilon, norm_epsilon)
 
     def chi_report(self, affine: bool = False) -> dict[str, Any]:
         """Chi in total, relative to the kernels' squared norm, the largest deviation,
@@ -203,9 +220,10 @@ class CSGD:
         against the trained one on ``example_input`` (default: the pruner's): every
         output within ``tolerance`` (relative) or refused unless ``force``. The report
         is kept in ``merge_report``."""
-        x = example_input if example_input is not None else self.example_input
-        if x is None:
-            x = example_input_for(self.model)
+        x = example_input if example_input is not None else self._input()
+        for opt in self._optimizers:  # the merge resizes parameters: untie them first
+            opt.release()
+        self._optimizers.clear()
         thin, rep = merge_checked(
             self.model, self.groups, self.clusters, x, tolerance=tolerance, force=force
         )
@@ -214,14 +232,14 @@ class CSGD:
 
     # -- the user's own checkpoints -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (clusters, epsilon, widths, settings) to resume with ``from_state_dict``."""
+        """Plain data (clusters, the width plan, clustering settings) to resume with
+        ``from_state_dict``."""
         return {
             "format": STATE_FORMAT,
             "clusters": self.clusters,
-            "epsilon": self.epsilon,
-            "norm_epsilon": self.norm_epsilon,
-            "base_widths": self.base_widths,
-            **self.settings,
+            "plan": self.plan.to_dict(),
+            "clustering": self.clustering,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -234,20 +252,13 @@ class CSGD:
                 "not a CSGD.state_dict() of this csgd version",
                 "pass the dict pruner.state_dict() returned",
             )
-        keys = ("include", "exclude", "round_to", "clustering", "seed")
         return cls(
             model,
             example_input,
-            epsilon=state["epsilon"],
-            norm_epsilon=state["norm_epsilon"],
+            widths=WidthPlan.from_dict(state["plan"]),
             clusters=state["clusters"],
-            base_widths=state["base_widths"],
-            # the clusters fix the widths: the target that chose them is only recorded
-            ratio=None if state.get("target") else state["ratio"],
-            target=state.get("target"),
-            min_width=state.get("min_width"),
-            rule=state.get("rule", "distortion"),
-            **{k: state[k] for k in keys},
+            clustering=state["clustering"],
+            seed=state["seed"],
         )
 
 
@@ -289,6 +300,7 @@ def load_model(
     file names the callable that builds it: pass that dotted path in ``trust``."""
     ck = load_checkpoint(path, None)
     if model is not None:
+        check_shapes(unwrap(model), ck, str(path))  # another class count: one line
         net = load_into(unwrap(model), ck["state_dict"], str(path), resize=True)
         if ck.get("group_widths"):
             net.group_widths = dict(ck["group_widths"])

@@ -2,22 +2,55 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from .errors import CsgdError
 
+# The defaults, stated once: the schema below, the API and the docs read these.
+RATIO = 0.625  # clusters per group = round(ratio x width): the paper's C-SGD-5/8
+EPSILON = 3e-3  # centripetal strength
+NORM_EPSILON_SHARE = 0.1  # norm gamma/beta and biases: this share of epsilon (reference code)
+MIN_WIDTH_FLOOR = 4  # a target never makes a group narrower than max(round_to, this)
+
+
+def default_min_width(round_to: int) -> int:
+    """The narrowest width a target may give a group when ``min_width`` is not given."""
+    return max(round_to, MIN_WIDTH_FLOOR)
+
+
+# The library's errors name its API arguments; the CLI says the config key that sets each.
+CLI_KEYS = {
+    "target": "prune.target",
+    "min_width": "prune.min_width",
+    "round_to": "prune.round_to",
+    "rule": "prune.rule",
+    "latency_batch": "prune.latency_batch",
+    "latency_threads": "prune.latency_threads",
+}
+# ``target`` and ``rule`` are plain words too: translated only as ``name=``
+_API_WORD = re.compile(
+    r"(?<![\w.])(?:(target|rule)(?==)|(min_width|round_to|latency_batch|latency_threads)\b)"
+)
+
+
+def cli_words(error: Exception | str) -> str:
+    """An API error's text with each argument name replaced by its CLI key."""
+    return _API_WORD.sub(lambda m: CLI_KEYS[m.group(1) or m.group(2)], str(error))
+
+
 # Names the config accepts, as plain tuples (the modules that act on them import these).
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagenet")
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "digits", "synthetic", "imagenet")
 CLUSTERINGS = ("kmeans", "even")
 PRUNE_METHODS = ("csgd", "l1", "l2", "fpgm", "taylor", "slimming", "random")  # criteria.CRITERIA
-BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+BACKENDS = ("eager", "channels_last", "compile", "onnxruntime", "onnxruntime-int8", "openvino")
 TARGET_KINDS = ("flops", "params", "latency")  # prune.target=<kind>:<fraction> (widths.TARGETS)
 WIDTH_RULES = ("distortion", "uniform")  # how widths are chosen for a target (widths.RULES)
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,12 @@ class EvalConf:
 
 
 @dataclass
+class DeployConf:
+    int8: bool = False  # csgd run: an INT8 (onnxruntime) row in the table, top-1 vs float32
+    calib_batches: int = 8  # INT8: calibration batches from the training split
+
+
+@dataclass
 class CheckpointConf:
     every_steps: int = 0
 
@@ -182,12 +221,13 @@ class Config:
     prune: PruneConf = field(default_factory=PruneConf)
     check: CheckConf = field(default_factory=CheckConf)
     eval: EvalConf = field(default_factory=EvalConf)
+    deploy: DeployConf = field(default_factory=DeployConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     dist: DistConf = field(default_factory=DistConf)
     stage: str = MISSING
-    epsilon: float = 3e-3
-    norm_epsilon: float | None = None  # None: 0.1 * epsilon
-    ratio: float = 0.625
+    epsilon: float = EPSILON
+    norm_epsilon: float | None = None  # None: NORM_EPSILON_SHARE * epsilon
+    ratio: float = RATIO
     ratios: list[float] = field(
         default_factory=list
     )  # iterative rounds, e.g. [0.8125, 0.6875, 0.625]
@@ -256,6 +296,8 @@ def validate(cfg: DictConfig) -> None:
     validate_target(cfg)
     _need(cfg.format in FORMATS, "format", cfg.format, "|".join(FORMATS))
     _need(cfg.backend in BACKENDS, "backend", cfg.backend, "|".join(BACKENDS))
+    nb = cfg.deploy.calib_batches
+    _need(nb >= 1, "deploy.calib_batches", nb, ">= 1")
     d = cfg.dataset
     _need(d.batch_size >= 1, "dataset.batch_size", d.batch_size, ">= 1")
     _need(d.eval_batch_size >= 1, "dataset.eval_batch_size", d.eval_batch_size, ">= 1")
@@ -283,23 +325,43 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def target_parts(text: str) -> tuple[str, float]:
-    """``flops:0.45`` -> ("flops", 0.45); one-line errors for an unknown kind or a value
-    outside (0, 1)."""
-    kind, _, value = str(text).partition(":")
-    fix = f"pass prune.target=<{'|'.join(TARGET_KINDS)}>:<fraction>, e.g. flops:0.45"
-    if kind not in TARGET_KINDS:
-        raise CsgdError(f"prune.target={text}: unknown target kind '{kind}'", fix)
-    try:
-        v = float(value)
-    except ValueError:
-        raise CsgdError(f"prune.target={text}: '{value}' is not a number", fix) from None
-    if not 0 < v < 1:
-        raise CsgdError(
-            f"prune.target={text}: {v:g} is outside (0, 1)",
-            "pass the fraction of the base's cost to keep, e.g. flops:0.45",
-        )
-    return kind, v
+@dataclass(frozen=True)
+class Target:
+    """A width target: keep ``value`` (a fraction in (0, 1)) of the base's ``kind`` of
+    cost (``flops``, ``params`` or ``latency``). Parsed once, from ``flops:0.45``."""
+
+    kind: str
+    value: float
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+    @classmethod
+    def parse(cls, text: str | Target) -> Target:
+        """``flops:0.45`` -> Target; one-line errors (naming the API's ``target``; the
+        CLI says ``prune.target``) for an unknown kind or a value outside (0, 1)."""
+        if isinstance(text, Target):
+            return text
+        kind, _, value = str(text).partition(":")
+        fix = f"pass target=<{'|'.join(TARGET_KINDS)}>:<fraction>, e.g. flops:0.45"
+        if kind not in TARGET_KINDS:
+            raise CsgdError(f"target={text}: unknown target kind '{kind}'", fix)
+        try:
+            v = float(value)
+        except ValueError:
+            raise CsgdError(f"target={text}: '{value}' is not a number", fix) from None
+        if not 0 < v < 1:
+            raise CsgdError(
+                f"target={text}: {v:g} is outside (0, 1)",
+                "pass the fraction of the base's cost to keep, e.g. flops:0.45",
+            )
+        return cls(kind, v)
+
+    def round(self, r: int = 1, n: int = 1) -> Target:
+        """Iterative rounds: round ``r`` of ``n`` aims at ``value ** (r / n)`` of the
+        base's cost, each round keeping the same fraction of what the one before left."""
+        return Target(self.kind, float(f"{self.value ** (r / n):.6g}"))
 
 
 def validate_target(cfg: DictConfig) -> None:
@@ -318,13 +380,9 @@ def validate_target(cfg: DictConfig) -> None:
                 "pass prune.target=..., or ratios=[...] for rounds",
             )
         return
-    target_parts(p.target)
+    Target.parse(p.target)
     if list(cfg.ratios):
         raise CsgdError(
             "ratios=[...] and prune.target both given",
             f"pass prune.rounds={len(cfg.ratios)} for {len(cfg.ratios)} rounds towards the target",
         )
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

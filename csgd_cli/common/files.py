@@ -14,13 +14,21 @@ from typing import Any
 
 from .errors import disk_full, is_disk_full
 
+_WRITES = [True]  # False on the other ranks of csgd's own torchrun job (``set_writes``)
+
+
+def set_writes(enabled: bool) -> None:
+    """The CLI turns writes off on every rank but 0 of its own distributed job (a rank
+    that reads a file next waits at a barrier first). A library call writes what its
+    caller asks: no environment variable changes that."""
+    _WRITES[0] = enabled
+
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write to a temporary file beside ``path``, fsync, rename: a kill or a full disk
-    mid-write leaves the previous file intact (the temporary file is removed). In a multi-process job only rank 0 writes (a rank
-    that reads the file next waits at a barrier first)."""
+    mid-write leaves the previous file intact (the temporary file is removed)."""
     path = Path(path)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _WRITES[0]:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -119,7 +127,8 @@ def read_jsonl(path: str | Path, skipped: list[str] | None = None) -> list[dict[
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
     """A Markdown table (readable as plain text too), columns padded to their widths."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    # a list, not arguments: with no rows (a report of unfinished runs) the headers count
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(row: Sequence[str]) -> str:
         cells = (

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.config import NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
 from ..rules.layers import segment_rows
@@ -78,7 +79,7 @@ class CentripetalSGD(torch.optim.Optimizer):
             raise CsgdError("Nesterov momentum needs momentum > 0", "set schedule.momentum")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov)
         super().__init__(params, defaults)
-        norm_eps = 0.1 * epsilon if norm_epsilon is None else norm_epsilon
+        norm_eps = NORM_EPSILON_SHARE * epsilon if norm_epsilon is None else norm_epsilon
         plain_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
         dev, dtype = params[0].device, params[0].dtype
         # Every parameter gets a dense slot in the flat buffers, in model order.
@@ -211,6 +212,18 @@ class CentripetalSGD(torch.optim.Optimizer):
             upd = g
         self._flat_p.add_(upd, alpha=-lr)
         return loss
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Untie the model's parameters from this optimizer's flat buffers (each gets
+        its own storage again, gradients dropped) so the buffers can be freed. The
+        optimizer cannot step after this; ``CSGD.merge`` calls it."""
+        for group in self.param_groups:
+            for q in group["params"]:
+                q.data = q.data.clone(memory_format=torch.preserve_format)
+                q.grad = None
+        self._flat_p = self._flat_g = torch.empty(0)
+        self.state.clear()
 
 
 def plain_sgd(model: nn.Module, sched: Any) -> torch.optim.SGD:

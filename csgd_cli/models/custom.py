@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from typing import Any
 
 from torch import nn
@@ -18,10 +17,10 @@ from ..common.errors import CsgdError
 from . import register_model
 
 SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
-# Callables a checkpoint may name: those the user named (model._target_ on the command
-# line, ``load_model(..., trust=...)``, or CSGD_TRUST=a.b,c.d). A file naming any other
+# Callables a checkpoint may name: those the user named (``load_model(..., trust=...)``;
+# on the command line model._target_ or CSGD_TRUST=a.b,c.d). A file naming any other
 # callable is refused: building it would run code that the file chose.
-_TRUSTED: set[str] = {t for t in os.environ.get("CSGD_TRUST", "").split(",") if t}
+_TRUSTED: set[str] = set()
 
 
 def trust(*targets: str | None) -> None:
@@ -33,7 +32,8 @@ def require_trusted(target: object, where: str) -> None:
         raise CsgdError(
             f"{where} builds its model with {target!r}, a callable named by the file; refused "
             "(csgd runs no code a checkpoint chooses)",
-            f"if you trust it, pass model=custom model._target_={target} (or CSGD_TRUST={target})",
+            f"if you trust it, pass trust=({target!r},) to load_model (csgd's CLI: "
+            f"model=custom model._target_={target}, or CSGD_TRUST={target})",
         )
 
 

@@ -23,9 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..common.config import STAGES, register_schema, validate
+from ..common.config import STAGES, cli_words, register_schema, validate
 from ..common.errors import CsgdError, Preempted, disk_full, is_disk_full, raise_preempted
-from ..common.files import in_main_thread, write_json
+from ..common.files import in_main_thread, set_writes, write_json
 from . import lock
 
 _HYDRA_FLAGS = (
@@ -181,11 +181,11 @@ def _task(stage: str):
             leave(e.exit_code)
         except CsgdError as e:
             stop_others(e.exit_code, str(e))
-            print(f"csgd {stage}: error: {e}", file=sys.stderr)
+            print(f"csgd {stage}: error: {cli_words(e)}", file=sys.stderr)
             if not multirun:
                 leave(e.exit_code)
             if not isinstance(e, lock.DirLocked):  # the directory is another process's
-                _status(out, "failed", str(e))
+                _status(out, "failed", cli_words(e))
             _record_failure(out)
             return None
         except Exception as e:
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         raise SystemExit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
+    # a torchrun job: rank 0 writes every file, the other ranks read them after a barrier
+    set_writes(int(os.environ.get("RANK", "0")) == 0)
     try:
         if stage not in STAGES:
             raise CsgdError(f"unknown stage '{stage}'", f"choose one of: {', '.join(STAGES)}")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             _compose_all(stage, overrides, multirun)
             early = _hold_early(stage, rest, multirun)
     except CsgdError as e:
-        print(f"csgd {stage}: error: {e}", file=sys.stderr)
+        print(f"csgd {stage}: error: {cli_words(e)}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     import hydra
 

@@ -23,6 +23,7 @@ from ..api.checkpoint import (
     save_checkpoint,
 )
 from ..api.pruner import CSGD
+from ..common.config import Target
 from ..common.device import use_channels_last
 from ..common.errors import CsgdError
 from ..common.files import write_json
@@ -32,7 +33,8 @@ from ..core.surgery import merge_checked, merge_summary
 from ..deploy.export import export_onnx_if_installed, export_pt2
 from ..deploy.latency import Runtime
 from ..rules.groups import Clusters, select_groups
-from ..targets.widths import round_target, width_share
+from ..targets.plan import WidthPlan, plan_widths
+from ..targets.widths import width_share
 from ..tracing.trace import channel_groups
 from .distributed import broadcast_object, is_main, on_main
 from .engine import Trainer
@@ -76,29 +78,31 @@ def pruner_for_config(
     ratio: float | None = None,
     step: tuple[int, int] | None = None,
     cache_dir: Path | None = None,
-    **kw: Any,
+    clustering: str | None = None,
 ) -> CSGD:
     """The pruner of a config: clusters stored in ``ck`` when it has them and neither
     ``ratio`` nor a target round ``step`` is forced (iterative rounds force theirs), else
     new ones for ``prune.include``/``exclude``: at ``prune.target`` (round ``step``, its
     latency timings cached under ``cache_dir``) or at ``ratio`` (default ``cfg.ratio``) of
-    the original widths. ``kw`` overrides CSGD arguments (``clustering=even``)."""
-    common = {"epsilon": cfg.epsilon, "norm_epsilon": cfg.norm_epsilon}
+    the original widths, clustered by ``clustering`` (default ``cfg.clustering``)."""
+    original = base_widths(model, ck)
     if ck.get("clusters") and ratio is None and step is None:
-        return CSGD(model, clusters=ck["clusters"], base_widths=base_widths(model, ck), **common)
-    p, how = cfg.prune, {"ratio": cfg.ratio if ratio is None else ratio}
+        kept = WidthPlan({k: len(v) for k, v in ck["clusters"].items()}, original)
+        return CSGD(model, clusters=ck["clusters"], widths=kept)
+    p = cfg.prune
+    how: dict[str, Any] = {"ratio": cfg.ratio if ratio is None else ratio}
     if p.target is not None:  # round ``step``; later rounds: of the first round's base cost
-        target = round_target(p.target, *(step or (1, 1)))
+        target = Target.parse(p.target).round(*(step or (1, 1)))
         how = dict(
-            target=target, min_width=p.min_width, rule=p.rule, backend=cfg.backend,
-            latency_batch=p.latency_batch, latency_threads=p.latency_threads, cache_dir=cache_dir,
-            base_cost=(ck.get("target_base") or {}).get(target.partition(":")[0]),
+            target=target, min_width=p.min_width, rule=p.rule, cache_dir=cache_dir,
+            runtime=Runtime(cfg.backend, p.latency_batch, p.latency_threads),
+            original_cost=(ck.get("target_base") or {}).get(target.kind),
         )  # fmt: skip
-    args = dict(
-        include=list(p.include), exclude=list(p.exclude), round_to=p.round_to,
-        clustering=cfg.clustering, seed=cfg.seed, base_widths=base_widths(model, ck),
+    plan = plan_widths(
+        model, None, include=list(p.include), exclude=list(p.exclude), round_to=p.round_to,
+        seed=cfg.seed, original=original, **how,
     )  # fmt: skip
-    return CSGD(model, **{**args, **common, **how, **kw})
+    return CSGD(model, widths=plan, clustering=clustering or cfg.clustering, seed=cfg.seed)
 
 
 def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +114,7 @@ def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dic
     out["group_widths"] = widths
     if rep is not None:
         out.update(target=rep["target"], target_report=rep, target_base={rep["kind"]: rep["base"]})
-        out["ratio"] = width_share(pruner.base_widths, widths)
+        out["ratio"] = pruner.plan.share
     return out
 
 
@@ -193,10 +197,11 @@ def train_phase(
     sched = OmegaConf.create(hyper["schedule"])
     pruner = None
     if clusters:  # checked against the model's groups by the pruner
-        eps = {"epsilon": hyper["epsilon"], "norm_epsilon": hyper["norm_epsilon"]}
-        pruner = CSGD(model, clusters=clusters, base_widths=info.get("base_widths"), **eps)
+        pruner = CSGD(model, clusters=clusters)
         opt = pruner.optimizer(
-            lr=sched.lr,
+            sched.lr,
+            epsilon=hyper["epsilon"],
+            norm_epsilon=hyper["norm_epsilon"],
             momentum=sched.momentum,
             nesterov=sched.nesterov,
             weight_decay=sched.weight_decay,
@@ -228,11 +233,8 @@ def train_phase(
     if sched.epochs == 0:  # nothing trained: last.pt is still the phase's result
         trainer.save("last.pt")
     state = {**trainer.state(), "metrics": metrics}
-    if clusters:  # untie params from the optimizer's flat buffer so it can be freed
-        with torch.no_grad():
-            for p in model.parameters():
-                p.data = p.data.clone(memory_format=torch.preserve_format)
-                p.grad = None
+    if clusters:  # the flat buffers can be freed: every parameter gets its own storage
+        opt.release()  # type: ignore[attr-defined]
     return model, state
 
 
@@ -314,7 +316,7 @@ def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Te
         rep["method"] = cfg.prune.method
     else:
         clusters = need_clusters(ck, src)
-        pruner = CSGD(model, x, clusters=clusters, base_widths=base_widths(model, ck))
+        pruner = CSGD(model, x, clusters=clusters)
         thin, rep = pruner.merge(x, tolerance=cfg.prune.tolerance, force=cfg.prune.force), pruner.merge_report  # fmt: skip
     if is_main():
         print(merge_summary(rep))

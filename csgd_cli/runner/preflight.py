@@ -15,14 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..api.checkpoint import check_arch, check_fits, need_clusters
-from ..common.config import STAGES, target_parts
+from ..common.config import STAGES, Target, default_min_width
 from ..common.device import pick_device
 from ..common.errors import CsgdError
 from ..deploy.export import require_runtime
 from ..deploy.latency import Runtime
 from ..models import known_model, list_models, registry_name, timm_models
 from ..rules.groups import check_clusters, select_groups
-from ..targets.widths import Problem, Target, check_reachable
+from ..targets.widths import Problem, check_reachable
 from ..tracing.trace import channel_groups, example_input
 from .datasets import build_data
 from .pipeline import WIDTH_KEYS, width_settings
@@ -72,17 +72,17 @@ def check_target(
             f"ratio={cfg.ratio} and prune.target={p.target} both given",
             "pass one: prune.target chooses each group's width, ratio one fraction for all",
         )
-    kind, value = target_parts(p.target)
-    if kind == "latency":
+    target = Target.parse(p.target)
+    if target.kind == "latency":
         require_runtime(cfg.backend)
     groups = channel_groups(model)
     chosen = select_groups(groups, p.include, p.exclude)
     problem = Problem(
         model, groups, [g.name for g in chosen], example_input(model), p.round_to,
-        p.min_width or max(p.round_to, 4),
+        p.min_width or default_min_width(p.round_to),
         Runtime(cfg.backend, p.latency_batch, p.latency_threads), None,
     )  # fmt: skip
-    check_reachable(problem, Target(kind, value), (ck.get("target_base") or {}).get(kind))
+    check_reachable(problem, target, (ck.get("target_base") or {}).get(target.kind))
 
 
 def preflight(
@@ -102,8 +102,10 @@ def preflight(
         raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
     if need.onnx or (need.data and cfg.backend != "eager"):
         require_runtime("onnxruntime" if need.onnx else cfg.backend)
+    if cfg.stage == "run" and cfg.deploy.int8:
+        require_runtime("onnxruntime-int8")
     if need.target and cfg.prune.target is not None:  # before any file is read
-        if target_parts(cfg.prune.target)[0] == "latency":
+        if Target.parse(cfg.prune.target).kind == "latency":
             require_runtime(cfg.backend)
     loaded = []
     for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ class Ctx:
 
 def trust_named_model(cfg: DictConfig) -> None:
     """A ``model._target_`` given in the config is the user's: checkpoints may name it;
-    a ``model=timm`` names what a plain ``init=`` state dict holds."""
-    if cfg.model.name == "custom":
-        from ..models.custom import trust
+    so may those in ``CSGD_TRUST`` (comma-separated: the CLI's word for the API's
+    ``trust=``); a ``model=timm`` names what a plain ``init=`` state dict holds."""
+    from ..models.custom import trust
 
+    trust(*os.environ.get("CSGD_TRUST", "").split(","))
+    if cfg.model.name == "custom":
         trust(cfg.model.get("_target_"))
     from ..models.timm_models import name_plain_state_dicts
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.config import target_parts
+from ..common.config import Target
 from ..common.files import table
 from ..common.nets import count_macs, count_params
 from ..deploy.latency import Runtime, ratios
@@ -22,7 +22,8 @@ def target_rows(
     """``target`` (``flops:0.45``) against what ``thin`` reached: multiply-adds and
     parameters counted, latency timed in ``rt`` (base and thin alternating), each with
     its ratio to the base."""
-    kind, value = target_parts(target)
+    t = Target.parse(target)
+    kind, value = t.kind, t.value
     (_, r), base_ms = ratios([base, thin], rt, shape)
     out = {
         "flops": {"base": count_macs(base, shape), "reached": count_macs(thin, shape)},
@@ -52,7 +53,7 @@ def summary_table(
             f"{r['params']:,}",
             f"{r['macs'] / 1e6:.2f}",
             f"{r['latency_ms']:.2f}",
-            f"{base / r['latency_ms']:.2f}x",
+            _speedup(base, r),
         ]
         for name, r in rows.items()
     ]
@@ -63,6 +64,14 @@ def summary_table(
     if target:
         out += "\n\n" + target_table(target)
     return out
+
+
+def _speedup(base_ms: float, row: dict[str, Any]) -> str:
+    """The base's time over the row's, with the timer's spread (``deploy.timer``) when
+    the row was timed beside the base: equal networks read 1.00x within it."""
+    ratio = row["latency_ms"] / base_ms
+    spread = row.get("latency_spread")
+    return f"{1 / ratio:.2f}x" + (f" ±{spread / ratio**2:.2f}" if spread is not None else "")
 
 
 def widths_table(before: dict[str, int], after: dict[str, int]) -> str:

@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..common.config import TARGET_KINDS, WIDTH_RULES, target_parts
+from ..common.config import TARGET_KINDS, WIDTH_RULES, Target
 from ..common.errors import CsgdError
 from ..common.nets import count_macs, count_params
 from ..core.clustering import candidate_widths, cluster_groups, distortion_curve
@@ -45,37 +45,12 @@ from ..deploy.export import BACKENDS, require_runtime
 from ..deploy.latency import Runtime, Timings
 from ..rules.groups import ChannelGroup
 from .costs import Shapes, TermCost, descend, give_back, latency_cost, macs_cost, params_cost
+from .timed import CONFIRMS, TimedChoice, choose_timed, floor_note, near_floor
 
 log = logging.getLogger("csgd")
 LATENCY_STEP = 8  # channels per block in onnxruntime's NCHWc and oneDNN (AVX2)
 LADDER = 48  # most width steps a group takes in the greedy descent (all, giving back)
-CONFIRMS = 4  # timed candidates per latency choice (the floor and base not counted)
 Widths = dict[str, int]
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str
-    value: float
-
-    @property
-    def spec(self) -> str:
-        return f"{self.kind}:{self.value:g}"
-
-
-def parse_target(text: str | Target) -> Target:
-    """``flops:0.45`` -> Target; one-line errors for an unknown kind or a bad value."""
-    if isinstance(text, Target):
-        return text
-    kind, v = target_parts(text)
-    return Target(kind, v)
-
-
-def round_target(spec: str, r: int = 1, n: int = 1) -> str:
-    """Iterative rounds: round ``r`` of ``n`` aims at ``value ** (r / n)`` of the base's
-    cost, each round keeping the same fraction of what the one before left."""
-    kind, value = target_parts(spec)
-    return f"{kind}:{value ** (r / n):.6g}"
 
 
 def width_share(before: Widths, after: Widths) -> float:
@@ -97,6 +72,7 @@ class Problem:
     cache_dir: Path | None
     timings: Timings | None = None
     curves: dict[str, Callable[[int], float]] | None = None  # distortion, once per choice
+    notes: list[str] = field(default_factory=list)  # what the user should know about a choice
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -203,10 +179,10 @@ def _measured_ratio(problem: Problem, ks: Widths, again: bool = False) -> float:
 
 def unreachable(target: Target, floor: float, problem: Problem) -> CsgdError:
     return CsgdError(
-        f"prune.target={target.spec} cannot be met with the groups allowed: the smallest "
+        f"target={target.spec} cannot be met with the groups allowed: the smallest "
         f"reachable is {target.kind}:{floor:.4g} (every allowed group at its narrowest, "
-        f"prune.min_width={problem.min_width}, prune.round_to={problem.round_to})",
-        f"pass prune.target={target.kind}:{floor:.4g} or more, a smaller prune.min_width, "
+        f"min_width={problem.min_width}, round_to={problem.round_to})",
+        f"pass target={target.kind}:{floor:.4g} or more, a smaller min_width, "
         "or include more groups",
     )
 
@@ -215,6 +191,11 @@ def unreachable(target: Target, floor: float, problem: Problem) -> CsgdError:
 class Choice:
     widths: Widths  # the groups allowed to shrink, at their chosen widths
     report: dict[str, Any]
+
+
+def _name(problem: Problem) -> str:
+    arch = getattr(problem.model, "arch", None) or {}
+    return arch.get("name") or type(problem.model).__name__
 
 
 def setup(problem: Problem, target: Target) -> tuple[TermCost, dict[str, list[int]]]:
@@ -227,9 +208,7 @@ def setup(problem: Problem, target: Target) -> tuple[TermCost, dict[str, list[in
         require_runtime(backend)
         if not isinstance(problem.x, torch.Tensor):
             raise CsgdError("a latency target times one tensor input", "pass a count target")
-        arch = getattr(problem.model, "arch", None) or {}
-        name = arch.get("name") or type(problem.model).__name__
-        problem.timings = Timings(name, problem.runtime, problem.cache_dir)
+        problem.timings = Timings(_name(problem), problem.runtime, problem.cache_dir)
     step = kind.step(problem.round_to)
     by_name = {g.name: g for g in problem.groups}
     cands = {n: candidate_widths(by_name[n].width, step, problem.min_width) for n in problem.names}
@@ -275,6 +254,7 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
         raise unreachable(target, floor, problem)
     budget = target.value * (base_cost or now)  # absolute: MACs, parameters or ms
     pick, count = RULES[rule], TARGETS[target.kind].count
+    timed: TimedChoice | None = None
     if budget >= now:  # an iterative round that is there already
         ks, reached = {n: c[-1] for n, c in cands.items()}, now
     elif count is not None:
@@ -286,10 +266,10 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
             ks = pick(problem, cost, cands, 2 * budget - reached, seed, base)
             reached = count(_thin(problem, ks), problem.x)
     else:
-        ks, reached = _choose_timed(
+        timed = _choose_timed(
             problem, cost, cands, budget / now, floor * (base_cost or now) / now, pick, seed, base
         )
-        reached *= now
+        ks, reached = timed.widths, timed.ratio * now
     report: dict[str, Any] = {
         "target": target.spec, "kind": target.kind, "value": target.value, "rule": rule,
         "label": TARGETS[target.kind].label, "base": base_cost or now, "now": now,
@@ -298,6 +278,13 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
         "before": {n: base[n] for n in problem.names}, "widths": dict(ks),
     }  # fmt: skip
     report["met"] = report["ratio"] <= target.value
+    if timed is not None:  # a latency choice: confirmed by a re-check, or not met
+        report["met"] = report["met"] and timed.confirmed
+        report.update(
+            confirmed=timed.confirmed, modelled_ratio=timed.modelled * now / report["base"]
+        )
+    if problem.notes:
+        report["notes"] = list(problem.notes)
     if problem.timings is not None:
         t = problem.timings
         report.update(
@@ -310,38 +297,38 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
 
 def _choose_timed(problem: Problem, cost: TermCost, cands: dict[str, list[int]], want: float,
                   floor: float, pick: Callable[..., Widths], seed: int,
-                  base: Widths) -> tuple[Widths, float]:  # fmt: skip
-    """(widths, measured ratio to the current network): start from the current network
-    and the floor, run the rule at the modelled time whose measured ratio interpolates
-    to ``want``, time that candidate against the current network, repeat with the new
-    point (``CONFIRMS`` times); the slowest candidate timed at or below ``want`` wins."""
+                  base: Widths) -> TimedChoice:  # fmt: skip
+    """``timed.choose_timed`` on this problem (ratios to the current network)."""
     lowest = {g: c[0] for g, c in cands.items()}
-    points = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
-    ok, seen = (floor, lowest), {_key(problem, lowest)}
-    for _ in range(CONFIRMS):
-        pts = sorted(points)
-        i = max(j for j, (_, r) in enumerate(pts) if r <= want)
-        (x1, y1), (x2, y2) = pts[i], pts[min(i + 1, len(pts) - 1)]
-        budget = x1 if y2 <= y1 else x1 + (want - y1) * (x2 - x1) / (y2 - y1)
-        ks = pick(problem, cost, cands, budget, seed, base)
-        while _key(problem, ks) in seen and budget > points[1][0]:  # timed: a step narrower
-            budget = cost.cost(ks) * (1 - 1e-9)
-            narrower = pick(problem, cost, cands, budget, seed, base)
-            if _key(problem, narrower) == _key(problem, ks):  # noisy timings: no step
-                break  # lowers the modelled time, and asking again would loop forever
-            ks = narrower
-        if _key(problem, ks) in seen:
-            break
-        seen.add(_key(problem, ks))
-        r = _measured_ratio(problem, ks)
-        if r <= want:  # a pass is timed twice, the slower ratio kept
-            r = _measured_ratio(problem, ks, again=True)
-        log.info("latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
-                 cost.cost(ks), r, want)  # fmt: skip
-        points.append((cost.cost(ks), r))
-        if ok[0] < r <= want:
-            ok = (r, ks)
-        if ok[0] >= 0.95 * want:
-            break
+    if near_floor(want, floor):  # say what the target costs before choosing
+        _say_floor_cost(problem, cost, cands, want, floor, pick, seed, base, lowest)
+    out = choose_timed(
+        cost, cands, want, floor, lambda b: pick(problem, cost, cands, b, seed, base),
+        lambda ks, again: _measured_ratio(problem, ks, again), lambda ks: _key(problem, ks),
+        CONFIRMS,
+    )  # fmt: skip
     problem.timings.save()  # type: ignore[union-attr]
-    return ok[1], ok[0]
+    return out
+
+
+def _say_floor_cost(problem: Problem, cost: TermCost, cands: dict[str, list[int]], want: float,
+                    floor: float, pick: Callable[..., Widths], seed: int, base: Widths,
+                    lowest: Widths) -> None:  # fmt: skip
+    """Log the multiply-adds a target near the floor takes and the larger batches (up to
+    64) at which the floor sits lower; kept in ``problem.notes``."""
+    anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
+    (x1, y1), (x2, y2) = sorted(anchors)
+    budget = x1 + (want - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else x1
+    ks = pick(problem, cost, cands, budget, seed, base)
+    share = count_macs(_thin(problem, ks), problem.x) / count_macs(problem.model, problem.x)
+    rt, at = problem.runtime, {}
+    for b in sorted({min(64, rt.batch * 8), 64} - {rt.batch}):
+        if b > rt.batch:
+            t = Timings(_name(problem), Runtime(rt.backend, b, rt.threads), problem.cache_dir)
+            t.ratio(problem.model, lambda: _thin(problem, lowest), _key(problem, lowest),
+                    problem.shape)  # fmt: skip
+            t.save()
+            at[b] = t.data["ratios"][_key(problem, lowest)]
+    note = floor_note(want, floor, rt.batch, share, at)
+    log.warning("%s", note)
+    problem.notes.append(note)
