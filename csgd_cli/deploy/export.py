@@ -7,7 +7,9 @@ Runtimes (``BACKENDS``, CPU): ``eager`` (the model as is), ``channels_last`` (NH
 memory format, what oneDNN prefers), ``compile`` (``torch.compile`` of the channels_last
 model, static shapes, inductor freezing), ``onnxruntime`` (the exported file, every graph
 optimisation on, including the blocked NCHWc layouts that make widths in multiples of
-8/16 pay off, as many intra-op threads as torch uses).
+8/16 pay off, as many intra-op threads as torch uses), ``onnxruntime-int8`` (that file
+statically quantized, ``deploy/int8.py``), ``openvino`` (the file compiled by OpenVINO,
+``deploy/openvino.py``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ _EXTRA = 'pip install "csgd[deploy]"'
 
 def require_runtime(backend: str = "onnxruntime") -> None:
     """Refuse, before any work, a runtime whose packages are not installed."""
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "onnxruntime-int8", "openvino"):
         _require("onnx")
+    if backend in ("onnxruntime", "onnxruntime-int8"):
         _require("onnxruntime")
+    if backend == "openvino":
+        from .openvino import require_openvino
+
+        require_openvino()
 
 
 def _require(name: str) -> Any:
@@ -218,12 +225,26 @@ def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Runner:
     )
 
 
+def _onnxruntime_int8(model: nn.Module, sample: torch.Tensor) -> Runner:
+    from .int8 import int8_runner  # calibrated on random inputs: timing only
+
+    return int8_runner(model, sample)
+
+
+def _openvino(model: nn.Module, sample: torch.Tensor) -> Runner:
+    from .openvino import openvino_runner
+
+    return openvino_runner(model, sample)
+
+
 #: runtime name -> factory(model in eval mode, sample batch) -> Runner
 BACKENDS: dict[str, Callable[[nn.Module, torch.Tensor], Runner]] = {
     "eager": _eager,
     "channels_last": _channels_last,
     "compile": _compile,
     "onnxruntime": _onnxruntime,
+    "onnxruntime-int8": _onnxruntime_int8,  # deploy/int8.py
+    "openvino": _openvino,  # deploy/openvino.py
 }
 
 

@@ -1,0 +1,97 @@
+"""Top-1 of a model as a deployment runtime runs it (INT8 in onnxruntime, OpenVINO),
+always beside the float32 network's: what ``csgd eval backend=...``, ``csgd export
+format=onnx-int8`` and ``csgd run``'s INT8 row (``deploy.int8=true``) report.
+
+INT8 calibration takes ``deploy.calib_batches`` batches of the training split (never
+the test split the top-1 is measured on).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..deploy.export import Runner
+from . import distributed
+
+#: backends whose numbers differ from the float32 network's: top-1 is measured in them
+RUNTIME_TOP1 = ("onnxruntime-int8", "openvino")
+
+
+def calibration(data: Any, batches: int) -> list[torch.Tensor]:
+    """The first ``batches`` training batches (epoch 0's order: seeded), on the CPU."""
+    return [x.detach().cpu().float() for x, _ in itertools.islice(data.train_batches(0), batches)]
+
+
+def runtime_runner(model: nn.Module, backend: str, data: Any, calib_batches: int) -> Runner:
+    """``model`` (eval mode, CPU) prepared for ``backend``, for any batch size."""
+    x = data.sample_batch(2)[0].detach().cpu().float()
+    m = copy.deepcopy(model).cpu().float().eval()  # the caller's model stays where it is
+    if backend == "onnxruntime-int8":
+        from ..deploy.int8 import int8_runner
+
+        return int8_runner(m, x, calibration(data, calib_batches))
+    if backend == "openvino":
+        from ..deploy.openvino import openvino_runner
+
+        return openvino_runner(m, x, static=False)
+    from ..deploy.export import BACKENDS
+
+    return BACKENDS[backend](m, x)
+
+
+def runner_top1(runner: Runner, data: Any, device: torch.device) -> float:
+    """Top-1 (%) of a runtime over the whole test split (every rank's shard summed)."""
+    right = n = 0
+    for x, y in data.test_batches():
+        out = np.asarray(runner.run(runner.prepare(x.cpu())))
+        right += int((torch.from_numpy(out).argmax(1) == y.cpu()).sum())
+        n += int(y.numel())
+    right, n = distributed.all_sum([right, n], device)
+    return 100.0 * right / max(n, 1)
+
+
+def runtime_accuracy(
+    model: nn.Module, backend: str, data: Any, device: torch.device, calib_batches: int,
+    float32_acc: float,
+) -> dict[str, Any]:  # fmt: skip
+    """``acc`` in ``backend`` and ``acc_float32`` (the eager network's), and the drop."""
+    acc = runner_top1(runtime_runner(model, backend, data, calib_batches), data, device)
+    return {"acc": acc, "acc_float32": float32_acc, "acc_drop": float32_acc - acc}
+
+
+def file_top1(path: Path, data: Any, device: torch.device, backend: str = "onnxruntime") -> float:
+    """Top-1 of an ONNX file already written (``csgd export``), in onnxruntime or OpenVINO."""
+    if backend == "openvino":
+        from ..deploy.openvino import openvino_file_runner
+
+        return runner_top1(openvino_file_runner(path), data, device)
+    from ..deploy.export import onnx_session
+
+    sess = onnx_session(path)
+    name = sess.get_inputs()[0].name
+    runner = Runner(lambda a: sess.run(None, {name: a})[0], lambda x: x.float().numpy())
+    return runner_top1(runner, data, device)
+
+
+def int8_row(model: nn.Module, data: Any, device: torch.device, cfg: Any,
+             float32: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """``csgd run``'s INT8 row (``deploy.int8=true``): the fine-tuned network statically
+    quantized in onnxruntime, its top-1 beside ``float32``'s (that row's), its latency
+    timed in ``onnxruntime-int8``."""
+    from .evaluate import latencies
+
+    i = data.info
+    shape = (i.in_channels, i.image_size, i.image_size)
+    row = {k: float32[k] for k in ("params", "macs", "resolution") if k in float32}
+    row.update(runtime_accuracy(model, "onnxruntime-int8", data, device,
+                                cfg.deploy.calib_batches, float32["acc"]))  # fmt: skip
+    lat = latencies({"int8": model}, shape, device, cfg.eval, "onnxruntime-int8")["int8"]
+    row.update({k: v for k, v in lat.items() if k != "latency_spread"})
+    return row
