@@ -35,8 +35,8 @@ from ..common.errors import CsgdError
 from ..core.clustering import split_k
 from ..rules.groups import ChannelGroup, Clusters
 from ..rules.layers import segment_rows
+from ..rules.queries import WEIGHTED_TYPES, is_batchnorm, scored_by
 
-_CONV, _LINEAR, _BN = nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm
 GammaRows = list[tuple[torch.Tensor, int, int]]  # (BN weight, first row, rows)
 
 
@@ -61,7 +61,7 @@ def _sum(cls: str, kernels: bool = True, **kw: Any) -> Callable[[], Any]:
     """A TP importance summing its members' raw scores; ``kernels``: over conv/linear
     kernels only (TP's magnitude and Taylor scores would add the BN gammas too)."""
     if kernels:
-        kw["target_types"] = [_CONV, _LINEAR]
+        kw["target_types"] = list(WEIGHTED_TYPES)
     return lambda: getattr(_tp().importance, cls)(group_reduction="sum", normalizer=None, **kw)
 
 
@@ -101,15 +101,10 @@ class _Item:
 
 
 def _prune_fn(m: nn.Module) -> Callable | None:
-    """TP's name for "this layer's output channels": selects its branch of each importance."""
-    function = _tp().pruner.function
-    if isinstance(m, _CONV):  # a depthwise conv (a per-channel member) too: rows are channels
-        return function.prune_conv_out_channels
-    if isinstance(m, _LINEAR):
-        return function.prune_linear_out_channels
-    if isinstance(m, _BN):
-        return function.prune_batchnorm_out_channels
-    return None  # GroupNorm, PReLU ...: no TP importance reads them; not scored
+    """TP's function for "this layer's output channels" (its rule names it): selects its
+    branch of each importance. None (GroupNorm, PReLU ...): no importance reads them."""
+    name = scored_by(m)
+    return None if name is None else getattr(_tp().pruner.function, name)
 
 
 def group_items(model: nn.Module, group: ChannelGroup) -> list[tuple[int, int, list[_Item]]]:
@@ -220,11 +215,6 @@ def select(
     return out
 
 
-def l1_selection(model: nn.Module, groups: Sequence[ChannelGroup], ks: dict[str, int]) -> Clusters:
-    """L1-norm filter pruning (Li et al. 2017), the ``l1`` row of the table."""
-    return select("l1", model, groups, ks)
-
-
 # -- Network Slimming's sparsity phase --------------------------------------------------------
 def gamma_rows(model: nn.Module, groups: Sequence[ChannelGroup], names: Iterable[str]) -> GammaRows:
     """(gamma, first row, rows) of every BatchNorm scaling the channels of groups ``names``."""
@@ -235,7 +225,7 @@ def gamma_rows(model: nn.Module, groups: Sequence[ChannelGroup], names: Iterable
             for _a, _b, blocks in segment_rows(model, g, ("affine",)):
                 for r in blocks:
                     mod, _, attr = r.key.rpartition(".")
-                    if attr == "weight" and isinstance(mods[mod], _BN):
+                    if attr == "weight" and is_batchnorm(mods[mod]):
                         rows.append((r.tensor, r.row, r.n))
     return rows
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ import torch
 from torch import nn
 
 from ..common.errors import CsgdError, disk_full, is_disk_full
+from ..rules.queries import is_batchnorm, is_plain_conv
+from .timer import interleaved
 
 OPSET = 17
 _EXTRA = 'pip install "csgd[deploy]"'
@@ -83,14 +83,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         bn = mods.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        if bn is None or not is_batchnorm(bn) or bn.running_mean is None:
             continue
         src = node.args[0]
         conv = mods.get(src.target) if isinstance(src, torch.fx.Node) else None
         if (
             src.op != "call_module"
-            or not isinstance(conv, nn.modules.conv._ConvNd)
-            or isinstance(conv, nn.modules.conv._ConvTransposeNd)
+            or conv is None
+            or not is_plain_conv(conv)
             or len(src.users) != 1
             or calls[src.target] != 1
             or calls[node.target] != 1
@@ -249,6 +249,45 @@ BACKENDS: dict[str, Callable[[nn.Module, torch.Tensor], Runner]] = {
 
 
 @torch.no_grad()
+def measure_latencies(
+    models: Sequence[nn.Module],
+    backend: str = "eager",
+    input_shape: Sequence[int] = (3, 32, 32),
+    batch: int = 1,
+    rounds: int | None = None,
+    warmup: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """Forward time of one batch of ``batch`` random inputs for every model, timed side
+    by side by the one timer (``timer.interleaved``) in ``backend`` (``eager`` on
+    ``device``, the others on the CPU).
+
+    Per model: ``latency_ms`` (the first model's fastest time times this one's ratio to
+    it, so two equal networks read the same), ``latency_spread`` (that ratio's spread),
+    ``throughput`` (images/s), ``batch_size``, ``backend``. The backends are prepared
+    (copied, compiled, exported) before timing starts; ``models`` are not modified."""
+    if backend not in BACKENDS:
+        raise CsgdError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
+    dev = torch.device(device) if backend == "eager" else torch.device("cpu")
+    x = torch.randn(batch, *input_shape, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    calls = []
+    for model in models:
+        runner = BACKENDS[backend](copy.deepcopy(model).to(dev).float().eval(), x)
+        a = runner.prepare(x)
+        if dev.type == "cuda" and a.dim() == 4:
+            a = a.contiguous(memory_format=torch.channels_last)
+        calls.append(lambda r=runner, a=a: (r.run(a), sync()))
+    if backend == "compile":  # the first call compiles
+        warmup = max(warmup if warmup is not None else 1, 1)
+    t = interleaved(calls, rounds=rounds, warmup=warmup, min_calls=1)
+    return [
+        {"latency_ms": t.ms[0] * r, "latency_spread": round(s, 4),
+         "throughput": batch / (t.ms[0] * r / 1e3), "batch_size": batch, "backend": backend}
+        for r, s in zip(t.ratios, t.spread, strict=True)
+    ]  # fmt: skip
+
+
 def measure_latency(
     model: nn.Module,
     backend: str = "eager",
@@ -257,32 +296,9 @@ def measure_latency(
     iters: int = 10,
     warmup: int = 3,
 ) -> dict[str, Any]:
-    """Median forward time of one batch of ``batch`` random inputs in ``backend`` (CPU).
-
-    Returns ``{"latency_ms", "throughput" (images/s), "batch_size", "backend"}``; the
-    backend is prepared (copied, compiled, exported) before timing starts and ``model``
-    is not modified.
-    """
-    if backend not in BACKENDS:
-        raise CsgdError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
-    model = copy.deepcopy(model).cpu().float().eval()
-    x = torch.randn(batch, *input_shape)
-    runner = BACKENDS[backend](model, x)
-    a = runner.prepare(x)
-    for _ in range(max(warmup, 1 if backend == "compile" else 0)):
-        runner.run(a)
-    times = []
-    for _ in range(max(iters, 1)):
-        t0 = time.perf_counter()
-        runner.run(a)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {
-        "latency_ms": med * 1e3,
-        "throughput": batch / med,
-        "batch_size": batch,
-        "backend": backend,
-    }
+    """One model's ``measure_latencies`` (``iters`` rounds): ``{"latency_ms",
+    "latency_spread", "throughput" (images/s), "batch_size", "backend"}``."""
+    return measure_latencies([model], backend, input_shape, batch, max(iters, 1), warmup)[0]
 
 
 def export_onnx_if_installed(thin: nn.Module, x: torch.Tensor, path: Path) -> Path | None:

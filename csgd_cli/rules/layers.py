@@ -26,40 +26,17 @@ Adding a layer kind is adding an entry to ``RULES``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..common.errors import CsgdError
+from .attention import ATTENTION_RULES
+from .base import LayerRule, Role, StateDict, TensorSpec, subclass_of
+from .base import with_bias as _with_bias
 from .groups import ChannelGroup, Kind
-
-Role = Literal["kernel", "affine", "buffer"]
-TensorSpec = tuple[str, int, Role]  # (attribute, dimension of the channels, role)
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    name: str
-    match: Callable[[nn.Module], bool]
-    kind: Callable[[nn.Module, bool], str]  # a Kind, or why not ({layer}: where the name goes)
-    tensors: Callable[[nn.Module, str], list[TensorSpec]]
-    resize: Callable[[nn.Module, StateDict, str], None]
-    own_ops: frozenset[str] = field(default_factory=frozenset)
-
-
-def subclass_of(*paths: str) -> Callable[[nn.Module], bool]:
-    """Matches instances of the classes named ``package.module.Class`` and their
-    subclasses, without importing the package (timm is optional)."""
-    names = frozenset(paths)
-    return lambda m: any(f"{c.__module__}.{c.__qualname__}" in names for c in type(m).__mro__)
-
-
-def _with_bias(m: nn.Module, weight: TensorSpec) -> list[TensorSpec]:
-    return [weight] + ([("bias", 0, "affine")] if getattr(m, "bias", None) is not None else [])
-
 
 # -- convolutions ------------------------------------------------------------------------
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -174,28 +151,35 @@ _is_frozen_bn = subclass_of("torchvision.ops.misc.FrozenBatchNorm2d", _NA + "Fro
 _is_bn_act = subclass_of(_NA + "BatchNormAct2d", _NA + "SyncBatchNormAct")
 _BN_OPS = frozenset({"NativeBatchNormBackward", "CudnnBatchNormBackward"})
 _LINEAR_OPS = frozenset(  # F.linear over tokens or an NHWC map: a view, a matmul, a view
-    "AddmmBackward MmBackward ViewBackward UnsafeViewBackward ReshapeAliasBackward".split()
+    "AddmmBackward MmBackward BmmBackward ViewBackward UnsafeViewBackward ReshapeAliasBackward"
+    " ExpandBackward".split()
 )
 
 
 RULES: list[LayerRule] = [
+    *ATTENTION_RULES,  # attention, LayerNorm, MultiheadAttention (``attention``)
     LayerRule(
         "weight-standardised conv", _is_std_conv, _std_conv_kind, _std_conv_tensors,
-        _conv_resize, frozenset({"ConvolutionBackward"}),
+        _conv_resize, frozenset({"ConvolutionBackward"}), weighted=True,
+        scored_by="prune_conv_out_channels",
     ),
     LayerRule(
         "conv", lambda m: isinstance(m, _CONVS), _conv_kind, _conv_tensors, _conv_resize,
-        frozenset({"ConvolutionBackward"}),
+        frozenset({"ConvolutionBackward"}), weighted=True, scored_by="prune_conv_out_channels",
     ),
     LayerRule(
         "linear", lambda m: isinstance(m, nn.Linear), lambda m, o: "out" if o else "in",
-        _linear_tensors, _linear_resize, _LINEAR_OPS,
+        _linear_tensors, _linear_resize, _LINEAR_OPS, weighted=True,
+        scored_by="prune_linear_out_channels",
     ),
     # BatchNorm + activation in one module (timm): its batch_norm op runs before the act
-    LayerRule("batchnorm+act", _is_bn_act, _per_channel, _norm_tensors, _num_features_resize, _BN_OPS),
+    LayerRule(
+        "batchnorm+act", _is_bn_act, _per_channel, _norm_tensors, _num_features_resize, _BN_OPS,
+        scored_by="prune_batchnorm_out_channels",
+    ),
     LayerRule(
         "batchnorm", lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm), _per_channel,
-        _norm_tensors, _num_features_resize, _BN_OPS,
+        _norm_tensors, _num_features_resize, _BN_OPS, scored_by="prune_batchnorm_out_channels",
     ),
     LayerRule("frozen batchnorm", _is_frozen_bn, _per_channel, _norm_tensors, _no_resize),
     LayerRule(
@@ -218,6 +202,7 @@ KINDS: tuple[Kind, ...] = ("out", "channel", "in")
 def rule_for(m: nn.Module) -> LayerRule | None:
     """The first rule that matches ``m`` (order: most specific first), or None."""
     return next((r for r in RULES if r.match(m)), None)
+
 
 
 # -- modules that split channels at sizes kept as attributes --------------------------------
@@ -342,8 +327,10 @@ def fit_to_state_dict(model: nn.Module, sd: StateDict) -> nn.Module:
             else:
                 m.register_buffer(k, new)
     for m in model.modules():  # after their children: split sizes follow the new widths
-        split = split_rule_for(m)
+        split, rule = split_rule_for(m), rule_for(m)
         if split is not None:
             split.refit(m)
+        if rule is not None and rule.refit is not None:
+            rule.refit(m)  # an attention's head width follows its merged layers
     model.load_state_dict(sd)
     return model

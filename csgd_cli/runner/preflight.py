@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..api.checkpoint import check_arch, check_fits, need_clusters
-from ..common.config import STAGES, Target, default_min_width
+from ..common.config import STAGES, default_min_width
 from ..common.device import pick_device
 from ..common.errors import CsgdError
+from ..common.target import Target
 from ..deploy.export import require_runtime
 from ..deploy.latency import Runtime
 from ..models import known_model, list_models, registry_name, timm_models
@@ -25,8 +26,8 @@ from ..rules.groups import check_clusters, select_groups
 from ..targets.widths import Problem, check_reachable
 from ..tracing.trace import channel_groups, example_input
 from .datasets import build_data
-from .pipeline import WIDTH_KEYS, width_settings
 from .session import load, new_model, trust_named_model
+from .widthconf import WIDTH_KEYS, width_settings
 
 
 def check_model_name(cfg: DictConfig) -> None:

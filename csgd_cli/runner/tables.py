@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.config import Target
 from ..common.files import table
 from ..common.nets import count_macs, count_params
+from ..common.target import Target
 from ..deploy.latency import Runtime, ratios
 
 

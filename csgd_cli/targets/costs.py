@@ -33,6 +33,7 @@ from ..core.clustering import split_k
 from ..deploy.latency import LayerTable, Timings
 from ..rules.groups import ChannelGroup
 from ..rules.layers import member_tensors
+from ..rules.queries import timed_conv, weighted
 
 Widths = dict[str, int]
 
@@ -183,18 +184,14 @@ def params_cost(model: nn.Module, shapes: Shapes, x: Any) -> TermCost:
     return cost
 
 
-def _is_weighted(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-
-
 def macs_cost(model: nn.Module, shapes: Shapes, x: Any) -> TermCost:
     mods = dict(model.named_modules())
     weights = {
         k: t.module
         for k, t in shapes.terms.items()
-        if k.endswith("weight") and _is_weighted(mods[t.module])
+        if k.endswith("weight") and weighted(mods[t.module])
     }
-    layers = {n for n, m in mods.items() if _is_weighted(m)}
+    layers = {n for n, m in mods.items() if weighted(m)}
     pos = {n: v[0] for n, v in _probe(model, layers, x).items()}
     values = {k: _times(pos.get(m, 0)) for k, m in weights.items()}
     cost = TermCost(shapes, values, count_macs(model, x))
@@ -219,7 +216,7 @@ def latency_cost(
     convs = {
         k: t.module
         for k, t in shapes.terms.items()
-        if k.endswith("weight") and isinstance(mods[t.module], nn.Conv2d)
+        if k.endswith("weight") and timed_conv(mods[t.module]) is not None
     }
     inputs = {n: v[1:] for n, v in _probe(model, set(convs.values()), x).items()}
     lowest = {g: c[0] for g, c in candidates.items()}
@@ -228,7 +225,7 @@ def latency_cost(
         conv = mods[name]
         if name not in inputs:  # never called: costs nothing
             continue
-        dw = conv.groups > 1  # a rule accepts only depthwise ones
+        dw = bool(timed_conv(conv))
         # channel counts to measure: each group's candidates (the others as they are),
         # and every group at its narrowest
         settings: list[Widths] = [{}, lowest]

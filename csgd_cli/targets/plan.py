@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from ..common.config import RATIO, Target, default_min_width
+from ..common.config import RATIO, default_min_width
 from ..common.errors import CsgdError
+from ..common.target import Target
 from ..core.clustering import target_widths
 from ..deploy.latency import Runtime
 from ..rules.groups import ChannelGroup, select_groups

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.config import TARGET_KINDS, WIDTH_RULES, Target
+from ..common.config import WIDTH_RULES
 from ..common.errors import CsgdError
 from ..common.nets import count_macs, count_params
+from ..common.target import TARGET_KINDS, Target
 from ..core.clustering import candidate_widths, cluster_groups, distortion_curve
 from ..core.surgery import merge
 from ..deploy.export import BACKENDS, require_runtime
