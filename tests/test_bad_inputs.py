@@ -224,7 +224,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     holder = subprocess.Popen(  # a live csgd process holding the fake run's directory
         [sys.executable, "-c", HOLD, str(fake)],
-        env={**ENV, "CSGD_LOCK_LEASE_S": "3600"},  # not renewed while the cases run
+        env=ENV,
         stdout=subprocess.PIPE,
         text=True,
     )
