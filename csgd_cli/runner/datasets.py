@@ -1,5 +1,6 @@
-"""The data sets csgd reads: CIFAR-10/100 (torchvision's files), scikit-learn's digits,
-synthetic images, and ImageNet-style folders; ``build_data`` gives this rank's view.
+"""The data sets csgd reads: CIFAR-10/100 (torchvision's files), MNIST and Fashion-MNIST
+(idx files, ``idx.py``), scikit-learn's digits, synthetic images, and ImageNet-style
+folders; ``build_data`` gives this rank's view.
 
 What a load reads from disk is kept for the life of the process (a few entries), so the
 preflight's check and the stage that follows read a data set once.
@@ -19,6 +20,7 @@ from ..common.config import DATASETS
 from ..common.errors import CsgdError
 from .data import Data, DataInfo, FolderData, TensorData, conf_value, mix_seed
 from .distributed import rank_world
+from .idx import load_idx
 
 # what torchvision's CIFAR raises when offline (URLError is an OSError) or on bad files
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError)
@@ -27,11 +29,15 @@ _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
 }
-# (classes, crop padding, horizontal flip); digits are not mirror-symmetric
+# (classes, crop padding, horizontal flip); digits are not mirror-symmetric, clothes are
 _TENSOR_SETS = {
     "cifar10": (10, 4, True),
     "cifar100": (100, 4, True),
+    "fashion_mnist": (10, 4, True),
+    "mnist": (10, 4, False),
     "digits": (10, 1, False),
     "synthetic": (10, 4, True),
 }
@@ -74,6 +80,15 @@ def _load_cifar(name: str, root: Path, download: bool) -> list[Tensor]:
     for s in sets:  # NHWC numpy -> NCHW tensor, once
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
     return out
+
+
+# sets read from files, with published stats: name -> load(name, root, download)
+_FILE_SETS = {
+    "cifar10": _load_cifar,
+    "cifar100": _load_cifar,
+    "fashion_mnist": load_idx,
+    "mnist": load_idx,
+}
 
 
 def _load_digits() -> list[Tensor]:
@@ -194,9 +209,9 @@ def build_data(
     kw = {"seed": seed, "device": torch.device(device), "rank": rank, "world": world}
     if name == "imagenet":
         return _imagenet(cfg, root, kw)
-    if name in ("cifar10", "cifar100"):
+    if name in _FILE_SETS:
         download = bool(conf_value(cfg, "download"))
-        arrays = _remember((name, str(root)), lambda: _load_cifar(name, root, download))
+        arrays = _remember((name, str(root)), lambda: _FILE_SETS[name](name, root, download))
         stats = _STATS[name]
     else:
         if name == "digits":
