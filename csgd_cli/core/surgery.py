@@ -26,19 +26,20 @@ from ..models import get_model
 from ..rules.groups import ChannelGroup, Clusters, check_clusters
 from ..rules.layers import fit_to_state_dict, member_tensors
 
-Segment = tuple[int, int, list[list[int]]]  # (offset in the dim, width, local clusters)
+Segment = tuple[int, int, list[list[int]], bool]  # (offset, width, local clusters, summed)
 
 
 def _reduce_dim(t: torch.Tensor, dim: int, segments: list[Segment], summed: bool) -> torch.Tensor:
     """Rebuild ``t`` along ``dim``: listed segments are merged by cluster, the rest copied."""
     pieces, pos = [], 0
-    for offset, width, clusters in sorted(segments, key=lambda s: s[0]):
+    for offset, width, clusters, add in sorted(segments, key=lambda s: s[0]):
         if offset > pos:
             pieces.append(t.narrow(dim, pos, offset - pos))
         for members in clusters:
             idx = torch.tensor([offset + i for i in members], device=t.device)
             sel = t.index_select(dim, idx)
-            pieces.append(sel.sum(dim, keepdim=True) if summed else sel.narrow(dim, 0, 1))
+            keep = summed or add  # an input, or an output row summed (a query channel)
+            pieces.append(sel.sum(dim, keepdim=True) if keep else sel.narrow(dim, 0, 1))
         pos = offset + width
     if pos < t.shape[dim]:
         pieces.append(t.narrow(dim, pos, t.shape[dim] - pos))
@@ -80,7 +81,7 @@ def merge_state_dict(
             local = [[i - first for i in c] for c in cl if first <= c[0] < end]
             for name, dim, _role in member_tensors(mods[m.module], m.kind):
                 key = (f"{m.module}.{name}", dim, m.repeat)
-                edits.setdefault(key, []).append((m.offset, end - first, local))
+                edits.setdefault(key, []).append((m.offset, end - first, local, m.summed))
     for (key, dim, repeat), segs in edits.items():
         sd[key] = _merge_tensor(sd[key], dim, segs, repeat)
     return widths, sd

@@ -39,6 +39,9 @@ class Member:
     start: int = 0  # first group channel this member covers
     length: int | None = None  # group channels covered (None: from start to the end)
     repeat: int = 1  # ``in`` only: input columns per channel (flatten of an HxW map)
+    # ``out`` only: a cluster's rows are summed into the kept one, not sliced (a query
+    # channel of attention: q_i k_i + q_j k_j = 2 q_i k_i once q_j = q_i and k_j = k_i)
+    summed: bool = False
 
     def span(self, width: int) -> tuple[int, int]:
         """(first, end) group channels this member covers."""

@@ -204,7 +204,6 @@ def rule_for(m: nn.Module) -> LayerRule | None:
     return next((r for r in RULES if r.match(m)), None)
 
 
-
 # -- modules that split channels at sizes kept as attributes --------------------------------
 class SplitRule(NamedTuple):
     name: str
