@@ -1,4 +1,4 @@
-"""Prune to a target (README, "Prune to a target"): every figure issue 16 asks for.
+"""Prune to a target (docs/targets.md): every figure issue 16 asks for.
 
     python scripts/bench_target.py [--only counts,latency,resnet50,digits] [--out DIR]
 

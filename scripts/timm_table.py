@@ -1,5 +1,5 @@
 """timm networks through csgd: trace, a short C-SGD (large epsilon) and the merge, per
-family, on CIFAR-sized synthetic data; prints the Markdown table the README carries.
+family, on CIFAR-sized synthetic data; prints the Markdown table docs/networks.md carries.
 
     python scripts/timm_table.py            # every family (a few minutes on 2 cores)
     python scripts/timm_table.py --quick    # five of them

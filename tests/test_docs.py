@@ -167,6 +167,19 @@ def _not_hydra(point: list[str]) -> list[str]:
     return [a for a in point if a.lstrip("+~").split("=")[0].split("/")[0].split(".")[0] != "hydra"]
 
 
+def test_paths_the_pages_name_exist() -> None:
+    """A file or folder of the repository named in a page (`csgd_cli/...`, `scripts/...`,
+    `tests/...`, `conf/...`, `docs/...`) is there: a moved module fails here."""
+    gone = []
+    for page in PAGES:
+        for path in re.findall(
+            r"`((?:csgd_cli|scripts|tests|conf|docs)/[^`\s<>*]+)`", page.read_text()
+        ):
+            if not (ROOT / path.split(":")[0]).exists():
+                gone.append(f"{page.name}: {path}")
+    assert not gone, gone
+
+
 def test_documented_scripts_exist() -> None:
     for where, words in _bash_commands():
         script = next((w for w in words[:2] if w.startswith("scripts/")), None)

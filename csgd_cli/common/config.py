@@ -204,7 +204,7 @@ class CheckpointConf:
 
 @dataclass
 class DistConf:
-    """torchrun jobs (see README, "Several GPUs or machines")."""
+    """torchrun jobs (see docs/distributed.md)."""
 
     sync_bn: bool = False  # BatchNorm statistics over the global batch (every rank)
     backend: str = "auto"  # auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
