@@ -68,11 +68,17 @@ def test_public_keys_exist() -> None:
         ("device=tpu", "device"),
         ("clustering=spectral", "clustering"),
         ("ratios=[0.5,0.8]", "ratios"),
+        ("prune.method=magic", "prune.method"),
+        ("backend=tensorrt", "backend"),
     ],
 )
-def test_ranges_are_refused(override: str, words: str) -> None:
+def test_ranges_and_names_are_refused(override: str, words: str) -> None:
+    from csgd_cli.runner.names import check_names
+
+    cfg = composed("train", [override])
     with pytest.raises(CsgdError, match=words):
-        validate(composed("train", [override]))
+        validate(cfg)
+        check_names(cfg)
 
 
 def test_types_are_refused_by_the_schema() -> None:
@@ -138,3 +144,27 @@ def test_configs_found_from_an_installed_wheel(tmp_path: Path) -> None:
     pkg, conf = out.stdout.splitlines()[:2]
     assert pkg.startswith(str(target)) and conf.startswith(str(target))
     assert "name: digits" in out.stdout
+
+
+def test_every_name_list_comes_from_its_table_and_is_checked_in_one_line() -> None:
+    """dataset, clustering, prune.method, prune.rule, backend and format: the config
+    accepts what each table holds (``runner.names``), and an unknown name is one line."""
+    from omegaconf import OmegaConf
+
+    from csgd_cli.baselines.criteria import CRITERIA
+    from csgd_cli.common.errors import CsgdError
+    from csgd_cli.deploy.export import BACKENDS
+    from csgd_cli.runner.names import accepted, check_names
+    from csgd_cli.targets.widths import RULES
+
+    names = accepted()
+    assert names["prune.method"] == ("csgd", *CRITERIA)
+    assert names["backend"] == tuple(BACKENDS) and names["prune.rule"] == tuple(RULES)
+    good = {k: v[0] for k, v in names.items()}
+    cfg = OmegaConf.create({})
+    for key, value in good.items():
+        OmegaConf.update(cfg, key, value)
+    check_names(cfg)
+    OmegaConf.update(cfg, "backend", "tensorrt")
+    with pytest.raises(CsgdError, match=r"unknown backend 'tensorrt'; choose backend=<eager\|"):
+        check_names(cfg)

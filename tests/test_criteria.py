@@ -67,10 +67,10 @@ def kept(clusters: dict[str, list[list[int]]], name: str) -> list[int]:
     return [c[0] for c in clusters[name]]
 
 
-def test_table_names_every_method_of_the_config() -> None:
-    from csgd_cli.common.config import PRUNE_METHODS
+def test_the_config_accepts_exactly_the_tables_names() -> None:
+    from csgd_cli.runner.names import accepted
 
-    assert set(PRUNE_METHODS) == {"csgd", *CRITERIA}
+    assert accepted()["prune.method"] == ("csgd", *CRITERIA)
 
 
 def test_l1_and_l2_norms_scored_jointly() -> None:

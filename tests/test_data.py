@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from csgd_cli.common.config import DATASETS
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.runner.data import augment_batch, normalize
-from csgd_cli.runner.datasets import build_data
+from csgd_cli.runner.datasets import DATASETS, build_data
 
 CPU = torch.device("cpu")
 
@@ -309,3 +308,21 @@ def test_cuda_batches_match_shapes() -> None:
     data = build_data(cfg(augment=True), seed=0, device=torch.device("cuda"))
     x, y = next(data.train_batches(0))
     assert x.is_cuda and y.is_cuda and x.shape == (8, 3, 32, 32)
+
+
+def test_dataset_defaults_have_one_source() -> None:
+    """A data set built from a bare config equals the composed one."""
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
+    from csgd_cli.runner.datasets import build_data
+
+    register_schema()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        full = compose("train", ["dataset=synthetic"]).dataset
+    bare = OmegaConf.create({"name": "synthetic"})
+    a, b = (build_data(c, seed=0, device=torch.device("cpu")) for c in (full, bare))
+    assert a.info == b.info
+    for key in ("augment", "batch_size", "eval_batch_size"):
+        assert getattr(a, key) == getattr(b, key), key

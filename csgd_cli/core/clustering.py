@@ -5,17 +5,19 @@ choose channels at these widths in ``criteria.py``."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from sklearn.cluster import KMeans
 from torch import nn
 
-from ..common.config import CLUSTERINGS as METHODS
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, canonical
 from ..rules.layers import segment_rows
+from .kmeans import kmeans
+
+# How a group's channels are split into clusters: k-means on the kernels, or contiguous
+# runs (the config's ``clustering`` names come from this table)
+METHODS = {"kmeans": "k-means on the kernels (seeded)", "even": "contiguous, even split"}
 
 
 def check_method(method: str) -> None:
@@ -124,15 +126,12 @@ def even_clusters(width: int, k: int) -> list[list[int]]:
 
 
 def kmeans_clusters(features: torch.Tensor, k: int, seed: int) -> list[list[int]]:
-    """Seeded k-means; clusters ordered by their smallest member (deterministic)."""
+    """Seeded k-means (``kmeans.kmeans``: torch, seconds on the widest groups); clusters
+    ordered by their smallest member (deterministic)."""
     n = features.shape[0]
     if k >= n:
         return [[i] for i in range(n)]
-    x = features.double().numpy()
-    with warnings.catch_warnings():
-        # Duplicate kernels (e.g. a model that is already converged) are fine here.
-        warnings.simplefilter("ignore")
-        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+    labels = kmeans(features, k, seed).tolist()
     groups: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(int(lab), []).append(i)

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
             except Exception as e:  # Hydra/OmegaConf composition errors -> one line
                 raise CsgdError(_one_line(e, stage)) from e
             validate(cfg)
+            from .names import check_names  # after validate: the tables import torch
+
+            check_names(cfg)
             _CHECKED.add(OmegaConf.to_yaml(cfg))
             if need.data or need.weights or need.fresh:
                 from .preflight import preflight
@@ -130,88 +134,128 @@ def _compose_all(stage: str, overrides: list[str], multirun: bool) -> None:
                 preflight(cfg, sorted(explicit), cache)
 
 
-def _task(stage: str):
-    def task(cfg: DictConfig) -> Any:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+def _task(stage: str) -> Callable[[DictConfig], Any]:
+    """Hydra's task function: one run (or sweep point) of ``stage``."""
 
-        hc = HydraConfig.get()
-        out = Path(hc.runtime.output_dir)
-        multirun = hc.mode == RunMode.MULTIRUN
-        module = importlib.import_module(f"csgd_cli.runner.stages.{stage}")
-        from ..common.device import pick_device
-        from . import distributed
-
-        def stop_others(code: int, message: str) -> None:
-            """Under torchrun: stop every rank; only the first rank to fail reports."""
-            first = distributed.fail(code, message)
-            if first is not None:  # another rank failed first and said why
-                distributed.exit_now(first)
-
-        def leave(code: int) -> None:  # os._exit in a job skips every `finally`
-            lock.release_all()
-            distributed.exit_now(code)
-
-        old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
-        held = None
-        try:
-            if OmegaConf.to_yaml(cfg) not in _CHECKED:  # a launcher's own process
-                validate(cfg)
-            if not multirun or distributed.rank_world()[1] > 1:  # torchrun, SLURM tasks
-                distributed.init(pick_device(cfg.device), cfg.dist)  # every rank: rank 0's dir
-                out = distributed.shared_run_dir(out)
-            if stage != "report" and distributed.is_main():  # rank 0 holds it for the job
-                held = _hold(stage, out)
-            try:
-                result = module.main(cfg, out)
-            except OSError as e:  # a write no module turned into one line (e.g. Hydra's)
-                if not is_disk_full(e):
-                    raise
-                raise disk_full(e.filename or out, e) from e
-            distributed.shutdown()
-        except Preempted as e:  # exit 143 with the command that continues the run
-            stop_others(e.exit_code, str(e))
-            print(
-                f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
-                f"resume=true hydra.run.dir={out}`",
-                file=sys.stderr,
-            )
-            if multirun:  # a preempted sweep stops: the scheduler wants the machine back
-                _status(out, "preempted", str(e))
-            leave(e.exit_code)
-        except CsgdError as e:
-            stop_others(e.exit_code, str(e))
-            print(f"csgd {stage}: error: {cli_words(e)}", file=sys.stderr)
-            if not multirun:
-                leave(e.exit_code)
-            if not isinstance(e, lock.DirLocked):  # the directory is another process's
-                _status(out, "failed", cli_words(e))
-            _record_failure(out)
-            return None
-        except Exception as e:
-            if not multirun:
-                stop_others(1, f"{type(e).__name__}: {e}")
-                if distributed.active():  # leave before the process group can hold us
-                    traceback.print_exc()
-                    leave(1)
-                raise
-            # One failed sweep point must not stop the others; keep its traceback.
-            with contextlib.suppress(OSError):
-                (out / "error.txt").write_text(traceback.format_exc())
-            print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            _status(out, "failed", f"{type(e).__name__}: {e}")
-            _record_failure(out)
-            return None
-        finally:
-            if held is not None:
-                lock.release(held)
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-        if multirun and distributed.is_main():
-            _status(out, "ok", "")
-        return result
+    def task(cfg: DictConfig) -> Any:  # a function of this module: Hydra reads its module
+        return _run(stage, cfg)
 
     return task
+
+
+def _run(stage: str, cfg: DictConfig) -> Any:
+    """``stage`` in Hydra's output directory, which it holds (rank 0 for a job). Errors
+    end as one line; a sweep point's in its status.json, and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from . import distributed
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    module = importlib.import_module(f"csgd_cli.runner.stages.{stage}")
+    old = signal.signal(signal.SIGTERM, raise_preempted) if in_main_thread() else None
+    held = None
+    try:
+        out = _start(cfg, out, multirun)
+        if stage != "report" and distributed.is_main():  # rank 0 holds it for the job
+            held = _hold(stage, out)
+        result = _stage_main(module, cfg, out)
+        distributed.shutdown()
+    except Preempted as e:  # exit 143 with the command that continues the run
+        _preempted(stage, e, out, multirun)
+    except CsgdError as e:
+        _failed(stage, e, out, multirun)
+        return None
+    except Exception as e:
+        if not multirun:
+            _stop_others(1, f"{type(e).__name__}: {e}")
+            if distributed.active():  # leave before the process group can hold us
+                traceback.print_exc()
+                _leave(1)
+            raise
+        _point_crashed(stage, e, out)
+        return None
+    finally:
+        if held is not None:
+            lock.release(held)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    if multirun and distributed.is_main():
+        _status(out, "ok", "")
+    return result
+
+
+def _start(cfg: DictConfig, out: Path, multirun: bool) -> Path:
+    """Validate (once per process) and join the job if there is one; the run directory
+    (a job's: rank 0's)."""
+    from ..common.device import pick_device
+    from . import distributed
+
+    if OmegaConf.to_yaml(cfg) not in _CHECKED:  # a launcher's own process
+        validate(cfg)
+    if not multirun or distributed.rank_world()[1] > 1:  # torchrun, SLURM tasks
+        distributed.init(pick_device(cfg.device), cfg.dist)  # every rank: rank 0's dir
+        out = distributed.shared_run_dir(out)
+    return out
+
+
+def _stage_main(module: Any, cfg: DictConfig, out: Path) -> Any:
+    try:
+        return module.main(cfg, out)
+    except OSError as e:  # a write no module turned into one line (e.g. Hydra's)
+        if not is_disk_full(e):
+            raise
+        raise disk_full(e.filename or out, e) from e
+
+
+def _stop_others(code: int, message: str) -> None:
+    """Under torchrun: stop every rank; only the first rank to fail reports."""
+    from . import distributed
+
+    first = distributed.fail(code, message)
+    if first is not None:  # another rank failed first and said why
+        distributed.exit_now(first)
+
+
+def _leave(code: int) -> None:
+    """Let go of every lock, then exit (``os._exit`` in a job skips every ``finally``)."""
+    from . import distributed
+
+    lock.release_all()
+    distributed.exit_now(code)
+
+
+def _preempted(stage: str, e: Preempted, out: Path, multirun: bool) -> None:
+    _stop_others(e.exit_code, str(e))
+    print(
+        f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
+        f"resume=true hydra.run.dir={out}`",
+        file=sys.stderr,
+    )
+    if multirun:  # a preempted sweep stops: the scheduler wants the machine back
+        _status(out, "preempted", str(e))
+    _leave(e.exit_code)
+
+
+def _failed(stage: str, e: CsgdError, out: Path, multirun: bool) -> None:
+    _stop_others(e.exit_code, str(e))
+    print(f"csgd {stage}: error: {cli_words(e)}", file=sys.stderr)
+    if not multirun:
+        _leave(e.exit_code)
+    if not isinstance(e, lock.DirLocked):  # the directory is another process's
+        _status(out, "failed", cli_words(e))
+    _record_failure(out)
+
+
+def _point_crashed(stage: str, e: Exception, out: Path) -> None:
+    """One failed sweep point must not stop the others; keep its traceback."""
+    with contextlib.suppress(OSError):
+        (out / "error.txt").write_text(traceback.format_exc())
+    print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    _status(out, "failed", f"{type(e).__name__}: {e}")
+    _record_failure(out)
 
 
 def _record_failure(out: Path) -> None:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common.config import DATASETS
 from ..common.errors import CsgdError
 from .data import Data, DataInfo, FolderData, TensorData, conf_value, mix_seed
 from .distributed import rank_world
@@ -41,6 +40,7 @@ _TENSOR_SETS = {
     "digits": (10, 1, False),
     "synthetic": (10, 4, True),
 }
+DATASETS = (*_TENSOR_SETS, "imagenet")  # every name build_data knows
 _SYNTH_SEED = 20190613  # fixed, so synthetic train and test share one distribution
 _LOADED: dict[tuple[Any, ...], Any] = {}  # what a load read, by what it read
 

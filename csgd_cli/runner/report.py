@@ -9,10 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..common.config import PRUNE_METHODS
 from ..common.errors import CsgdError
 from ..common.files import atomic_write, table
-from .runs import ACC_KEYS, Run, read_runs
+from .runs import ACC_KEYS, Run, read_runs, sub
 
 COLUMNS = {  # csv key -> markdown header
     "run": "run",
@@ -44,8 +43,8 @@ def record(run: Run) -> dict[str, Any]:
     cfg, fin, base = run.cfg, run.final, run.rows.get("base")
     rec: dict[str, Any] = {
         "run": run.name,
-        "model": cfg.get("model", {}).get("name"),
-        "dataset": cfg.get("dataset", {}).get("name"),
+        "model": sub(cfg, "model").get("name"),
+        "dataset": sub(cfg, "dataset").get("name"),
         "method": run.method,
         "ratio": run.ratio,
         "target": run.target,
@@ -106,8 +105,10 @@ AGG_COLUMNS = {  # aggregate key -> markdown header
 
 def _rank(method: str) -> tuple[int, str]:
     """C-SGD first, then the baselines in the config's order, then anything else."""
-    known = method in PRUNE_METHODS
-    return (PRUNE_METHODS.index(method) if known else len(PRUNE_METHODS), method)
+    from ..baselines.criteria import CRITERIA
+
+    order = ("csgd", *CRITERIA)
+    return (order.index(method) if method in order else len(order), method)
 
 
 def _order(agg: dict[str, Any]) -> tuple:
@@ -240,7 +241,7 @@ def plot_acc_flops(aggs: list[dict[str, Any]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     methods = sorted({a["method"] for a in aggs}, key=_rank)
     bases = [a for a in aggs if a["macs_base_mean"]]
-    label = lambda a: a["target"] or f"{a['ratio_mean']:.3g}"  # noqa: E731
+    label = lambda a: a["target"] or _fmt("ratio", a["ratio_mean"])  # noqa: E731
     widths = sorted({(round(a["macs_mean"] / 1e6, 4), label(a)) for a in aggs})
     for ax, k, title in ((axes[0], "finetuned", "final"), (axes[1], "pruned", "just pruned")):
         for b in {(a["model"], a["dataset"]): a for a in bases}.values():

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.config import WIDTH_RULES
 from ..common.errors import CsgdError
 from ..common.nets import count_macs, count_params
 from ..common.target import TARGET_KINDS, Target
@@ -155,7 +154,6 @@ def _uniform_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
 
 
 RULES = {"distortion": _distortion_rule, "uniform": _uniform_rule}
-assert tuple(RULES) == WIDTH_RULES
 
 
 # -- the choice -------------------------------------------------------------------------------

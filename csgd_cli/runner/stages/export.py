@@ -13,13 +13,16 @@ from ..session import load, setup
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ...deploy.export import check_onnx, export_onnx
-
     ctx = setup(cfg, out)
     model, _ = load(cfg.ckpt, "ckpt", ctx.data.info)
+    return FORMATS[cfg.format](cfg, ctx, model, out)
+
+
+def _onnx(cfg: DictConfig, ctx: Any, model: Any, out: Path) -> dict[str, Any]:
+    """``<ckpt>.onnx`` with BN folded, its logits checked in onnxruntime."""
+    from ...deploy.export import check_onnx, export_onnx
+
     x, _ = ctx.data.sample_batch(8)
-    if cfg.format == "onnx-int8":
-        return _int8(cfg, ctx, model, out)
     path = export_onnx(model.eval().cpu(), x.cpu(), out / f"{Path(cfg.ckpt).stem}.onnx")
     diff = check_onnx(path, model, x.cpu())
     print(f"wrote {path}: onnxruntime logits within {diff:.2e} (relative) of PyTorch")
@@ -44,3 +47,6 @@ def _int8(cfg: DictConfig, ctx: Any, model: Any, out: Path) -> dict[str, Any]:
     print(f"wrote {path} ({res['bytes'] / 1e6:.2f} MB, {len(calib)} calibration batches): "
           f"top-1 {acc:.2f}% in onnxruntime INT8, float32 {fp32:.2f}%")  # fmt: skip
     return res
+
+
+FORMATS = {"onnx": _onnx, "onnx-int8": _int8}  # format= -> how it is written
