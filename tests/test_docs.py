@@ -177,6 +177,9 @@ def test_paths_the_pages_name_exist() -> None:
         ):
             if not (ROOT / path.split(":")[0]).exists():
                 gone.append(f"{page.name}: {path}")
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in link and not (page.parent / link).exists():
+                gone.append(f"{page.name}: link {link}")
     assert not gone, gone
 
 
