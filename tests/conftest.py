@@ -159,3 +159,15 @@ def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return files
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose ``base/last.pt`` is the tiny ResNet-20 on digits after one epoch of
+    ``csgd pretrain`` (run in this process: a subprocess would import torch again)."""
+    from csgd_cli.runner import cli
+
+    d = tmp_path_factory.mktemp("tiny_base")
+    fast = ["schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0"]
+    cli.main(["pretrain", *TINY_DIGITS, *fast, f"hydra.run.dir={d / 'base'}"])
+    return d

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csgd_cli.common.errors import CsgdError
-from csgd_cli.core.chi import chi
+from csgd_cli.core.chi import chi_report
 from csgd_cli.deploy.export import (
     BACKENDS,
     check_onnx,
@@ -204,13 +204,13 @@ def _train(compile: bool, tmp_path: Path, steps: int = 3) -> dict[str, list[floa
     trainer.log.enabled = False
     g = torch.Generator().manual_seed(0)
     model.train()
-    losses, chi0 = [], chi(model, groups, clusters).item()
+    losses, chi0 = [], chi_report(model, groups, clusters)["chi"]
     for _ in range(steps):
         x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
         losses.append(trainer.train_step(x, y)[0].item())
     with torch.no_grad():  # the weights went the same way too
         fc = F.mse_loss(model.fc.weight, torch.zeros_like(model.fc.weight)).item()
-    return {"loss": losses, "fc": [fc], "chi": [chi0, chi(model, groups, clusters).item()]}
+    return {"loss": losses, "fc": [fc], "chi": [chi0, chi_report(model, groups, clusters)["chi"]]}
 
 
 def test_compiled_training_matches_eager(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from csgd_cli.common.config import STAGES
-from csgd_cli.core.chi import chi_report
-from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
+from csgd_cli.core.clustering import num_clusters, target_widths
 from csgd_cli.core.optim import CentripetalSGD
 from csgd_cli.models import get_model
 from csgd_cli.rules.groups import ChannelGroup, producer, reader
-from csgd_cli.rules.layers import segment_rows
 from csgd_cli.tracing.trace import channel_groups
 
 PKG = Path(__file__).resolve().parents[1] / "csgd_cli"
@@ -34,20 +31,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "csgd_cli", *args], capture_output=True, text=True, env=ENV
     )
-
-
-def collapse(model: nn.Module, clusters: dict[str, list[list[int]]], roles=("kernel",)) -> None:
-    """Make every cluster's members identical in the given roles' rows (copy the first)."""
-    with torch.no_grad():
-        for g in channel_groups(model):
-            for a, b, blocks in segment_rows(model, g, roles):
-                for c in clusters.get(g.name, []):
-                    if not a <= c[0] < b:
-                        continue
-                    for r in blocks:
-                        rows = r.tensor.narrow(0, r.row, b - a)
-                        for i in c[1:]:
-                            rows[i - a].copy_(rows[c[0] - a])
 
 
 # -- structure ----------------------------------------------------------------------------
@@ -105,73 +88,6 @@ def test_sweep_expansion_is_pinned() -> None:
         ["epsilon=0.01", "seed=0", "model=resnet20"],
         ["epsilon=0.01", "seed=1", "model=resnet20"],
     ]
-
-
-# -- defects ------------------------------------------------------------------------------
-def test_check_counts_the_norms_over_a_concatenation() -> None:
-    """Defect 1: a DenseNet BN over the concatenation is pulled by the optimizer, so chi
-    (with gamma/beta) must see its slices differ even when every kernel matches."""
-    torch.manual_seed(0)
-    model = get_model("densenet40", depth=10, growth=4, in_channels=3)
-    groups = channel_groups(model)
-    clusters = cluster_groups(model, groups, target_widths(groups, 0.5), "even", 0)
-    collapse(model, clusters, ("kernel", "affine"))
-    assert chi_report(model, groups, clusters, affine=True)["chi"] == pytest.approx(0, abs=1e-20)
-    g = next(g for g in groups if g.name == "dense1.0.conv")
-    norm = next(m for m in g.members if m.kind == "channel")  # a later BN, at an offset
-    assert norm.offset > 0
-    with torch.no_grad():  # second member of the first cluster, in that BN only
-        dict(model.named_modules())[norm.module].weight[norm.offset + 1] += 0.5
-    assert chi_report(model, groups, clusters)["chi"] == pytest.approx(0, abs=1e-20)
-    rep = chi_report(model, groups, clusters, affine=True)
-    assert rep["groups"][g.name]["chi"] == pytest.approx(0.5**2 / 2)
-
-
-def test_init_of_another_architecture_than_an_explicit_model(tmp_path: Path) -> None:
-    """Defect 3: model= on the command line must agree with init=; without model= the
-    checkpoint's architecture is used."""
-    base = tmp_path / "base"
-    assert (
-        cli("pretrain", *TINY_DIGITS, "pretrain.epochs=0", f"hydra.run.dir={base}").returncode == 0
-    )
-    out = cli(
-        "train", *TINY_DIGITS[1:], "model=resnet56", f"init={base / 'last.pt'}",
-        f"hydra.run.dir={tmp_path / 'x'}",
-    )  # fmt: skip
-    assert out.returncode == 2 and not (tmp_path / "x").exists()
-    (line,) = out.stderr.strip().splitlines()
-    assert "holds a resnet20 but model=resnet56" in line and "drop model=" in line
-    out = cli(
-        "train", *[a for a in TINY_DIGITS if not a.startswith(("model=", "+model"))],
-        f"init={base / 'last.pt'}", "schedule.epochs=0", f"hydra.run.dir={tmp_path / 'y'}",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    ck = torch.load(tmp_path / "y" / "last.pt", weights_only=True)
-    assert ck["arch"]["name"] == "resnet20"
-
-
-def test_matplotlib_is_a_required_dependency() -> None:
-    """Defect 4: `csgd report` plots after a plain `pip install .`."""
-    core = [r for r in requires("csgd") or [] if "extra ==" not in r]
-    assert any(r.startswith("matplotlib") for r in core), core
-
-
-def test_dataset_defaults_have_one_source() -> None:
-    """Defect 5: a data set built from a bare config equals the composed one."""
-    from hydra import compose, initialize_config_dir
-
-    from csgd_cli.common.config import register_schema
-    from csgd_cli.runner.cli import config_dir
-    from csgd_cli.runner.datasets import build_data
-
-    register_schema()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        full = compose("train", ["dataset=synthetic"]).dataset
-    bare = OmegaConf.create({"name": "synthetic"})
-    a, b = (build_data(c, seed=0, device=torch.device("cpu")) for c in (full, bare))
-    assert a.info == b.info
-    for key in ("augment", "batch_size", "eval_batch_size"):
-        assert getattr(a, key) == getattr(b, key), key
 
 
 # -- paths nothing exercised before -------------------------------------------------------

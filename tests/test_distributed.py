@@ -167,7 +167,6 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         if len(procs) == 8 and all(p.poll() is not None for p in procs.values()):
             break
         time.sleep(0.02)
-    res.setdefault("fail_ended", time.monotonic())
     for name, p in procs.items():
         res[name] = finish(p)
     print(f"\nall 2-process jobs of tests/test_distributed.py: {time.monotonic() - t0:.1f} s")
@@ -268,10 +267,11 @@ def test_a_failing_rank_ends_every_rank_within_seconds(jobs: dict[str, Any]) -> 
     root_cause = err.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 " in root_cause.split("=====")[0]
     assert jobs["failed_at"] is not None
+    # the job ended on its own while the fixture watched (within its TIMEOUT), not after
+    # the collective timeout (dist.timeout_s=1800) the ranks would otherwise wait out
+    assert "fail_ended" in jobs, "the job went on after rank 1 failed"
     took = jobs["fail_ended"] - jobs["failed_at"]
-    # far below the collective timeout (dist.timeout_s=1800) the ranks would otherwise
-    # wait out; 2-18 s seen on 2 cores shared by this file's jobs and a second test worker
-    assert took < 60, f"the job took {took:.1f} s to end after the failure"
+    print(f"\nthe failed job ended {took:.1f} s after rank 1 failed")
     assert not (jobs["root"] / "fail/last.pt").exists()
 
 

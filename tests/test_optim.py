@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_cli.core.chi import chi
+from csgd_cli.core.chi import chi_report
 from csgd_cli.core.clustering import cluster_groups, target_widths
 from csgd_cli.core.optim import CentripetalSGD
 from csgd_cli.models import get_model
@@ -96,14 +96,14 @@ def test_chi_shrinks_by_predicted_factor() -> None:
         net, [group], clusters, lr=lr, epsilon=eps, momentum=0.0, nesterov=False, weight_decay=lam
     )
     factor = (1 - lr * (lam + eps)) ** 2
-    prev = chi(net, [group], clusters).item()
+    prev = chi_report(net, [group], clusters)["chi"]
     coef = torch.randn(6, 2, 3, 3, dtype=torch.float64)  # a different gradient per filter
     for _ in range(5):
         opt.zero_grad()
         single = conv.weight[5].detach().clone()
         (conv.weight * coef).sum().backward()
         opt.step()
-        now = chi(net, [group], clusters).item()
+        now = chi_report(net, [group], clusters)["chi"]
         assert now == pytest.approx(prev * factor, rel=1e-9)  # raw G would change chi
         torch.testing.assert_close(conv.weight[5], single - lr * (coef[5] + lam * single))
         prev = now

@@ -13,6 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
+from csgd_cli.api import checkpoint
+from csgd_cli.api.checkpoint import load_checkpoint
+from csgd_cli.common.errors import CsgdError
 from csgd_cli.core.optim import plain_sgd
 from csgd_cli.models import get_model
 from csgd_cli.runner.datasets import build_data
@@ -222,3 +225,13 @@ def test_cluster_is_deterministic(tmp_path: Path, method: str) -> None:
         and len(a["layer1"]) == 10
         and sorted(i for c in a["layer3"] for i in c) == list(range(64))
     )
+
+
+def test_need_clusters_names_the_file(tiny_base: Path) -> None:
+    from csgd_cli.runner.pipeline import prune_for_config
+
+    cfg = OmegaConf.create({"prune": {"method": "csgd", "tolerance": 1e-4, "force": False}})
+    path = tiny_base / "base/last.pt"
+    model = checkpoint.model_from_checkpoint(load_checkpoint(path))
+    with pytest.raises(CsgdError, match=f"ckpt={path} has no clusters"):
+        prune_for_config(cfg, model, {}, torch.zeros(2, 1, 8, 8), str(path))

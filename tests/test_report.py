@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
 import torch
 
-from csgd_cli.baselines.criteria import l1_selection
+from csgd_cli.baselines.criteria import select
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.core.clustering import cluster_groups, target_widths
 from csgd_cli.core.surgery import merge
@@ -200,7 +202,7 @@ def test_l1_same_widths_keeps_largest_norms(ratio: float, one_thread: None) -> N
         for p in stage.producers[1:]:
             mods[p.conv].weight[0].mul_(10)
     ks = target_widths(groups, ratio)
-    l1 = l1_selection(model, groups, ks)
+    l1 = select("l1", model, groups, ks)  # L1-norm filter pruning (Li et al. 2017)
     csgd = cluster_groups(model, groups, ks, "kmeans", seed=0)
     for g in groups:
         score = sum(
@@ -314,3 +316,51 @@ def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str,
         cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
     assert cfg.hydra.launcher[key] == want
     assert "_target_" in cfg.hydra.launcher  # the plugin's own config underneath
+
+
+def _bare_run(d: Path, stage: str = "train") -> Path:
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(
+        f"stage: {stage}\nepsilon: 0.01\nratio: 0.5\nratios: []\nseed: 0\n"
+        "model: {name: resnet20}\ndataset: {name: digits}\nschedule: {epochs: 2}\n"
+    )
+    return d
+
+
+def _epoch_line(epoch: int) -> str:
+    rec = {"phase": "train", "step": 4 * epoch, "epoch": epoch, "train_loss": 1.0, "chi": 1.0}
+    return json.dumps(rec) + "\n"
+
+
+def test_report_skips_a_cut_line_and_marks_damaged_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from csgd_cli.runner.report import write_report
+
+    cut = _bare_run(tmp_path / "cut") / "metrics.jsonl"
+    cut.write_text(_epoch_line(1) + _epoch_line(2) + '{"phase": "train", "step": 9, "epo')
+    _bare_run(tmp_path / "summary").joinpath("summary.json").write_text('{"rows": {"base": {"ac')
+    _bare_run(tmp_path / "rows", "run").joinpath("summary.json").write_text('{"rows": [1, 2]}')
+    _bare_run(tmp_path / "status").joinpath("status.json").write_text("[]")
+    _bare_run(tmp_path / "config").joinpath(".hydra", "config.yaml").write_text("a: [1\n")
+    with caplog.at_level("WARNING", logger="csgd"):
+        rep = write_report(tmp_path)
+    recs = {r["run"]: r for r in rep["records"]}
+    note = f"{cut} line 3 is cut short (its writer was killed mid-line): skipped"
+    assert recs["cut"]["status"] == "ok" and recs["cut"]["epochs"] == 2
+    assert recs["cut"]["message"] == note and note in caplog.text
+    assert {k: recs[k]["status"] for k in ("summary", "rows", "status", "config")} == dict.fromkeys(
+        ("summary", "rows", "status", "config"), "damaged"
+    )
+    assert recs["summary"]["message"].startswith("summary.json is damaged (JSONDecodeError")
+    assert "rows are not those csgd run writes" in recs["rows"]["message"]
+    assert recs["status"]["message"] == "status.json is damaged (not a JSON object)"
+    assert recs["config"]["message"].startswith(".hydra/config.yaml is damaged")
+    md = (tmp_path / "report.md").read_text()
+    assert note in md and re.search(r"\| damaged +\|", md)
+
+
+def test_matplotlib_is_a_required_dependency() -> None:
+    """`csgd report` plots after a plain `pip install .`."""
+    core = [r for r in requires("csgd") or [] if "extra ==" not in r]
+    assert any(r.startswith("matplotlib") for r in core), core

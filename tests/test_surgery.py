@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csgd_cli.common.nets import count_macs
-from csgd_cli.core.chi import chi
+from csgd_cli.core.chi import chi_report
 from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
 from csgd_cli.core.surgery import merge
 from csgd_cli.models import get_model
@@ -55,7 +55,7 @@ def test_merge_of_exact_copies_is_exact(name: str, kw: dict, shape: tuple) -> No
     method = "kmeans" if name.startswith("resnet") else "even"  # k-means on VGG-16 is slow
     clusters = cluster_groups(model, groups, target_widths(groups, 0.625), method, 0)
     collapse(model, clusters)
-    assert chi(model, groups, clusters).item() == 0.0
+    assert chi_report(model, groups, clusters)["chi"] == 0.0
     thin = merge(model, groups, clusters).eval()
     assert type(thin) is type(model)
     x = torch.randn(6, *shape, dtype=torch.float64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from csgd_cli.rules.groups import prunable
 from csgd_cli.runner import cli
 from csgd_cli.tracing import trace as tracing
 from csgd_cli.tracing.trace import channel_groups, trace_seconds
-from csgd_cli.tracing.walk import TRACE_SECONDS
 from tests.test_any_cnn import exact_merge
 
 timm = pytest.importorskip("timm")
@@ -201,11 +199,10 @@ def test_fixed_splits_are_excluded_and_partial_residuals_trace_in_seconds() -> N
     assert (
         conv.excluded == "channels split at sizes fixed in the forward code in FixedSplit.forward"
     )
-    t = time.perf_counter()
+    # returns: the walk finished before the tracer's deadline, which raises a CsgdError
+    # (TP's walk re-visited nodes per index list for minutes); scripts/timm_table.py
+    # prints the seconds
     groups = channel_groups(PartialResidual(), torch.randn(1, 3, 4, 4))
-    # finished, not stopped at the tracer's deadline (TP's walk re-visited nodes per index
-    # list for minutes); seconds on an idle machine: scripts/timm_table.py prints them
-    assert time.perf_counter() - t < TRACE_SECONDS
     assert any("split at sizes fixed" in (g.excluded or "") for g in groups)
 
 
@@ -215,7 +212,7 @@ def test_timm_families_trace_in_seconds_and_merge_exactly() -> None:
     Linear) merges exactly. Every family: scripts/timm_table.py."""
     for name in ("rexnet_100", "dpn68"):
         model = get_model("timm." + name, num_classes=10, image_size=32)
-        assert trace_seconds(model) < TRACE_SECONDS  # 1.9 s idle, 10.1 s under CI load
+        trace_seconds(model)  # uncached; a walk past the tracer's deadline raises CsgdError
         assert any("split at sizes fixed" in (g.excluded or "") for g in channel_groups(model))
     exact_merge(get_model("timm.test_efficientnet", num_classes=10, image_size=32), (3, 32, 32))
 

@@ -84,11 +84,3 @@ def chi_fn(
         return total, per
 
     return f
-
-
-def chi(model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters) -> torch.Tensor:
-    """Total kernel deviation over every clustered group (a 0-d tensor)."""
-    terms = chi_terms(model, groups, clusters)
-    if not terms:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([t["chi"] for t in terms.values()]).sum()

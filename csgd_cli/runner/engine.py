@@ -34,10 +34,6 @@ from .evaluate import evaluate
 from .logs import MetricLog
 
 is_main = distributed.is_main
-StepHook = Callable[["Trainer", int], None]
-# Called after every step with (trainer, global step), in every Trainer: a wrapper
-# script can add hooks (tests stop a rank on purpose from one) without a config key.
-STEP_HOOKS: list[StepHook] = []
 
 
 class Trainer:
@@ -63,7 +59,6 @@ class Trainer:
         chi_fn: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
         compile: bool = False,
         channels_last: bool = False,
-        hooks: list[StepHook] | None = None,
         half: torch.dtype | None = None,
     ) -> None:
         self.model, self.data, self.sched, self.opt = model, data, sched, optimizer
@@ -82,7 +77,6 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.best, self.history = 0, 0, -1.0, []
         self._reset_epoch_stats()
         self._stop = False
-        self.hooks = [*STEP_HOOKS, *(hooks or [])]
         self._sync_free = device.type != "cpu"  # a GPU: inputs checked where the loop syncs
         self._bad_step: torch.Tensor | None = None  # then: the first step with a NaN/inf input
 
@@ -277,8 +271,6 @@ class Trainer:
                 self.seen += y.numel()
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
-                for hook in self.hooks:
-                    hook(self, gstep)
                 if log_every and gstep % log_every == 0:
                     lv = loss.item()
                     if distributed.active():  # the global batch's loss, the same on every rank
