@@ -81,83 +81,107 @@ class CentripetalSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         norm_eps = NORM_EPSILON_SHARE * epsilon if norm_epsilon is None else norm_epsilon
         plain_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
-        dev, dtype = params[0].device, params[0].dtype
-        # Every parameter gets a dense slot in the flat buffers, in model order.
-        offset, pos = {}, 0
-        for p in params:
-            if not _is_dense(p):
-                raise CsgdError("a parameter is not dense", "call model.contiguous() first")
-            offset[id(p)] = pos
-            pos += p.numel()
-        self._flat_p = torch.zeros(pos, device=dev, dtype=dtype)
-        self._flat_g = torch.zeros(pos, device=dev, dtype=dtype)
-        self._a = torch.zeros(pos, device=dev, dtype=dtype)  # G - eps K
-        self._neg_eps = torch.zeros(pos, device=dev, dtype=dtype)
-        self._decay = torch.zeros(pos, device=dev, dtype=dtype)
-        for p in params:
-            o = offset[id(p)]
-            self._decay[o : o + p.numel()] = plain_wd if p.dim() == 1 else weight_decay
-
-        def rows(buf: torch.Tensor, p: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
-            """Channel rows of ``p`` (channel ``start + i`` is row ``i``) in ``buf``."""
-            o = offset[id(p)] + start * (p.numel() // p.shape[0])
-            return buf[o : o + n * (p.numel() // p.shape[0])].view(n, -1)
-
+        self._allocate(params, weight_decay, plain_wd)
         self._blocks: list[_Block] = []
-        dst: list[torch.Tensor] = []  # gradient rows written back ...
-        src: list[torch.Tensor] = []  # ... from these columns of the blocks' scratch
+        self._dst: list[torch.Tensor] = []  # gradient rows written back ...
+        self._src: list[torch.Tensor] = []  # ... from these columns of the blocks' scratch
         owned: set[tuple[int, int]] = set()
         role_eps = {"kernel": (epsilon, weight_decay), "affine": (norm_eps, norm_weight_decay)}
         for g in groups:
             if g.name not in clusters:
                 continue
             for a, b, blocks in segment_rows(model, g, ("kernel", "affine")):
-                n = b - a
                 local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
-                for r in blocks:
-                    p = r.tensor
-                    if id(p) not in offset or r.row + n > p.shape[0]:
-                        raise CsgdError(
-                            f"group '{g.name}' does not fit its tensors (frozen or mis-sized)",
-                            "check the model's channel_groups()",
-                        )
-                    for i in range(r.row, r.row + n):  # one owner per row
-                        if (id(p), i) in owned:
-                            raise CsgdError(
-                                f"group '{g.name}' shares {r.key} with another group",
-                                "check channel_groups()",
-                            )
-                        owned.add((id(p), i))
-                    e, wd = role_eps[r.role]
-                    rows(self._neg_eps, p, n, r.row).fill_(-e)
-                    rows(self._decay, p, n, r.row).fill_(e + wd)
-                a_rows = [rows(self._a, r.tensor, n, r.row) for r in blocks]
-                d = sum(x.shape[1] for x in a_rows)
-                tmp = torch.zeros(n, d, device=dev, dtype=dtype)
-                col = 0
-                for r, x in zip(blocks, a_rows, strict=True):
-                    dst.append(rows(self._flat_g, r.tensor, n, r.row))
-                    src.append(tmp[:, col : col + x.shape[1]])
-                    col += x.shape[1]
-                sizes = torch.tensor([len(c) for c in local], dtype=dtype, device=dev)
-                labels = torch.tensor(cluster_labels(local, n), device=dev)
-                mean = torch.zeros(len(local), d, device=dev, dtype=dtype)
-                inv = (1.0 / sizes).unsqueeze(1)
-                self._blocks.append(_Block(a_rows, tmp, mean, labels, inv))
-        self._dst, self._src = dst, src
-        self._views: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            for p in params:
-                o = offset[id(p)]
-                pv = self._flat_p.as_strided(p.shape, p.stride(), o)
-                gv = self._flat_g.as_strided(p.shape, p.stride(), o)
-                pv.copy_(p)
-                p.data = pv
-                if p.grad is not None:
-                    gv.copy_(p.grad)
-                p.grad = gv
-                self._views.append((p, pv, gv))
+                self._add_segment(g.name, b - a, blocks, local, role_eps, owned)
+        self._views = self._tie(params)
         self.state[params[0]]["flat_momentum"] = torch.zeros_like(self._flat_p)
+
+    def _allocate(self, params: list[nn.Parameter], weight_decay: float, plain_wd: float) -> None:
+        """The flat buffers, with a dense slot for every parameter in model order; every
+        slot starts with plain weight decay (``plain_wd`` for 1-d tensors)."""
+        self._offset: dict[int, int] = {}
+        pos = 0
+        for p in params:
+            if not _is_dense(p):
+                raise CsgdError("a parameter is not dense", "call model.contiguous() first")
+            self._offset[id(p)] = pos
+            pos += p.numel()
+        dev, dtype = params[0].device, params[0].dtype
+        self._flat_p = torch.zeros(pos, device=dev, dtype=dtype)
+        self._flat_g = torch.zeros(pos, device=dev, dtype=dtype)
+        self._a = torch.zeros(pos, device=dev, dtype=dtype)  # G - eps K
+        self._neg_eps = torch.zeros(pos, device=dev, dtype=dtype)
+        self._decay = torch.zeros(pos, device=dev, dtype=dtype)
+        for p in params:
+            o = self._offset[id(p)]
+            self._decay[o : o + p.numel()] = plain_wd if p.dim() == 1 else weight_decay
+
+    def _rows(self, buf: torch.Tensor, p: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+        """Channel rows of ``p`` (channel ``start + i`` is row ``i``) in ``buf``."""
+        o = self._offset[id(p)] + start * (p.numel() // p.shape[0])
+        return buf[o : o + n * (p.numel() // p.shape[0])].view(n, -1)
+
+    def _add_segment(
+        self,
+        name: str,
+        n: int,
+        blocks: list[Any],
+        local: list[list[int]],
+        role_eps: dict[str, tuple[float, float]],
+        owned: set[tuple[int, int]],
+    ) -> None:
+        """One segment (``n`` channels) of group ``name``: its rows' pull and decay, and
+        the scratch that averages them over the clusters ``local``."""
+        for r in blocks:
+            p = r.tensor
+            if id(p) not in self._offset or r.row + n > p.shape[0]:
+                raise CsgdError(
+                    f"group '{name}' does not fit its tensors (frozen or mis-sized)",
+                    "check the model's channel_groups()",
+                )
+            for i in range(r.row, r.row + n):  # one owner per row
+                if (id(p), i) in owned:
+                    raise CsgdError(
+                        f"group '{name}' shares {r.key} with another group",
+                        "check channel_groups()",
+                    )
+                owned.add((id(p), i))
+            e, wd = role_eps[r.role]
+            self._rows(self._neg_eps, p, n, r.row).fill_(-e)
+            self._rows(self._decay, p, n, r.row).fill_(e + wd)
+        dev, dtype = self._a.device, self._a.dtype
+        a_rows = [self._rows(self._a, r.tensor, n, r.row) for r in blocks]
+        d = sum(x.shape[1] for x in a_rows)
+        tmp = torch.zeros(n, d, device=dev, dtype=dtype)
+        col = 0
+        for r, x in zip(blocks, a_rows, strict=True):
+            self._dst.append(self._rows(self._flat_g, r.tensor, n, r.row))
+            self._src.append(tmp[:, col : col + x.shape[1]])
+            col += x.shape[1]
+        sizes = torch.tensor([len(c) for c in local], dtype=dtype, device=dev)
+        labels = torch.tensor(cluster_labels(local, n), device=dev)
+        mean = torch.zeros(len(local), d, device=dev, dtype=dtype)
+        inv = (1.0 / sizes).unsqueeze(1)
+        self._blocks.append(_Block(a_rows, tmp, mean, labels, inv))
+
+    @torch.no_grad()
+    def _tie(
+        self, params: list[nn.Parameter]
+    ) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+        """Make every parameter and its gradient a view into the flat buffers (values
+        copied in); returns (parameter, its view, its gradient's view)."""
+        views = []
+        for p in params:
+            o = self._offset[id(p)]
+            pv = self._flat_p.as_strided(p.shape, p.stride(), o)
+            gv = self._flat_g.as_strided(p.shape, p.stride(), o)
+            pv.copy_(p)
+            p.data = pv
+            if p.grad is not None:
+                gv.copy_(p.grad)
+            p.grad = gv
+            views.append((p, pv, gv))
+        return views
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # always kept in place
         self._flat_g.zero_()

@@ -1,7 +1,7 @@
 """The baselines of ``csgd run`` and ``csgd prune`` (``prune.method`` = a criterion of
 ``criteria.CRITERIA``), built so that nothing but the method differs from C-SGD:
 
-- the same widths: one pruner of the config chooses them (``pipeline.pruner_for_config``,
+- the same widths: one pruner of the config chooses them (``widthconf.pruner_for_config``,
   the function C-SGD's clusters come from), on the model C-SGD would cluster;
 - the same budget: C-SGD's training epochs are added to the fine-tune
   (``pipeline.budget_schedule``), except for ``slimming``, whose sparsity phase trains
@@ -27,16 +27,9 @@ from ..core.optim import plain_sgd
 from ..rules.groups import Clusters
 from ..tracing.trace import channel_groups
 from .distributed import broadcast_object, is_main
-from .pipeline import (
-    budget_schedule,
-    payload,
-    prune_for_config,
-    pruner_for_config,
-    train_phase,
-    width_record,
-    width_settings,
-)
+from .pipeline import budget_schedule, payload, prune_for_config, train_phase
 from .session import Ctx
+from .widthconf import pruner_for_config, width_record, width_settings
 
 Step = tuple[int, int] | None
 

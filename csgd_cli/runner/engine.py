@@ -272,42 +272,13 @@ class Trainer:
                 self.step_in_epoch += 1
                 gstep = epoch * self.steps + self.step_in_epoch
                 if log_every and gstep % log_every == 0:
-                    lv = loss.item()
-                    if distributed.active():  # the global batch's loss, the same on every rank
-                        lv = distributed.all_sum([lv], self.device)[0] / distributed.rank_world()[1]
-                    chi, per = self._chi()
-                    self._guard(lv, chi)
-                    lr = self.opt.param_groups[0]["lr"]
-                    rec = {"step": gstep, "epoch": epoch, "loss": lv, "lr": lr}
-                    acc = 100 * self.correct.item() / self.seen
-                    post = {"chi": f"{chi:.2e}"} if chi is not None else {}
-                    bar.set_postfix(loss=f"{lv:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2g}", **post)
-                    self.log.write(
-                        {**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})}
-                    )
+                    self._log_step(gstep, loss, bar)
                 stop = distributed.any_rank(self._stop, self.device)  # one step for all ranks
                 if stop or (self.every_steps and gstep % self.every_steps == 0):
                     self.save("last.pt")
                 self._check_preempted(stop)
             bar.close()
-            loss_sum, correct, seen = self._epoch_sums()
-            rec = {
-                "step": (epoch + 1) * self.steps,
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_acc": 100.0 * correct / max(seen, 1),
-                "lr": self.opt.param_groups[0]["lr"],
-                "epoch_time": time.perf_counter() - t0,
-            }
-            chi, per = self._chi()
-            self._guard(rec["train_loss"], chi)
-            if chi is not None:
-                rec.update(chi=chi, chi_groups=per)
-            self.epoch, self.step_in_epoch = epoch + 1, 0
-            self._reset_epoch_stats()
-            if (epoch + 1) % self.sched.eval_every == 0 or epoch + 1 == self.sched.epochs:
-                ev = evaluate(self.model, self.data, self.device, self.amp)
-                rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            rec = self._end_epoch(epoch, time.perf_counter() - t0)
             self.history.append(rec)
             self.log.write(rec)
             self._print(rec)
@@ -319,6 +290,43 @@ class Trainer:
             self.save("last.pt")
             self._check_preempted(distributed.any_rank(self._stop, self.device))
         return self.history[-1] if self.history else {}
+
+    def _log_step(self, gstep: int, loss: torch.Tensor, bar: Any) -> None:
+        """One step's record (the global batch's loss, the same on every rank; chi) in
+        metrics.jsonl and on the bar; stops on a non-finite loss or chi."""
+        lv = loss.item()
+        if distributed.active():
+            lv = distributed.all_sum([lv], self.device)[0] / distributed.rank_world()[1]
+        chi, per = self._chi()
+        self._guard(lv, chi)
+        lr = self.opt.param_groups[0]["lr"]
+        rec = {"step": gstep, "epoch": self.epoch, "loss": lv, "lr": lr}
+        acc = 100 * self.correct.item() / self.seen
+        post = {"chi": f"{chi:.2e}"} if chi is not None else {}
+        bar.set_postfix(loss=f"{lv:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2g}", **post)
+        self.log.write({**rec, **({"chi": chi, "chi_groups": per} if chi is not None else {})})
+
+    def _end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+        """The record of finished ``epoch`` (evaluated when due); the counters move on."""
+        loss_sum, correct, seen = self._epoch_sums()
+        rec = {
+            "step": (epoch + 1) * self.steps,
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "lr": self.opt.param_groups[0]["lr"],
+            "epoch_time": seconds,
+        }
+        chi, per = self._chi()
+        self._guard(rec["train_loss"], chi)
+        if chi is not None:
+            rec.update(chi=chi, chi_groups=per)
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self._reset_epoch_stats()
+        if (epoch + 1) % self.sched.eval_every == 0 or epoch + 1 == self.sched.epochs:
+            ev = evaluate(self.model, self.data, self.device, self.amp)
+            rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
+        return rec
 
     def _check_preempted(self, stop: bool) -> None:
         if stop:

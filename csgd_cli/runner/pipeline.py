@@ -1,6 +1,6 @@
-"""Everything that reads a stage's Hydra config: the checkpoint payload, the pruner of a
-config, the training phases (plain SGD or C-SGD, resumable from ``last.pt``) and the
-prune step. The C-SGD parts go through the public API (``api.CSGD``), as a user's own
+"""What stages do with their Hydra config, besides its widths (``widthconf``): the
+checkpoint payload, the training phases (plain SGD or C-SGD, resumable from ``last.pt``)
+and the prune step. The C-SGD parts go through the public API (``api.CSGD``), as a user's own
 training loop would.
 """
 
@@ -23,7 +23,6 @@ from ..api.checkpoint import (
     save_checkpoint,
 )
 from ..api.pruner import CSGD
-from ..common.config import Target
 from ..common.device import use_channels_last
 from ..common.errors import CsgdError
 from ..common.files import write_json
@@ -31,21 +30,15 @@ from ..core.chi import chi_fn
 from ..core.optim import plain_sgd
 from ..core.surgery import merge_checked, merge_summary
 from ..deploy.export import export_onnx_if_installed, export_pt2
-from ..deploy.latency import Runtime
-from ..rules.groups import Clusters, select_groups
-from ..targets.plan import WidthPlan, plan_widths
-from ..targets.widths import width_share
+from ..rules.groups import Clusters
 from ..tracing.trace import channel_groups
 from .distributed import broadcast_object, is_main, on_main
 from .engine import Trainer
 from .session import Ctx, load, new_model
-from .tables import target_rows
+from .widthconf import pruner_for_config, width_record, width_settings
 
 log = logging.getLogger("csgd")
 CLUSTER_RECORD = ("ratio", "width_settings", "group_widths")  # payload keys about clusters
-# the settings that decide clusters, as given on a command line; recorded with them
-WIDTH_KEYS = ("ratio", "prune.target", "prune.min_width", "prune.rule", "prune.round_to",
-              "prune.include", "prune.exclude", "clustering")  # fmt: skip
 
 
 def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -60,79 +53,6 @@ def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dic
         "clusters": None,
         **extra,
     }
-
-
-def width_settings(cfg: DictConfig, ratio: float | None = None) -> dict[str, Any]:
-    """The ``WIDTH_KEYS`` values of ``cfg`` (``ratio`` overriding), as plain data."""
-    out = {k: OmegaConf.select(cfg, k) for k in WIDTH_KEYS}
-    out = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
-    if cfg.prune.target is not None:
-        return {**out, "ratio": None}  # the target chose the widths
-    return {**out, "ratio": cfg.ratio if ratio is None else ratio}
-
-
-def pruner_for_config(
-    cfg: DictConfig,
-    model: nn.Module,
-    ck: dict[str, Any],
-    ratio: float | None = None,
-    step: tuple[int, int] | None = None,
-    cache_dir: Path | None = None,
-    clustering: str | None = None,
-) -> CSGD:
-    """The pruner of a config: clusters stored in ``ck`` when it has them and neither
-    ``ratio`` nor a target round ``step`` is forced (iterative rounds force theirs), else
-    new ones for ``prune.include``/``exclude``: at ``prune.target`` (round ``step``, its
-    latency timings cached under ``cache_dir``) or at ``ratio`` (default ``cfg.ratio``) of
-    the original widths, clustered by ``clustering`` (default ``cfg.clustering``)."""
-    original = base_widths(model, ck)
-    if ck.get("clusters") and ratio is None and step is None:
-        kept = WidthPlan({k: len(v) for k, v in ck["clusters"].items()}, original)
-        return CSGD(model, clusters=ck["clusters"], widths=kept)
-    p = cfg.prune
-    how: dict[str, Any] = {"ratio": cfg.ratio if ratio is None else ratio}
-    if p.target is not None:  # round ``step``; later rounds: of the first round's base cost
-        target = Target.parse(p.target).round(*(step or (1, 1)))
-        how = dict(
-            target=target, min_width=p.min_width, rule=p.rule, cache_dir=cache_dir,
-            runtime=Runtime(cfg.backend, p.latency_batch, p.latency_threads),
-            original_cost=(ck.get("target_base") or {}).get(target.kind),
-        )  # fmt: skip
-    plan = plan_widths(
-        model, None, include=list(p.include), exclude=list(p.exclude), round_to=p.round_to,
-        seed=cfg.seed, original=original, **how,
-    )  # fmt: skip
-    return CSGD(model, widths=plan, clustering=clustering or cfg.clustering, seed=cfg.seed)
-
-
-def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dict[str, Any]:
-    """What widths.json and the checkpoint say about the widths: ``ratio`` (with a
-    target, the chosen widths' share of the original ones, for reports), the settings,
-    each group's width, and with a target what it reached and its base cost."""
-    widths, rep = pruner.widths, pruner.target_report
-    out: dict[str, Any] = {"ratio": settings["ratio"], "width_settings": settings}
-    out["group_widths"] = widths
-    if rep is not None:
-        out.update(target=rep["target"], target_report=rep, target_base={rep["kind"]: rep["base"]})
-        out["ratio"] = pruner.plan.share
-    return out
-
-
-def widths_reached(cfg: DictConfig, base: nn.Module, final: nn.Module, info: Any) -> dict:
-    """``csgd run``'s summary: each group's width ``before`` and ``after``; with a target,
-    the target against what ``final`` reached (``metrics.target_rows``) and ``ratio``, the
-    pruned groups' share of their original widths (what reports plot against)."""
-    before = {g.name: g.width for g in channel_groups(base)}
-    out: dict[str, Any] = {"widths": {"before": before}}
-    out["widths"]["after"] = after = {g.name: g.width for g in channel_groups(final)}
-    p = cfg.prune
-    if p.target is not None:
-        shape = (info.in_channels, info.image_size, info.image_size)
-        rt = Runtime(cfg.backend, p.latency_batch, p.latency_threads)
-        out["target"] = target_rows(p.target, base, final, shape, rt)
-        chosen = [g.name for g in select_groups(channel_groups(base), p.include, p.exclude)]
-        out["ratio"] = width_share(before, {g: after[g] for g in chosen})
-    return out
 
 
 # -- training phases -----------------------------------------------------------------------
@@ -152,6 +72,56 @@ def _resume_from(last: Path, phase: str, model: nn.Module) -> dict[str, Any]:
             "resume in the run directory the interrupted run used (hydra.run.dir=...)",
         )
     return ck
+
+
+def _resumed(
+    last: Path,
+    phase: str,
+    model: nn.Module,
+    clusters: Clusters | None,
+    info: dict[str, Any],
+    hyper: dict[str, Any],
+) -> tuple[dict[str, Any], Clusters | None, dict[str, Any], dict[str, Any]]:
+    """Continuing from ``last``: its checkpoint, then the clusters, their record and the
+    hyper-parameters it was trained with (a value given anew is named in a warning)."""
+    ck = _resume_from(last, phase, model)
+    if clusters and ck.get("clusters"):  # the clusters this phase was trained with
+        if ck["clusters"] != clusters:
+            log.info("resume: using the clusters stored in %s, not new ones", last)
+        clusters = ck["clusters"]
+        # and so does what the checkpoint records about them (widths, settings)
+        info = {**info, **{k: ck[k] for k in CLUSTER_RECORD if k in ck}}
+    stored = ck.get("hyper") or hyper
+    for k in sorted(set(hyper) | set(stored)):
+        if hyper.get(k) != stored.get(k):
+            log.warning(
+                "resume: %s comes from %s (%s), not the command line", k, last, stored.get(k)
+            )
+    return ck, clusters, info, stored
+
+
+def _optimizer(
+    model: nn.Module,
+    sched: DictConfig,
+    hyper: dict[str, Any],
+    clusters: Clusters | None,
+    make_opt: Callable[[nn.Module, Any], torch.optim.Optimizer] | None,
+) -> tuple[torch.optim.Optimizer, CSGD | None]:
+    """C-SGD's optimizer (and its pruner) when there are clusters, else plain SGD or
+    ``make_opt``'s."""
+    if not clusters:
+        return (make_opt or plain_sgd)(model, sched), None
+    pruner = CSGD(model, clusters=clusters)  # checks them against the model's groups
+    opt = pruner.optimizer(
+        sched.lr,
+        epsilon=hyper["epsilon"],
+        norm_epsilon=hyper["norm_epsilon"],
+        momentum=sched.momentum,
+        nesterov=sched.nesterov,
+        weight_decay=sched.weight_decay,
+        plain_norm_weight_decay=sched.norm_weight_decay,
+    )
+    return opt, pruner
 
 
 def train_phase(
@@ -178,37 +148,11 @@ def train_phase(
     last, ck = out / "last.pt", None
     hyper = _hyper(sched, cfg, clusters)
     if cfg.resume and last.is_file():
-        ck = _resume_from(last, phase, model)
-        if clusters and ck.get("clusters"):  # the clusters this phase was trained with
-            if ck["clusters"] != clusters:
-                log.info("resume: using the clusters stored in %s, not new ones", last)
-            clusters = ck["clusters"]
-            # and so does what the checkpoint records about them (widths, settings)
-            info = {**info, **{k: ck[k] for k in CLUSTER_RECORD if k in ck}}
-        stored = ck.get("hyper") or hyper
-        for k in sorted(set(hyper) | set(stored)):
-            if hyper.get(k) != stored.get(k):
-                log.warning(
-                    "resume: %s comes from %s (%s), not the command line", k, last, stored.get(k)
-                )
-        hyper = stored
+        ck, clusters, info, hyper = _resumed(last, phase, model, clusters, info, hyper)
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: %s starts from its beginning", last, phase)
     sched = OmegaConf.create(hyper["schedule"])
-    pruner = None
-    if clusters:  # checked against the model's groups by the pruner
-        pruner = CSGD(model, clusters=clusters)
-        opt = pruner.optimizer(
-            sched.lr,
-            epsilon=hyper["epsilon"],
-            norm_epsilon=hyper["norm_epsilon"],
-            momentum=sched.momentum,
-            nesterov=sched.nesterov,
-            weight_decay=sched.weight_decay,
-            plain_norm_weight_decay=sched.norm_weight_decay,
-        )
-    else:
-        opt = (make_opt or plain_sgd)(model, sched)
+    opt, pruner = _optimizer(model, sched, hyper, clusters, make_opt)
     trainer = Trainer(
         model,
         ctx.data,
@@ -305,19 +249,30 @@ def budget_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
 
 
 # -- the prune step: choose clusters, merge, verify, write -----------------------------------
-def prune_for_config(cfg: Any, model: nn.Module, ck: dict[str, Any], x: torch.Tensor, src: str,
-                     selection: Clusters | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+def prune_for_config(
+    cfg: Any,
+    model: nn.Module,
+    ck: dict[str, Any],
+    x: torch.Tensor,
+    src: str,
+    selection: Clusters | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Merge ``ck``'s clusters (``src`` names the file), or keep a baseline's
     ``selection`` (singletons at C-SGD's widths: ``baselines.prune_step``), verified on
     the real batch ``x``. The widths come with the clusters or the selection."""
     if selection is not None:
         groups = channel_groups(model)
-        thin, rep = merge_checked(model, groups, selection, x, tolerance=cfg.prune.tolerance, partial=True)  # fmt: skip
+        thin, rep = merge_checked(
+            model, groups, selection, x, tolerance=cfg.prune.tolerance, partial=True
+        )
         rep["method"] = cfg.prune.method
     else:
         clusters = need_clusters(ck, src)
         pruner = CSGD(model, x, clusters=clusters)
-        thin, rep = pruner.merge(x, tolerance=cfg.prune.tolerance, force=cfg.prune.force), pruner.merge_report  # fmt: skip
+        thin, rep = (
+            pruner.merge(x, tolerance=cfg.prune.tolerance, force=cfg.prune.force),
+            pruner.merge_report,
+        )
     if is_main():
         print(merge_summary(rep))
     return thin, rep

@@ -10,8 +10,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ...api.checkpoint import save_checkpoint
-from ..pipeline import payload, pruner_for_config, width_record, width_settings
+from ..pipeline import payload
 from ..session import load
+from ..widthconf import pruner_for_config, width_record, width_settings
 
 log = logging.getLogger("csgd")
 

@@ -14,9 +14,9 @@ from ...core.surgery import merge
 from ...deploy.latency import Runtime
 from ...rules.groups import describe
 from ...tracing.trace import channel_groups, example_input
-from ..pipeline import pruner_for_config
 from ..session import load, new_model
 from ..tables import target_rows, target_table, widths_table
+from ..widthconf import pruner_for_config
 
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:

@@ -29,10 +29,10 @@ from ..pipeline import (
     payload,
     save_pruned,
     train_phase,
-    widths_reached,
 )
 from ..session import load, setup
 from ..tables import summary_table
+from ..widthconf import widths_reached
 
 log = logging.getLogger("csgd")
 
