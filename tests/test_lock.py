@@ -255,7 +255,7 @@ def test_damaged_record_is_taken_over(tmp_path: Path) -> None:
 
 
 def test_a_requeued_slurm_job_waits_for_its_earlier_runs_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The earlier run of job 77 still holds the lock (its host is going down): the same
     run of the job elsewhere is refused at once; its requeued run waits and takes over."""
@@ -278,6 +278,7 @@ def test_a_requeued_slurm_job_waits_for_its_earlier_runs_lock(
     try:
         assert str(got.took_over).startswith("it was held by an earlier run of this SLURM job 77")
         assert got.record["slurm_restart"] == "1"
+        assert "waiting up to 180 s for the earlier run of SLURM job 77" in capsys.readouterr().err
     finally:
         lock.release(got)
 

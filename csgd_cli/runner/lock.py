@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -199,6 +200,11 @@ def _claim(run_dir: Path, kernel: filelock.BaseFileLock) -> str | None:
     while not _take(kernel, 0):
         rec, _ = _read(run_dir / NAME)
         if rec is not None and _requeued(rec):
+            print(
+                f"csgd: waiting up to {REQUEUE_WAIT_S:.0f} s for the earlier run of SLURM job "
+                f"{rec['slurm_job']} to let go of {run_dir}",
+                file=sys.stderr,
+            )
             if _take(kernel, REQUEUE_WAIT_S):
                 break
             raise _refusal(run_dir, rec)
