@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import TINY_DIGITS
+from omegaconf import OmegaConf
 from test_pipeline import csgd
 
 from csgd_cli import load_model
@@ -57,3 +59,33 @@ def test_only_selected_groups_are_pruned(tmp_path: Path) -> None:
     widths = dict(zip(names, thin.widths, strict=True))
     assert widths["layer1"] == 16 and widths["layer2"] == 32 and widths["layer3"] == 32
     assert widths["layer3.0.conv1"] == 32 and widths["layer3.2.conv1"] == 64
+
+
+def test_default_norm_epsilon_reaches_an_exact_merge_in_every_iterative_round(
+    tmp_path: Path,
+) -> None:
+    """Default norm_epsilon (0.1 eps), two C-SGD rounds, and no prune.force: each merge
+    passes the 1e-4 logit check by itself."""
+    out = tmp_path / "run"
+    res = csgd(
+        "run",
+        *TINY_DIGITS,
+        "pretrain.epochs=1",
+        "schedule.epochs=14",
+        "finetune.epochs=0",
+        "epsilon=3",
+        "schedule.lr=0.1",
+        "schedule.weight_decay=0",
+        "ratios=[0.75,0.5]",
+        "prune.export=false",
+        f"hydra.run.dir={out}",
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert cfg.norm_epsilon is None
+    summary = json.loads((out / "summary.json").read_text())
+    for tag in ("_r1", "_r2"):
+        rep = summary["rows"][f"pruned{tag}"]["merge_check"]
+        assert rep["relative_logit_diff"] < 1e-4 and rep["top1_agreement"] == 1.0, (tag, rep)
+        assert summary["rows"][f"pruned{tag}"]["acc"] == summary["rows"][f"csgd{tag}"]["acc"]

@@ -121,3 +121,32 @@ def test_model_zero_grad_does_not_detach_the_buffer() -> None:
     torch.nn.functional.cross_entropy(m(x), y).backward()
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+
+
+def test_conv_bias_gets_the_centripetal_rule_with_norm_epsilon() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, bias=True), nn.ReLU(), nn.Conv2d(6, 2, 1)).double()
+    group = ChannelGroup("g", 6, producer("0") + reader("2"))
+    clusters = {"g": [[0, 3, 5], [1, 2], [4]]}
+    net(torch.randn(2, 3, 8, 8, dtype=torch.float64)).square().sum().backward()
+    g0 = net[0].bias.grad.clone()
+    b0 = net[0].bias.detach().clone()
+    lam, eps, neps, nwd = 1e-4, 0.3, 0.07, 0.01
+    opt = CentripetalSGD(
+        net,
+        [group],
+        clusters,
+        lr=0.1,
+        epsilon=eps,
+        weight_decay=lam,
+        norm_epsilon=neps,
+        norm_weight_decay=nwd,
+    )
+    opt.transform_()
+    m = torch.zeros(6, 6, dtype=torch.float64)
+    for c in clusters["g"]:
+        for i in c:
+            m[i, c] = 1 / len(c)
+    want = m @ g0 + (nwd + neps) * b0 - neps * m @ b0
+    torch.testing.assert_close(net[0].bias.grad, want, atol=1e-12, rtol=0)
+    assert not torch.allclose(m @ g0, g0)  # the gradients differ: the mean is visible
