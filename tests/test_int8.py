@@ -22,7 +22,7 @@ from csgd_cli.runner.datasets import build_data
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 from csgd_cli.deploy.export import export_onnx, onnx_node_types, onnx_session
-from csgd_cli.deploy.openvino import openvino_file_runner
+from csgd_cli.runner.runtimes import file_runner
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 R20 = ["model=resnet20", "dataset=digits", "dataset.batch_size=32", "device=cpu",
@@ -97,7 +97,7 @@ def test_openvino_logits_equal_onnxruntime_float32(trained, tmp_path: Path) -> N
     f = export_onnx(model, x[:1], tmp_path / "m.onnx")
     sess = onnx_session(f)
     ref = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    ov = openvino_file_runner(f)
+    ov = file_runner(f, "openvino")
     got = ov.run(ov.prepare(x))
     rel = abs(got - ref).max() / abs(ref).max()
     assert rel <= 1e-4, rel

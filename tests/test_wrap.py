@@ -98,7 +98,7 @@ def test_differences_shrink_at_the_c_sgd_rate(kind: str) -> None:
             assert torch.equal(m[c], m[c[:1]].expand(len(c), -1))
     # the decay reaches zero: long training, then an exact merge
     _train(model, opt, 150)
-    assert pruner.ready(1e-8)
+    assert pruner.chi_report()["relative"] < 1e-12
     thin = pruner.merge(tolerance=1e-5)
     assert pruner.merge_report["top1_agreement"] == 1.0
     assert thin.conv1.out_channels == 4 and thin.conv2.out_channels == 4

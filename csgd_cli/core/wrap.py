@@ -16,7 +16,8 @@ shrinks the members' differences (``core.optim``):
 The optimizer's own weight decay shrinks the differences by ``(1 - lr * lam)`` (SGD's
 L2 and AdamW's decoupled decay alike), so together they fall by ``1 - lr * (lam + eps)``
 a step, C-SGD's rate; with plain SGD (no momentum) the trajectory is C-SGD's exactly.
-Norm gamma/beta and biases of a pruned group are pulled with ``norm_epsilon``.
+Norm gamma/beta and biases of a pruned group are pulled with ``norm_epsilon``; BatchNorm
+running statistics are set to their cluster's mean after each step (``core.stats``).
 An optimizer that already holds state gets its members' state rows averaged once.
 """
 
@@ -32,6 +33,7 @@ from torch import nn
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
 from ..rules.layers import segment_rows
+from .stats import StatSync
 
 _ATTR = "_csgd_wrap"
 
@@ -68,9 +70,10 @@ class CentripetalWrap:
         if getattr(optimizer, _ATTR, None) is not None:
             raise CsgdError("this optimizer is wrapped already", "wrap each optimizer once")
         self.optimizer = optimizer
-        lr_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        # the group's index, not the dict: load_state_dict() replaces the group dicts
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         norm_eps = 0.1 * epsilon if norm_epsilon is None else norm_epsilon
-        self._rows: list[tuple[_Rows, dict[str, Any]]] = []
+        self._rows: list[tuple[_Rows, int]] = []
         seen: set[tuple[int, int]] = set()
         for g in groups:
             if g.name not in clusters:
@@ -79,7 +82,7 @@ class CentripetalWrap:
                 local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
                 for blk in blocks:
                     p = blk.tensor
-                    if id(p) not in lr_of or (id(p), blk.row) in seen:
+                    if id(p) not in group_of or (id(p), blk.row) in seen:
                         continue  # frozen, or owned by another optimizer
                     seen.add((id(p), blk.row))
                     dev = p.device
@@ -90,10 +93,17 @@ class CentripetalWrap:
                         (1.0 / sizes).unsqueeze(1),
                         epsilon if blk.role == "kernel" else norm_eps,
                     )  # fmt: skip
-                    self._rows.append((rows, lr_of[id(p)]))
+                    self._rows.append((rows, group_of[id(p)]))
         self._average_state()
+        self._stats = StatSync(model, groups, clusters)  # running statistics, as CentripetalSGD
         self._own_step: Callable[..., Any] = optimizer.step
-        optimizer.step = self.step  # type: ignore[method-assign]
+
+        def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+            return self.step(closure, **kwargs)
+
+        if hasattr(self._own_step, "_wrapped_by_lr_sched"):  # a scheduler's counting wrapper
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # is still called
+        optimizer.step = step  # type: ignore[method-assign]
         setattr(optimizer, _ATTR, self)
 
     @property
@@ -118,12 +128,13 @@ class CentripetalWrap:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pulls = []
-        for r, group in self._rows:
+        pulls, groups = [], self.optimizer.param_groups
+        for r, gi in self._rows:
             w = r.param.detach().narrow(0, r.row, r.n)
             flat = w.reshape(r.n, -1)
-            if r.eps and group["lr"]:
-                pulls.append((w, (flat - _cluster_mean(flat, r)).mul_(-group["lr"] * r.eps)))
+            lr = float(groups[gi]["lr"])  # a tensor lr (capturable Adam) too
+            if r.eps and lr:
+                pulls.append((w, (flat - _cluster_mean(flat, r)).mul_(-lr * r.eps)))
             g = r.param.grad
             if g is not None:
                 sub = g.narrow(0, r.row, r.n)
@@ -131,6 +142,7 @@ class CentripetalWrap:
         self._own_step(**kwargs)
         for w, d in pulls:
             w.add_(d.view_as(w))
+        self._stats()  # BatchNorm running statistics: each cluster's set to their mean
         return loss
 
     def remove(self) -> None:

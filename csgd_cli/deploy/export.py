@@ -215,10 +215,13 @@ def _compile(model: nn.Module, sample: torch.Tensor) -> Runner:
     return Runner(compiled, lambda x: x.contiguous(memory_format=torch.channels_last))
 
 
-def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Runner:
+def _onnxruntime(
+    model: nn.Module, sample: torch.Tensor, convert: Callable[[Path], Path] | None = None
+) -> Runner:
     _require("onnxruntime")
     with tempfile.TemporaryDirectory(prefix="csgd-onnx-") as d:
-        sess = onnx_session(export_onnx(model, sample[:1], Path(d) / "model.onnx"))
+        path = export_onnx(model, sample[:1], Path(d) / "model.onnx")
+        sess = onnx_session(convert(path) if convert else path)  # convert: e.g. to INT8
     name = sess.get_inputs()[0].name
     return Runner(
         lambda a: sess.run(None, {name: a})[0], lambda x: x.detach().cpu().float().numpy()
@@ -226,15 +229,19 @@ def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Runner:
 
 
 def _onnxruntime_int8(model: nn.Module, sample: torch.Tensor) -> Runner:
-    from .int8 import int8_runner  # calibrated on random inputs: timing only
+    from .int8 import quantize_onnx, random_calibration  # random inputs: for timing only
 
-    return int8_runner(model, sample)
+    calib = random_calibration(sample)
+    return _onnxruntime(model, sample, lambda f: quantize_onnx(f, f.with_name("q.onnx"), calib))
 
 
 def _openvino(model: nn.Module, sample: torch.Tensor) -> Runner:
-    from .openvino import openvino_runner
+    from .openvino import compile_onnx
 
-    return openvino_runner(model, sample)
+    with tempfile.TemporaryDirectory(prefix="csgd-ov-") as d:
+        path = export_onnx(model, sample[:1], Path(d) / "model.onnx")
+        run = compile_onnx(path, batch=sample.shape[0])
+    return Runner(run, lambda x: x.detach().cpu().float().numpy())
 
 
 #: runtime name -> factory(model in eval mode, sample batch) -> Runner

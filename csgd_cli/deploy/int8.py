@@ -13,21 +13,22 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..common.errors import CsgdError
-from .export import Runner, _require, export_onnx, onnx_session
 
 
 def _quantization() -> Any:
-    _require("onnxruntime")
-    from onnxruntime import quantization
-
+    try:
+        from onnxruntime import quantization
+    except ImportError:
+        raise CsgdError(
+            "onnxruntime is not installed", 'install the deploy extra: pip install "csgd[deploy]"'
+        ) from None
     return quantization
 
 
@@ -63,7 +64,9 @@ def quantize_onnx(
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         except Exception:  # an older onnxruntime or a graph it cannot pre-process
             pre = Path(src)
-        name = onnx_session(pre).get_inputs()[0].name
+        import onnx
+
+        name = onnx.load(str(pre)).graph.input[0].name
         tmp = Path(d) / "int8.onnx"
         root = logging.getLogger()
         level = root.level
@@ -91,33 +94,7 @@ def _copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def export_int8(
-    model: nn.Module,
-    sample: torch.Tensor,
-    path: str | os.PathLike[str],
-    calibration: Sequence[torch.Tensor] | None = None,
-) -> Path:
-    """``model`` exported (BatchNorm folded) and quantized to INT8 at ``path``;
-    ``calibration``: input batches (default: ``sample`` alone)."""
-    with tempfile.TemporaryDirectory(prefix="csgd-int8-") as d:
-        fp32 = export_onnx(model, sample[:1], Path(d) / "fp32.onnx")
-        return quantize_onnx(fp32, path, list(calibration) if calibration else [sample])
-
-
 def random_calibration(sample: torch.Tensor, batches: int = 4) -> list[torch.Tensor]:
     """Stand-in calibration for timing only: normal inputs of ``sample``'s shape."""
     g = torch.Generator().manual_seed(0)
     return [torch.randn(sample.shape, generator=g) for _ in range(batches)]
-
-
-def int8_runner(
-    model: nn.Module, sample: torch.Tensor, calibration: Iterable[torch.Tensor] | None = None
-) -> Runner:
-    """``model`` as an INT8 onnxruntime session (``deploy.BACKENDS['onnxruntime-int8']``)."""
-    calib = list(calibration) if calibration is not None else random_calibration(sample)
-    with tempfile.TemporaryDirectory(prefix="csgd-int8-") as d:
-        sess = onnx_session(export_int8(model, sample, Path(d) / "int8.onnx", calib))
-    name = sess.get_inputs()[0].name
-    return Runner(
-        lambda a: sess.run(None, {name: a})[0], lambda x: x.detach().cpu().float().numpy()
-    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,48 @@ def calibration(data: Any, batches: int) -> list[torch.Tensor]:
     return [x.detach().cpu().float() for x, _ in itertools.islice(data.train_batches(0), batches)]
 
 
+def _numpy(x: torch.Tensor) -> Any:
+    return x.detach().cpu().float().numpy()
+
+
+def export_int8(
+    model: nn.Module, sample: torch.Tensor, path: Path, calibration: list[torch.Tensor]
+) -> Path:
+    """``model`` exported (BatchNorm folded) and statically quantized to INT8 at ``path``."""
+    from ..deploy.export import export_onnx
+    from ..deploy.int8 import quantize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="csgd-int8-") as d:
+        fp32 = export_onnx(model, sample[:1], Path(d) / "fp32.onnx")
+        return quantize_onnx(fp32, path, calibration)
+
+
+def file_runner(path: Path, backend: str = "onnxruntime", batch: int | None = None) -> Runner:
+    """An ONNX file already written (float32 or INT8 QDQ) in onnxruntime or OpenVINO."""
+    if backend == "openvino":
+        from ..deploy.openvino import compile_onnx
+
+        return Runner(compile_onnx(path, batch=batch), _numpy)
+    from ..deploy.export import onnx_session
+
+    sess = onnx_session(path)
+    name = sess.get_inputs()[0].name
+    return Runner(lambda a: sess.run(None, {name: a})[0], _numpy)
+
+
 def runtime_runner(model: nn.Module, backend: str, data: Any, calib_batches: int) -> Runner:
-    """``model`` (eval mode, CPU) prepared for ``backend``, for any batch size."""
+    """``model`` (eval mode, CPU) prepared for ``backend``, for any batch size; INT8
+    calibrated on ``calib_batches`` training batches."""
     x = data.sample_batch(2)[0].detach().cpu().float()
     m = copy.deepcopy(model).cpu().float().eval()  # the caller's model stays where it is
-    if backend == "onnxruntime-int8":
-        from ..deploy.int8 import int8_runner
+    if backend in ("onnxruntime-int8", "openvino"):
+        with tempfile.TemporaryDirectory(prefix="csgd-rt-") as d:
+            if backend == "openvino":
+                from ..deploy.export import export_onnx
 
-        return int8_runner(m, x, calibration(data, calib_batches))
-    if backend == "openvino":
-        from ..deploy.openvino import openvino_runner
-
-        return openvino_runner(m, x, static=False)
+                return file_runner(export_onnx(m, x[:1], Path(d) / "m.onnx"), backend)
+            calib = calibration(data, calib_batches)
+            return file_runner(export_int8(m, x, Path(d) / "int8.onnx", calib))
     from ..deploy.export import BACKENDS
 
     return BACKENDS[backend](m, x)
@@ -68,16 +99,7 @@ def runtime_accuracy(
 
 def file_top1(path: Path, data: Any, device: torch.device, backend: str = "onnxruntime") -> float:
     """Top-1 of an ONNX file already written (``csgd export``), in onnxruntime or OpenVINO."""
-    if backend == "openvino":
-        from ..deploy.openvino import openvino_file_runner
-
-        return runner_top1(openvino_file_runner(path), data, device)
-    from ..deploy.export import onnx_session
-
-    sess = onnx_session(path)
-    name = sess.get_inputs()[0].name
-    runner = Runner(lambda a: sess.run(None, {name: a})[0], lambda x: x.float().numpy())
-    return runner_top1(runner, data, device)
+    return runner_top1(file_runner(path, backend), data, device)
 
 
 def int8_row(model: nn.Module, data: Any, device: torch.device, cfg: Any,

@@ -32,9 +32,8 @@ def _onnx(cfg: DictConfig, ctx: Any, model: Any, out: Path) -> dict[str, Any]:
 def _int8(cfg: DictConfig, ctx: Any, model: Any, out: Path) -> dict[str, Any]:
     """``<ckpt>.int8.onnx``: static INT8 (QDQ, per-channel weights), calibrated on
     ``deploy.calib_batches`` training batches; its top-1 beside float32's."""
-    from ...deploy.int8 import export_int8
     from ..evaluate import evaluate
-    from ..runtimes import calibration, file_top1
+    from ..runtimes import calibration, export_int8, file_top1
 
     fp32 = evaluate(model.to(ctx.device), ctx.data, ctx.device)["acc"]
     calib = calibration(ctx.data, cfg.deploy.calib_batches)

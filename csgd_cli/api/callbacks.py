@@ -1,0 +1,104 @@
+"""What the trainer callbacks (``api.lightning``, ``api.huggingface``) share: the pruner's
+settings, building it over the trainer's module, the example input on its device, the
+chi log with its forecast, and the refusal of a missing extra."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.config import EPSILON
+from ..common.errors import CsgdError
+from .pruner import CSGD
+
+EXTRAS = {"lightning": "lightning", "transformers": "hf"}
+
+
+def missing(package: str) -> CsgdError:
+    """The one-line refusal of a missing extra, with its install line."""
+    top = package.split(".")[0]
+    return CsgdError(
+        f"{top} is not installed", f'install the extra: pip install "csgd[{EXTRAS.get(top, top)}]"'
+    )
+
+
+def require(package: str) -> Any:
+    """``package`` imported, or ``missing(package)`` raised."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise missing(package) from None
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """An example input (tensor, tuple/list or dict of them) on ``device``."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+class Settings:
+    """The pruner's settings a callback is given (``CSGD``'s and the optimizer's)."""
+
+    def __init__(
+        self,
+        example_input: Any,
+        ratio: float | None,
+        target: str | None,
+        widths: Any,
+        epsilon: float,
+        norm_epsilon: float | None,
+        include: Sequence[str],
+        exclude: Sequence[str],
+        clustering: str,
+        seed: int,
+        module: str | None,
+    ) -> None:
+        if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
+            raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
+        self.example_input = example_input
+        self.kwargs = dict(ratio=ratio, target=target, widths=widths, include=include,
+                           exclude=exclude, clustering=clustering, seed=seed)  # fmt: skip
+        self.epsilon = float(epsilon if epsilon is not None else EPSILON)
+        self.norm_epsilon = norm_epsilon
+        self.module = module
+
+    def target_of(self, root: nn.Module) -> nn.Module:
+        """The module pruned: ``root`` or its ``module`` submodule (e.g. ``"model"``)."""
+        return root.get_submodule(self.module) if self.module else root
+
+    def build(self, root: nn.Module, clusters: Any = None) -> CSGD:
+        """The pruner over ``root``'s module (``clusters``: a checkpoint's, or rank 0's)."""
+        net = self.target_of(root)
+        p = next(net.parameters())
+        x = to_device(self.example_input, p.device)
+        if clusters is not None:
+            return CSGD(net, x, clusters=clusters, clustering=self.kwargs["clustering"])
+        return CSGD(net, x, **self.kwargs)
+
+
+class ChiLog:
+    """Chi (relative to the kernels' norm) over steps, and a forecast of the steps left
+    until the merge is exact (relative chi at ``tolerance``), from the decay observed
+    since the previous point (chi falls geometrically under C-SGD)."""
+
+    def __init__(self, tolerance: float = 1e-8) -> None:
+        self.tolerance = tolerance
+        self.last: tuple[int, float] | None = None
+
+    def __call__(self, pruner: CSGD, step: int) -> dict[str, float]:
+        rep = pruner.chi_report()
+        rel = float(rep["relative"])
+        out = {"csgd/chi": float(rep["chi"]), "csgd/chi_relative": rel}
+        if self.last is not None and step > self.last[0] and 0 < rel < self.last[1]:
+            rate = math.log(rel / self.last[1]) / (step - self.last[0])  # log decay per step
+            out["csgd/steps_to_merge"] = max(0.0, math.log(self.tolerance / rel) / rate)
+        self.last = (step, rel)
+        return out

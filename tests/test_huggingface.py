@@ -1,0 +1,100 @@
+"""C-SGD in a real transformers Trainer (CPU, its own AdamW and schedule) on a small BERT
+classifier built from a config: the FFN units prune, the merge is exact, chi is logged,
+a resumed run takes its clusters from the checkpoint; a missing transformers is one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+from csgd_cli.huggingface import CSGDCallback  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+KW = {"ratio": 0.5, "epsilon": 30.0, "norm_epsilon": 30.0, "include": ["*intermediate.dense"]}
+
+
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    return tf.BertForSequenceClassification(cfg)
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 50, (n, 8), generator=g)
+        self.y = (self.ids[:, 0] > 25).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": self.y[i]}  # fmt: skip
+
+
+def example() -> dict[str, torch.Tensor]:
+    ids = Pairs(4).ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def args(out: Path, steps: int, **kw) -> tf.TrainingArguments:
+    return tf.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-2,
+        weight_decay=0.01, lr_scheduler_type="constant", logging_steps=2, report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, **kw,
+    )  # fmt: skip
+
+
+def test_trainer_prunes_ffn_units_exactly(tmp_path: Path) -> None:
+    model, cb = bert(), CSGDCallback(example_input=example(), **KW)
+    trainer = tf.Trainer(model=model, args=args(tmp_path, 40, save_strategy="no"),
+                         train_dataset=Pairs(), callbacks=[cb])  # fmt: skip
+    trainer.train()
+    assert set(cb.pruner.widths) == {f"bert.encoder.layer.{i}.intermediate.dense" for i in (0, 1)}
+    thin = cb.merge(tolerance=1e-5)
+    assert cb.pruner.merge_report["top1_agreement"] == 1.0
+    assert thin.bert.encoder.layer[0].intermediate.dense.out_features == 16
+    assert thin.bert.encoder.layer[1].output.dense.in_features == 16
+    logged = [h for h in trainer.state.log_history if "csgd/chi_relative" in h]
+    assert len(logged) >= 10 and logged[-1]["csgd/chi_relative"] < 1e-8
+    assert any("csgd/steps_to_merge" in h for h in logged)
+
+
+def test_resume_takes_the_clusters_of_the_checkpoint(tmp_path: Path) -> None:
+    one = bert()
+    tf.Trainer(model=one, args=args(tmp_path / "one", 12, save_strategy="no"),
+               train_dataset=Pairs(), callbacks=[CSGDCallback(example(), **KW)]).train()  # fmt: skip
+    first = CSGDCallback(example(), **KW)
+    tf.Trainer(model=bert(), args=args(tmp_path / "a", 6, save_strategy="steps", save_steps=6),
+               train_dataset=Pairs(), callbacks=[first]).train()  # fmt: skip
+    again, cb = bert(), CSGDCallback(example(), **{**KW, "seed": 7})  # other k-means seed
+    tf.Trainer(model=again, args=args(tmp_path / "a", 12, save_strategy="no"),
+               train_dataset=Pairs(), callbacks=[cb]).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))  # fmt: skip
+    assert cb.pruner.clusters == first.pruner.clusters
+    for (k, a), b in zip(one.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_missing_transformers_is_refused_in_one_line(tmp_path: Path) -> None:
+    shadow = tmp_path / "transformers"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    code = (
+        "from csgd_cli.huggingface import CSGDCallback\n"
+        "try:\n    CSGDCallback(ratio=0.5)\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE.parent}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip().splitlines() == [
+        'CsgdError transformers is not installed; install the extra: pip install "csgd[hf]"'
+    ], out.stderr[-2000:]
