@@ -15,7 +15,7 @@ import torch
 
 from ..common.errors import CsgdError
 
-EXTRA = 'pip install "csgd[deploy]" openvino'
+EXTRA = 'pip install "csgd[openvino]"'
 
 
 def require_openvino() -> Any:
