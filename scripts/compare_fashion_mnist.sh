@@ -6,7 +6,8 @@
 #   1. one base model per seed (pretrained once: every method of a seed starts from it)
 #   2. per seed, 6 methods x 2 targets = 12 runs, N_JOBS at once (one thread each), then
 #      csgd report over every run so far: a seed that finished is in the table even when a
-#      later one did not (report.md, report_agg.csv: mean, std, n; acc_flops.png)
+#      later one did not (report.md, report_agg.csv: mean, std, n; acc_flops.png), and
+#      scripts/paired_diffs.py: C-SGD minus each criterion, seed by seed
 # Needs the idx files: apt-get install dataset-fashion-mnist, or dataset.download=true.
 # Usage:  scripts/compare_fashion_mnist.sh [extra overrides for the runs]
 #   OUT=multirun/fm N_JOBS=2 METHODS=csgd,l1 SEEDS=0,1 scripts/compare_fashion_mnist.sh
@@ -34,6 +35,7 @@ for seed in ${SEEDS//,/ }; do  # seed by seed: what finished is reported
         "${launcher[@]}" "init=$OUT/bases/seed$seed/last.pt" hydra.sweep.dir="$OUT/runs" \
         "hydra.sweep.subdir=seed${seed}_\${hydra.job.num}" "$@"
     csgd report dir="$OUT/runs"
+    python "$(dirname "$0")/paired_diffs.py" "$OUT/runs/report.csv"  # C-SGD - criterion, per seed
     echo "seed $seed done after $(($(date +%s) - start)) s"
 done
 echo "end $(date -u +%FT%TZ): $(($(date +%s) - start)) s"

@@ -14,12 +14,14 @@
 # + fine-tune 10; the others fine-tune 10 + 600 (pipeline.budget_schedule).
 #
 # Time: an ESTIMATE (no GPU was available to measure it). Measured here on the CPU, one
-# thread: a half-width ResNet-20 epoch of 5,000 28x28 images costs 7 s (1.4 ms an image),
-# so a full-width epoch of 60,000 about 4 x 12 x 7 s = 5.6 min of one core. On one GPU
+# thread: a half-width ResNet-20 epoch of 5,000 28x28 images costs 7-9 s of CPU time and
+# an evaluation of the 10,000 test images 7 s, so a full-width epoch of 60,000 would be
+# about 4 x 12 x 8 s = 6.4 min of one core (~65 h for one 610-epoch run). On one GPU
 # ResNet-20 at batch 64 is bound by kernel launches, not arithmetic: about 938 steps of
-# ~3-6 ms, i.e. ~3-6 s an epoch (csgd keeps the set on the GPU). Then a base takes
-# ~10-20 min, a run (~610 epochs) ~0.5-1 h, and the grid (3 bases + 36 runs) ~20-40
-# GPU-hours; with hydra/launcher=csgd_slurm, a few hours on a cluster. Time one C-SGD
+# ~3-6 ms, i.e. ~3-6 s an epoch (csgd keeps the set on the GPU; the test set is scored
+# every epoch, about 1 s more). Then a base takes ~10-20 min, a run (~610 epochs) ~0.5-1
+# h, and the grid (3 bases + 36 runs) ~20-40 GPU-hours; with hydra/launcher=csgd_slurm, a
+# few hours on a cluster. Time one C-SGD
 # epoch on yours first:  SEEDS=0 METHODS=csgd TARGETS=flops:0.5 EPOCHS=1 BASE_EPOCHS=1
 # (EPOCHS / BASE_EPOCHS / FT_EPOCHS shorten the schedules; the milestones scale with them).
 # Usage:  scripts/compare_fashion_mnist_gpu.sh [extra overrides for the runs]
