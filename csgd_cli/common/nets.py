@@ -3,6 +3,8 @@ FLOPs (multiply-adds) and latency."""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,19 +19,42 @@ def count_params(model: nn.Module) -> int:
 
 
 def run_model(model: nn.Module, x: Any) -> Any:
-    """``model(x)``; a tuple or list ``x`` holds the forward's positional arguments, a
-    dict its keyword arguments (``{"input_ids": ...}``, as transformers models take them)."""
+    """``model(x)``; a tuple ``x`` holds the forward's positional arguments, a dict its
+    keyword arguments (``{"input_ids": ...}``, as transformers models take them), and a
+    list too, unless the forward's first argument is a list (torchvision detectors:
+    ``images: List[Tensor]``)."""
+    args, kwargs = call_args(model, x)
+    return model(*args, **kwargs)
+
+
+def call_args(model: nn.Module, x: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments ``run_model`` passes for ``x``."""
     if isinstance(x, dict):
-        return model(**x)
-    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+        return (), x
+    if isinstance(x, list) and _takes_a_list(model):
+        return (x,), {}
+    return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), {}
+
+
+def _takes_a_list(model: nn.Module) -> bool:
+    try:
+        first = next(iter(inspect.signature(model.forward).parameters.values()), None)
+    except (TypeError, ValueError):
+        return False
+    ann = getattr(first, "annotation", None)
+    name = ann if isinstance(ann, str) else getattr(typing.get_origin(ann), "__name__", "")
+    return name.split("[")[0].rsplit(".", 1)[-1] in ("List", "list", "Sequence")
 
 
 def first_samples(x: Any, n: int = 1) -> Any:
-    """The first ``n`` samples of an example input (a tensor, tuple/list or dict of them)."""
+    """The first ``n`` samples of an argument: of a tensor, of each tensor in a tuple or
+    dict, and the first ``n`` items of a list (a detector's images, one per sample)."""
     if isinstance(x, dict):
         return {k: first_samples(v, n) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(first_samples(v, n) for v in x)
+    if isinstance(x, list):
+        return x[:n]
+    if isinstance(x, tuple):
+        return tuple(first_samples(v, n) for v in x)
     return x[:n] if isinstance(x, torch.Tensor) and x.dim() else x
 
 
@@ -52,7 +77,8 @@ def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
         isinstance(example, (torch.Tensor, tuple, list))
         and not all(isinstance(v, int) for v in example)
     ):
-        x = first_samples(example)
+        args, kwargs = call_args(model, example)
+        x = {k: first_samples(v) for k, v in kwargs.items()} or first_samples(args)
     else:
         p = next(model.parameters())
         x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)

@@ -134,11 +134,18 @@ def merge_checked(
         model.train(was_training)
     diff = rel = 0.0
     for a, b in zip(outs_a, outs_b, strict=True):  # every output of the network
+        if a.shape != b.shape:  # a detector that keeps another number of boxes
+            diff = rel = float("inf")
+            continue
+        if not a.numel():  # no boxes found, by both
+            continue
         a, b = a.double(), b.double()
         d = (a - b).abs().max().item()
         diff, rel = max(diff, d), max(rel, d / max(a.abs().max().item(), 1e-30))
     first = next((a for a in outs_a if a.dim() >= 2), outs_a[0])  # logits or a score map
-    agree = first.argmax(1) == outs_b[outs_a.index(first)].argmax(1) if first.dim() >= 2 else None
+    other = outs_b[next(i for i, a in enumerate(outs_a) if a is first)]
+    same = first.dim() >= 2 and first.numel() and first.shape == other.shape
+    agree = first.argmax(1) == other.argmax(1) if same else None
     rep = {
         "method": "l1" if partial else "csgd",
         "max_abs_logit_diff": diff,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
@@ -34,6 +32,17 @@ from torch import nn
 
 from ..common.errors import CsgdError
 from ..rules.layers import member_kind, member_tensors, rule_for
+from .inputs import (
+    ModelError,
+    constants,
+    forward,
+    layer_results,
+    leaves,
+    recording,
+    trace_outputs,
+    where,
+)
+from .ops import ROW_OPS
 from .walk import Flatten, Put, Take
 
 
@@ -80,6 +89,7 @@ class Graph:
     flatten: set[Any] = field(default_factory=set)  # flattens of an NCHW map (mapped)
     spans: list[tuple[int, int, nn.Module]] = field(default_factory=list)
     deadline: float = float("inf")  # ``trace_walk.walk`` stops after it
+    consts: dict[Any, list] = field(default_factory=dict)  # ``inputs.constants``
     _parent: list[int] = field(default_factory=list)
 
     def owner(self, node: Any) -> nn.Module | None:
@@ -99,44 +109,6 @@ class Graph:
         return self.spans[i][2] if i >= 0 else None
 
 
-@contextmanager
-def _recording(model: nn.Module, spans: list[tuple[int, int, nn.Module]]) -> Iterator[None]:
-    """Record each module call's range of autograd sequence numbers (ops created in
-    its forward), and freeze the parameters of ruled layers (restored after)."""
-    leaf = torch.zeros((), requires_grad=True)
-    open_: dict[int, list[int]] = {}
-
-    def mark() -> int:
-        with torch.enable_grad():
-            return (leaf * 1).grad_fn._sequence_nr()
-
-    def pre(m: nn.Module, *_: Any) -> None:
-        open_.setdefault(id(m), []).append(mark())
-
-    def post(m: nn.Module, *_: Any) -> None:
-        spans.append((open_[id(m)].pop(), mark(), m))
-
-    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre),
-                                                  m.register_forward_hook(post))]  # fmt: skip
-    frozen = [
-        p
-        for m in model.modules()
-        if rule_for(m) is not None
-        for p in m.parameters(recurse=False)
-        if p.requires_grad
-    ]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        spans.sort(key=lambda s: (s[0], -s[1]))
-
-
 def build_graph(model: nn.Module, x: Any, label: str) -> Graph:
     """TP's graph of ``model`` on ``x`` with exact index maps; ``label`` names the model
     in the one-line error of a forward pass that cannot be traced."""
@@ -151,23 +123,32 @@ def build_graph(model: nn.Module, x: Any, label: str) -> Graph:
         and member_kind(m, True) == "channel"
     }
     graph = Graph(tp.DependencyGraph(), {m: n for n, m in model.named_modules()})
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        x = x.detach().clone().requires_grad_(True)  # the graph starts at the input
+    x = leaves(x)  # the graph starts at the input (every float tensor of a list/dict too)
+    results: list[torch.Tensor] = []
     was_training = model.training
     try:
         with (
             torch.enable_grad(),
             warnings.catch_warnings(),
-            _recording(model, graph.spans),
+            recording(model, graph.spans),
+            layer_results(model, results),
+            constants(graph.consts),
             # shapes come from the trace (below), not from TP's recursive inference
             mock.patch.object(shape_infer, "init_shape_information", lambda g: None),
             mock.patch.object(index_mapping, "update_index_mapping", lambda g: None),
         ):
             warnings.simplefilter("ignore")
             graph.dg.build_dependency(
-                model, (x,) if isinstance(x, torch.Tensor) else x,
+                model, x, forward_fn=forward,
+                output_transform=lambda out: trace_outputs(out, results),
                 verbose=False, customized_pruners=custom,
             )  # fmt: skip
+    except ModelError as e:  # the user's forward pass refused the example input
+        raise CsgdError(
+            f"cannot trace model {label}: its forward fails on the example input ({e.args[0]})",
+            "pass an example input its forward accepts (as in training: a batched tensor, "
+            "a tuple of the forward's arguments, a dict of keyword arguments)",
+        ) from None
     except CsgdError:
         raise
     except Exception as e:  # any failure of the user's forward pass or of the tracer
@@ -204,86 +185,102 @@ def _set_maps(op: Any, other: Any, k: int, into: Any, out_of: Any) -> bool:
 
 
 def _exact_index_maps(graph: Graph) -> None:
+    """Index maps for every node; a node whose autograd record is not what the maps
+    expect is marked bad (its group is excluded, naming it), never a traceback."""
+    for node in list(graph.dg.module2node.values()):
+        if node.grad_fn is None:
+            continue  # no autograd record (an output that carries no graph)
+        try:
+            _map_node(graph, node)
+        except Exception as e:  # an op of an unexpected form: excluded, named
+            op, at = node.grad_fn.name(), where(graph, node)
+            graph.bad[node] = f"op {op}{at} csgd cannot map ({type(e).__name__})"
+
+
+def _map_node(graph: Graph, node: Any) -> None:
     tp_ops = graph.dg.ops
     unwrapped = [p for p, _ in graph.dg.unwrapped_parameters]
-    for node in list(graph.dg.module2node.values()):
-        g, kind = node.grad_fn, node.type
-        if kind == tp_ops.OPTYPE.CONCAT:
-            nd = len(_shape(g, 0))
-            along = _channel_dim(g._saved_dim, nd)
-            if along is None:
-                graph.bad[node] = f"a concatenation along dim {g._saved_dim} of a {nd}-D tensor"
-            if not along:
-                continue
-            ins = list(g.next_functions)
-            if any(f is None for f, _ in ins):
-                graph.bad[node] = "a concatenation with a constant tensor"
-                continue
-            offsets = [0]
-            for f, nr in ins:
-                offsets.append(offsets[-1] + _shape(f, nr)[1])
-            live = [
-                i
-                for i, (f, _) in enumerate(ins)
-                if getattr(f, "variable", None) is None or any(f.variable is p for p in unwrapped)
-            ]
-            seen: Counter = Counter()
-            if len(live) != len(node.inputs):
+    g, kind = node.grad_fn, node.type
+    if g.name() in ROW_OPS:  # RoI pooling: boxes index rows, they share no channels
+        for f, _ in g.next_functions[1:]:
+            for k, src in enumerate(n for n in node.inputs if n.grad_fn is f):
+                _set_maps(node, src, k, Take(0, 0), Take(0, 0))
+    elif kind == tp_ops.OPTYPE.CONCAT:
+        nd = len(_shape(g, 0))
+        along = _channel_dim(g._saved_dim, nd)
+        if along is None:
+            graph.bad[node] = f"a concatenation along dim {g._saved_dim} of a {nd}-D tensor"
+        if not along:
+            return
+        ins = list(g.next_functions)
+        if any(f is None for f, _ in ins):
+            graph.bad[node] = "a concatenation with a constant tensor"
+            return
+        offsets = [0]
+        for f, nr in ins:
+            offsets.append(offsets[-1] + _shape(f, nr)[1])
+        live = [
+            i
+            for i, (f, _) in enumerate(ins)
+            if getattr(f, "variable", None) is None or any(f.variable is p for p in unwrapped)
+        ]
+        seen: Counter = Counter()
+        if len(live) != len(node.inputs):
+            graph.bad[node] = "a concatenation csgd cannot map"
+            return
+        for i, src in zip(live, node.inputs, strict=True):
+            into, out_of = Put(offsets[i]), Take(offsets[i], offsets[i + 1])
+            if not _set_maps(node, src, seen[src], into, out_of):
                 graph.bad[node] = "a concatenation csgd cannot map"
-                continue
-            for i, src in zip(live, node.inputs, strict=True):
-                into, out_of = Put(offsets[i]), Take(offsets[i], offsets[i + 1])
-                if not _set_maps(node, src, seen[src], into, out_of):
-                    graph.bad[node] = "a concatenation csgd cannot map"
-                    break
-                seen[src] += 1
-        elif kind == tp_ops.OPTYPE.SPLIT:
-            sizes = [tuple(m.shape) for m in g._input_metadata]
-            along = _channel_dim(g._saved_dim, len(sizes[0]))
-            if along is None:
-                graph.bad[node] = f"a split along dim {g._saved_dim} of a {len(sizes[0])}-D tensor"
-            if not along:
-                continue
-            offsets = [0]
-            for s in sizes:
-                offsets.append(offsets[-1] + s[1])
-            seen = Counter()
-            for out in node.outputs:
-                nrs = [nr for f, nr in out.grad_fn.next_functions if f is g]
-                k = seen[out]
-                seen[out] += 1
-                piece = nrs[k] if k < len(nrs) else None
-                if (
-                    piece is None
-                    or not _set_maps(  # into: from the piece's consumer
-                        node, out, k, Put(offsets[piece]), Take(*offsets[piece : piece + 2])
-                    )
-                ):
-                    graph.bad[node] = "a split csgd cannot map"
-                    break
-        elif kind == tp_ops.OPTYPE.SLICE:
-            size = tuple(g._saved_self_sym_sizes)
-            along = _channel_dim(g._saved_dim, len(size))
-            if along is None:
-                graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
-            elif along:
-                a, b, step = g._saved_start, g._saved_end, g._saved_step
-                if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), Put(a, step)):
-                    graph.bad[node] = "a slice csgd cannot map"
-                if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[1]:
-                    graph.identity.add(node)  # the whole tensor: stays whole after a merge
-            else:
-                graph.identity.add(node)
-        elif kind == tp_ops.OPTYPE.RESHAPE:
-            _map_reshape(graph, node)
-        elif kind == tp_ops.OPTYPE.EXPAND:
-            a, b = tuple(g._saved_self_sym_sizes), _shape(g, 0)
-            if len(a) == len(b) in (2, 4, 5) and a[1] == b[1]:
-                graph.identity.add(node)  # a broadcast over batch or space
-        elif "CopySlices" in g.name() and _whole_inplace(g):
-            graph.identity.add(node)  # an in-place op on a view of the whole tensor (x += y)
-        elif g.name().startswith("AsStridedBackward") and _whole_view(g):
+                break
+            seen[src] += 1
+    elif kind == tp_ops.OPTYPE.SPLIT:
+        sizes = [tuple(m.shape) for m in g._input_metadata]
+        along = _channel_dim(g._saved_dim, len(sizes[0]))
+        if along is None:
+            graph.bad[node] = f"a split along dim {g._saved_dim} of a {len(sizes[0])}-D tensor"
+        if not along:
+            return
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s[1])
+        seen = Counter()
+        for out in node.outputs:
+            nrs = [nr for f, nr in out.grad_fn.next_functions if f is g]
+            k = seen[out]
+            seen[out] += 1
+            piece = nrs[k] if k < len(nrs) else None
+            if (
+                piece is None
+                or not _set_maps(  # into: from the piece's consumer
+                    node, out, k, Put(offsets[piece]), Take(*offsets[piece : piece + 2])
+                )
+            ):
+                graph.bad[node] = "a split csgd cannot map"
+                break
+    elif kind == tp_ops.OPTYPE.SLICE:
+        size = tuple(g._saved_self_sym_sizes)
+        along = _channel_dim(g._saved_dim, len(size))
+        if along is None:
+            graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
+        elif along:
+            a, b, step = g._saved_start, g._saved_end, g._saved_step
+            if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), Put(a, step)):
+                graph.bad[node] = "a slice csgd cannot map"
+            if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[1]:
+                graph.identity.add(node)  # the whole tensor: stays whole after a merge
+        else:
             graph.identity.add(node)
+    elif kind == tp_ops.OPTYPE.RESHAPE:
+        _map_reshape(graph, node)
+    elif kind == tp_ops.OPTYPE.EXPAND:
+        a, b = tuple(g._saved_self_sym_sizes), _shape(g, 0)
+        if len(a) == len(b) in (2, 4, 5) and a[1] == b[1]:
+            graph.identity.add(node)  # a broadcast over batch or space
+    elif "CopySlices" in g.name() and _whole_inplace(g):
+        graph.identity.add(node)  # an in-place op on a view of the whole tensor (x += y)
+    elif g.name().startswith("AsStridedBackward") and _whole_view(g):
+        graph.identity.add(node)
 
 
 def _map_reshape(graph: Graph, node: Any) -> None:

@@ -26,6 +26,10 @@ PER_CHANNEL_OPS = {
     "ReflectionPad2DBackward", "ReplicationPad2DBackward", "ToCopyBackward",
     "AliasBackward", "ContiguousBackward",
 }  # fmt: skip
+# ops that pool or place whole rows of a map (RoIs, samples) whatever their other,
+# graph-less operands (boxes, a fresh output buffer) are: channels stay apart
+ROW_OPS = {"GeneratedBackwardFor_torchvision_roi_align_defaultBackward",
+           "GeneratedBackwardFor_torchvision_roi_pool_defaultBackward"}  # fmt: skip
 REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "SqueezeBackward",
               "UnsqueezeBackward"}  # fmt: skip
 
@@ -63,10 +67,13 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
         if node in graph.flatten and outs and all(isinstance(o, nn.Linear) for o in outs):
             return None  # a flatten into a linear layer: ``repeat`` columns per channel
         return f"a reshape/view of the channels{where} (not a flatten into a linear layer)"
+    if name in ROW_OPS or (name == "IndexPutBackward" and _rows_only(node.grad_fn)):
+        return None
     if isinstance(mod, ops._ElementWiseOp):
         g = node.grad_fn
         if name in PER_CHANNEL_OPS:
-            return _constant_operand(g, f"op {name}{where}")
+            consts = graph.consts.get(g)  # operands without a graph, recorded in the trace
+            return _constant_operand(g, f"op {name}{where}", consts)
         if name in REDUCTIONS:
             dims = getattr(g, "_saved_dim", None)
             sizes = getattr(g, "_saved_self_sym_sizes", None)
@@ -79,18 +86,31 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
     return f"op {type(mod).__name__.strip('_')}{where} is not supported by the merge"
 
 
-def _constant_operand(g: Any, op: str) -> str | None:
+def _constant_operand(g: Any, op: str, shapes: list[tuple[int, ...]] | None = None) -> str | None:
     """An operand that is no node of the graph (a buffer, a weight used outside its
     layer) keeps its width after a merge: harmless only if it is one wide along the
-    channels (a scalar, a spatial mask)."""
+    channels (a Python number, a scalar, a spatial mask). ``shapes``: those operands'
+    shapes as the trace saw them (``inputs.constants``), else read from autograd."""
     if all(f is not None for f, _ in g.next_functions):
         return None
     nd = len(g._input_metadata[0].shape)
     dims = (1, 2) if nd == 3 else (1,)  # a 3-D tensor: channels first or tokens last
-    saved = [getattr(g, a, None) for a in ("_saved_other", "_saved_self")]
-    consts = [t for t in saved if isinstance(t, torch.Tensor) and not t.requires_grad]
-    if consts and all(
-        t.dim() <= nd - d or t.shape[d - (nd - t.dim())] == 1 for t in consts for d in dims
+    if shapes is None:
+        saved = [getattr(g, a, None) for a in ("_saved_other", "_saved_self")]
+        shapes = [
+            tuple(t.shape) for t in saved if isinstance(t, torch.Tensor) and not t.requires_grad
+        ]
+    if shapes and all(
+        len(s) <= nd - d or (len(s) <= nd and s[d - (nd - len(s))] == 1)
+        for s in shapes
+        for d in dims
     ):
         return None
     return f"{op} applies a constant tensor to the channels (a buffer?)"
+
+
+def _rows_only(g: Any) -> bool:
+    """``out[rows] = v`` (MultiScaleRoIAlign's per-level results): one index tensor, on
+    dim 0, so every channel lands in its own place."""
+    idx = getattr(g, "_saved_indices", None) or ()
+    return len(idx) == 1 and isinstance(idx[0], torch.Tensor)

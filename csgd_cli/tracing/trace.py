@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from ..rules.groups import ChannelGroup, Member
-from ..rules.layers import member_kind, rule_for
+from ..rules.layers import member_kind, member_rows, rule_for
 from .graph import Graph, build_graph, channels_last
+from .inputs import where
 from .ops import OUTPUT, op_problem
 from .walk import TRACE_SECONDS, walk
 
@@ -65,9 +66,22 @@ def channel_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[Chan
     """The model's groups: its own ``channel_groups()`` when it declares them, else traced
     from one forward pass of ``x`` (default: ``example_input(model)``)."""
     fn = getattr(model, "channel_groups", None)
-    if fn is not None:
-        return fn()
-    return traced_groups(model, x)
+    return _frozen(model, fn() if fn is not None else traced_groups(model, x))
+
+
+def _frozen(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Groups whose rows the optimizer would pull include a frozen parameter: excluded,
+    naming it (C-SGD cannot move it, so its clusters could never collapse)."""
+    out = []
+    for g in groups:
+        why = g.excluded
+        if why is None:
+            rows = member_rows(model, g, ("kernel", "affine"))
+            key = next((b.key for b in rows if not b.tensor.requires_grad), None)
+            if key is not None:
+                why = f"parameter '{key}' is frozen (requires_grad=False)"
+        out.append(ChannelGroup(g.name, g.width, list(g.members), why))
+    return out
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -132,7 +146,11 @@ def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | 
         if kind in ("out", "channel", "in"):
             return kind, None
         return None, kind
-    problem = op_problem(graph, node, [n.module for n in node.outputs])
+    try:
+        problem = op_problem(graph, node, [n.module for n in node.outputs])
+    except Exception as e:  # an op of an unexpected form: excluded, named
+        op = node.grad_fn.name() if node.grad_fn is not None else type(node.module).__name__
+        problem = f"op {op}{where(graph, node)} could not be judged ({type(e).__name__})"
     return ("output", None) if problem == OUTPUT else (None, problem)
 
 

@@ -1,0 +1,230 @@
+"""Whole torchvision detectors and segmenters through the public API (issue 22.3): traced
+from a list of images, every group pruned or excluded with its reason, the C-SGD
+optimizer over every parameter, one C-SGD step on the detector's loss dict (train mode,
+``(images, targets)``), an exact merge of every output (boxes, scores, labels, masks,
+keypoints; score maps), the thin network trained on, saved and loaded into a fresh one.
+
+One step collapses every cluster (momentum 0, ``lr * epsilon = 1``, a small lr), so the check is on
+the merge, not on training. BatchNorm running statistics are reset before the merge:
+the step's train-mode forward moved them per channel (issue 22.1 is about them).
+The smallest builders run by default; the ResNet-50 ones are marked slow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import csgd_cli
+from csgd_cli.common.nets import outputs_of
+
+tv = pytest.importorskip("torchvision")
+from torchvision.models import detection as det  # noqa: E402
+from torchvision.models import segmentation as seg  # noqa: E402
+
+SIZE = 64
+NONE = {"weights": None, "weights_backbone": None}
+RCNN = {  # small images, few proposals and boxes, every box kept (random weights)
+    "min_size": SIZE, "max_size": SIZE, "box_score_thresh": 0.0, "box_detections_per_img": 6,
+    "rpn_pre_nms_top_n_test": 40, "rpn_post_nms_top_n_test": 20,
+    "rpn_pre_nms_top_n_train": 40, "rpn_post_nms_top_n_train": 20,
+}  # fmt: skip
+DENSE = {"min_size": SIZE, "max_size": SIZE, "score_thresh": 0.0, "detections_per_img": 6,
+         "topk_candidates": 30}  # fmt: skip
+
+DETECTORS: dict[str, Callable[[], nn.Module]] = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": lambda: det.fasterrcnn_mobilenet_v3_large_320_fpn(
+        num_classes=3, **NONE, **RCNN
+    ),
+    "ssdlite320_mobilenet_v3_large": lambda: det.ssdlite320_mobilenet_v3_large(
+        num_classes=3, score_thresh=0.0, detections_per_img=6, topk_candidates=30, **NONE
+    ),
+    "retinanet_resnet50_fpn": lambda: det.retinanet_resnet50_fpn(num_classes=3, **NONE, **DENSE),
+    "fcos_resnet50_fpn": lambda: det.fcos_resnet50_fpn(num_classes=3, **NONE, **DENSE),
+    "maskrcnn_resnet50_fpn": lambda: det.maskrcnn_resnet50_fpn(num_classes=3, **NONE, **RCNN),
+    "keypointrcnn_resnet50_fpn": lambda: det.keypointrcnn_resnet50_fpn(
+        num_classes=2, num_keypoints=4, **NONE, **RCNN
+    ),
+}
+SEGMENTERS: dict[str, Callable[[], nn.Module]] = {
+    "lraspp_mobilenet_v3_large": lambda: seg.lraspp_mobilenet_v3_large(num_classes=3, **NONE),
+    "deeplabv3_mobilenet_v3_large": lambda: seg.deeplabv3_mobilenet_v3_large(
+        num_classes=3, aux_loss=True, **NONE
+    ),
+    "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=3, aux_loss=True, **NONE),
+}
+FAST = {"fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large"}
+
+
+def _params(name: str) -> list[Any]:
+    marks = () if name in FAST else (pytest.mark.slow,)
+    return [pytest.param(name, marks=marks, id=name)]
+
+
+def _data(name: str) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(2)]
+    targets = []
+    for _ in images:
+        t = {"boxes": torch.tensor([[8.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([1])}
+        if name.startswith("maskrcnn"):
+            t["masks"] = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
+            t["masks"][0, 10:50, 8:40] = 1
+        if name.startswith("keypointrcnn"):
+            t["keypoints"] = torch.tensor([[[10.0, 12, 1], [20, 20, 1], [30, 40, 1], [38, 48, 1]]])
+        targets.append(t)
+    return images, targets
+
+
+def _collapse_step(pruner: csgd_cli.CSGD, model: nn.Module, loss_of: Callable[[], Any]) -> None:
+    """One C-SGD step over the whole model on its loss (a dict: summed)."""
+    opt = pruner.optimizer(
+        lr=1e-3, epsilon=1e3, norm_epsilon=1e3, momentum=0.0, weight_decay=0.0,
+        plain_norm_weight_decay=0.0,
+    )  # fmt: skip
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters()}  # heads, FPN, RPN: all of it
+    model.train()
+    loss = loss_of()
+    if isinstance(loss, dict):  # a detector's loss dict, a segmenter's per output
+        loss = sum(loss.values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    assert pruner.ready()
+    model.eval()
+
+
+def _same(a: Any, b: Any) -> None:
+    """Every output equal: integers exactly, floats to the merge's rounding."""
+    outs_a, outs_b = outputs_of(a), outputs_of(b)
+    assert len(outs_a) == len(outs_b) > 0
+    for x, y in zip(outs_a, outs_b, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if x.is_floating_point():
+            scale = max(x.abs().max().item(), 1.0) if x.numel() else 1.0
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4 * scale)
+        else:
+            assert torch.equal(x, y)
+
+
+def _every_group_accounted(pruner: csgd_cli.CSGD) -> None:
+    for g in pruner.groups:
+        assert (g.name in pruner.clusters) != bool(g.excluded), g.name
+        if g.excluded:  # the reason names a layer or says why the channels are kept
+            assert "'" in g.excluded or "output" in g.excluded, g.excluded
+    assert len(pruner.clusters) >= len(pruner.groups) // 2
+
+
+def _save_and_load(thin: nn.Module, fresh: nn.Module, path: Path, x: Any) -> nn.Module:
+    csgd_cli.save(thin, path)
+    back = csgd_cli.load_model(path, model=fresh)
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in thin.parameters())
+    with torch.no_grad():
+        _same(
+            thin(*x) if isinstance(x, tuple) else thin(x),
+            back(*x) if isinstance(x, tuple) else back(x),
+        )
+    return back
+
+
+@pytest.mark.parametrize("name", [p for n in DETECTORS for p in _params(n)])
+def test_detector_through_the_api(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DETECTORS[name]().eval()
+    images, targets = _data(name)
+    pruner = csgd_cli.CSGD(model, (images,), ratio=0.5, clustering="even")
+    _every_group_accounted(pruner)
+
+    def loss() -> dict[str, torch.Tensor]:
+        losses = model(images, targets)
+        assert len(losses) >= 2 and all(k.startswith(("loss", "bbox", "class")) for k in losses)
+        return losses
+
+    _collapse_step(pruner, model, loss)
+    with torch.no_grad():
+        before = model(images)
+    assert sum(len(d["boxes"]) for d in before) > 0  # boxes to compare
+    thin = pruner.merge()
+    assert pruner.merge_report["params_after"] < pruner.merge_report["params_before"]
+    with torch.no_grad():
+        _same(before, thin(images))
+    losses = thin.train()(images, targets)  # the thin detector trains on (train-only parts)
+    assert all(torch.isfinite(v) for v in losses.values())
+    _save_and_load(thin.eval(), DETECTORS[name](), tmp_path / "thin.pt", (images,))
+
+
+@pytest.mark.parametrize("name", [p for n in SEGMENTERS for p in _params(n)])
+def test_segmenter_through_the_api(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SEGMENTERS[name]().eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    y = torch.randint(0, 3, (2, SIZE, SIZE))
+    pruner = csgd_cli.CSGD(model, x, ratio=0.5, clustering="even")
+    _every_group_accounted(pruner)
+
+    def loss() -> dict[str, torch.Tensor]:
+        return {k: nn.functional.cross_entropy(v, y) for k, v in model(x).items()}
+
+    _collapse_step(pruner, model, loss)
+    with torch.no_grad():
+        before = model(x)
+    thin = pruner.merge()
+    with torch.no_grad():
+        _same(before, thin(x))
+    _save_and_load(thin, SEGMENTERS[name](), tmp_path / "thin.pt", x)
+
+
+class Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(self.c(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_a_tracing_surprise_is_an_exclusion_naming_the_node(monkeypatch: Any) -> None:
+    """An op whose autograd record breaks the index maps: its group is excluded with a
+    reason that names the op and the module that ran it, never a traceback."""
+    from csgd_cli.tracing import graph
+
+    real = graph._map_node
+
+    def surprised(g: Any, node: Any) -> None:
+        if "Cat" in node.grad_fn.name():
+            raise IndexError("a record of an unexpected form")
+        real(g, node)
+
+    monkeypatch.setattr(graph, "_map_node", surprised)
+    pruner = csgd_cli.CSGD(Cat(), torch.rand(1, 3, 8, 8), ratio=0.5)
+    why = pruner.excluded()
+    assert why["a"] == "op CatBackward0 in Cat.forward csgd cannot map (IndexError)"
+    assert "c" in pruner.clusters and not {"a", "b"} & set(pruner.clusters)
+
+
+def test_a_bare_list_of_images_is_the_detectors_one_argument() -> None:
+    """``CSGD(detector, images)``: a forward whose first argument is a list takes the
+    list whole (a tuple still holds positional arguments); one image is one sample."""
+    from csgd_cli.common.nets import count_macs
+
+    images, _ = _data("fasterrcnn_mobilenet_v3_large_320_fpn")
+    build = DETECTORS["fasterrcnn_mobilenet_v3_large_320_fpn"]
+    bare = csgd_cli.CSGD(build().eval(), images, ratio=0.5, clustering="even")
+    wrapped = csgd_cli.CSGD(build().eval(), (images,), ratio=0.5, clustering="even")
+    assert bare.clusters == wrapped.clusters and bare.excluded() == wrapped.excluded()
+    # the RPN's scores and box deltas leave the graph (detached proposals): ends of the
+    # trace, so its conv is pruned with the FPN's channels
+    assert set(bare.excluded()) == {"rpn.head.cls_logits", "rpn.head.bbox_pred"}
+    assert "rpn.head.conv.0.0" in bare.clusters
+    model = build().eval()
+    assert count_macs(model, images) == count_macs(model, (images[:1],)) > 0
