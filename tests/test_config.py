@@ -168,3 +168,24 @@ def test_every_name_list_comes_from_its_table_and_is_checked_in_one_line() -> No
     OmegaConf.update(cfg, "backend", "tensorrt")
     with pytest.raises(CsgdError, match=r"unknown backend 'tensorrt'; choose backend=<eager\|"):
         check_names(cfg)
+
+
+@pytest.mark.parametrize(
+    ("preset", "plugin", "key", "want"),
+    [
+        ("csgd_joblib", "hydra_plugins.hydra_joblib_launcher", "n_jobs", 2),
+        ("csgd_slurm", "hydra_plugins.hydra_submitit_launcher", "gpus_per_node", 1),
+    ],
+)
+def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str, want: int) -> None:
+    pytest.importorskip(plugin)  # optional extras: csgd[joblib], csgd[slurm]
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
+    assert cfg.hydra.launcher[key] == want
+    assert "_target_" in cfg.hydra.launcher  # the plugin's own config underneath

@@ -235,3 +235,19 @@ def test_need_clusters_names_the_file(tiny_base: Path) -> None:
     model = checkpoint.model_from_checkpoint(load_checkpoint(path))
     with pytest.raises(CsgdError, match=f"ckpt={path} has no clusters"):
         prune_for_config(cfg, model, {}, torch.zeros(2, 1, 8, 8), str(path))
+
+
+def test_l1_budget_rule() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.cli import config_dir
+    from csgd_cli.runner.pipeline import budget_schedule as l1_finetune
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=compare_l1"])
+        compose("report", overrides=["dir=somewhere"])
+    assert l1_finetune(cfg, 1).epochs == cfg.finetune.epochs + cfg.schedule.epochs
+    assert l1_finetune(cfg, 3).epochs == cfg.finetune.epochs + 3 * cfg.schedule.epochs
+    assert l1_finetune(cfg, 1).lr == cfg.finetune.lr

@@ -1,4 +1,4 @@
-"""Sweeps, `csgd report` and the L1 baseline.
+"""Sweeps and `csgd report` (``csgd_cli.runner.report``).
 
 The sweeps run `python -m csgd_cli` in a subprocess with tiny settings on digits; the
 epsilon sweep runs with TensorBoard made unimportable, so its runs have no TensorBoard
@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
-import torch
 
-from csgd_cli.baselines.criteria import select
 from csgd_cli.common.errors import CsgdError
-from csgd_cli.core.clustering import cluster_groups, target_widths
-from csgd_cli.core.surgery import merge
-from csgd_cli.models import get_model
 from csgd_cli.runner.report import write_report
 from csgd_cli.runner.runs import read_runs
-from csgd_cli.tracing.trace import channel_groups
 
 TINY = [
     "dataset=digits",
@@ -181,69 +175,6 @@ def test_run_sweep_csgd_vs_l1(run_sweep: Path) -> None:
     assert [x["run"] for x in single["records"]] == ["."]
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("ratio", [0.5, 0.25])
-def test_l1_same_widths_keeps_largest_norms(ratio: float, one_thread: None) -> None:
-    torch.manual_seed(0)
-    model = get_model("resnet20", num_classes=10, in_channels=1, image_size=8).eval()
-    groups = channel_groups(model)
-    mods = dict(model.named_modules())
-    stage = groups[0]  # layer1: conv1 and every block's conv2 meet in its residual sums
-    assert len(stage.producers) == 4
-    with torch.no_grad():  # channel 0: weak in the first producer, strong in the others
-        mods[stage.producers[0].conv].weight[0].mul_(1e-3)
-        for p in stage.producers[1:]:
-            mods[p.conv].weight[0].mul_(10)
-    ks = target_widths(groups, ratio)
-    l1 = select("l1", model, groups, ks)  # L1-norm filter pruning (Li et al. 2017)
-    csgd = cluster_groups(model, groups, ks, "kmeans", seed=0)
-    for g in groups:
-        score = sum(
-            mods[p.conv].weight.detach().abs().reshape(g.width, -1).sum(1) for p in g.producers
-        )
-        kept = [c[0] for c in l1[g.name]]
-        assert len(kept) == len(csgd[g.name]) == ks[g.name]
-        assert kept == sorted(torch.topk(score, ks[g.name]).indices.tolist())
-    assert 0 in [c[0] for c in l1[stage.name]]  # scored jointly, not by the first producer
-    thin_l1 = merge(model, groups, l1, partial=True)
-    thin_csgd = merge(model, groups, csgd)
-    assert thin_l1.widths == thin_csgd.widths
-    # the kept channels are copied unchanged (sliced, never merged)
-    thin_mods = dict(thin_l1.named_modules())
-    for g in groups:
-        kept = torch.tensor([c[0] for c in l1[g.name]])
-        for p in g.producers:
-            for k in ("weight", "bias", "running_mean", "running_var"):
-                assert torch.equal(getattr(thin_mods[p.norm], k), getattr(mods[p.norm], k)[kept])
-    kept = torch.tensor([c[0] for c in l1[stage.name]])
-    assert torch.equal(thin_mods["conv1"].weight, mods["conv1"].weight[kept])  # reads the image
-    x = torch.randn(4, 1, 8, 8)
-    assert thin_l1(x).shape == (4, 10)
-
-
-def test_l1_budget_rule() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from csgd_cli.common.config import register_schema
-    from csgd_cli.runner.cli import config_dir
-    from csgd_cli.runner.pipeline import budget_schedule as l1_finetune
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("run", overrides=["experiment=compare_l1"])
-        compose("report", overrides=["dir=somewhere"])
-    assert l1_finetune(cfg, 1).epochs == cfg.finetune.epochs + cfg.schedule.epochs
-    assert l1_finetune(cfg, 3).epochs == cfg.finetune.epochs + 3 * cfg.schedule.epochs
-    assert l1_finetune(cfg, 1).lr == cfg.finetune.lr
-
-
 def _fake_run(d: Path, stage: str, epsilon: float, epochs: int) -> None:
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "config.yaml").write_text(
@@ -297,27 +228,6 @@ def test_report_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (tmp_path / "report.csv").is_file()  # the tables are written all the same
 
 
-@pytest.mark.parametrize(
-    ("preset", "plugin", "key", "want"),
-    [
-        ("csgd_joblib", "hydra_plugins.hydra_joblib_launcher", "n_jobs", 2),
-        ("csgd_slurm", "hydra_plugins.hydra_submitit_launcher", "gpus_per_node", 1),
-    ],
-)
-def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str, want: int) -> None:
-    pytest.importorskip(plugin)  # optional extras: csgd[joblib], csgd[slurm]
-    from hydra import compose, initialize_config_dir
-
-    from csgd_cli.common.config import register_schema
-    from csgd_cli.runner.cli import config_dir
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
-    assert cfg.hydra.launcher[key] == want
-    assert "_target_" in cfg.hydra.launcher  # the plugin's own config underneath
-
-
 def _bare_run(d: Path, stage: str = "train") -> Path:
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "config.yaml").write_text(
@@ -364,3 +274,55 @@ def test_matplotlib_is_a_required_dependency() -> None:
     """`csgd report` plots after a plain `pip install .`."""
     core = [r for r in requires("csgd") or [] if "extra ==" not in r]
     assert any(r.startswith("matplotlib") for r in core), core
+
+
+# -- csgd report: runs that differ only by seed ---------------------------------------------
+def _run_dir(d: Path, method: str, seed: int, accs: tuple[float, float, float], **kw) -> None:
+    """A finished ``csgd run`` as the report reads it: config, summary.json, status.json."""
+    (d / ".hydra").mkdir(parents=True)
+    target = kw.get("target", "flops:0.5")
+    (d / ".hydra" / "config.yaml").write_text(
+        f"stage: run\nseed: {seed}\nratio: 0.625\nratios: []\nepsilon: 0.05\n"
+        f"model: {{name: resnet20}}\ndataset: {{name: digits}}\n"
+        f"prune: {{method: {method}, target: '{target}'}}\n"
+    )
+    base, pruned, fine = accs
+    row = {"params": 1000, "latency_ms": 1.0}
+    rows = {
+        "base": {**row, "acc": base, "macs": 4e6, "params": 2000, "latency_ms": 2.0},
+        "pruned": {**row, "acc": pruned, "macs": 2e6},
+        "finetuned": {**row, "acc": fine, "macs": 2e6},
+    }
+    (d / "summary.json").write_text(json.dumps({"ratio": 0.5, "rows": rows}))
+    (d / "status.json").write_text(json.dumps({"status": kw.get("status", "ok")}))
+
+
+def test_report_aggregates_seeds(tmp_path: Path) -> None:
+    for seed, fine in enumerate((97.0, 98.0, 99.5)):
+        _run_dir(tmp_path / f"c{seed}", "csgd", seed, (99.0, fine, fine))
+        _run_dir(tmp_path / f"l{seed}", "l1", seed, (99.0, 50.0 + seed, 96.0))
+    _run_dir(tmp_path / "l3", "l1", 3, (99.0, 10.0, 10.0), status="failed")  # not counted
+    _run_dir(tmp_path / "t0", "csgd", 0, (99.0, 90.0, 91.0), target="flops:0.25")
+    (tmp_path / "x" / ".hydra").mkdir(parents=True)
+    (tmp_path / "x" / ".hydra" / "config.yaml").write_text("{unclosed: [")  # damaged
+    rep = write_report(tmp_path)
+    per_run = rows_of(tmp_path / "report.csv")
+    assert len(per_run) == 9  # every run keeps its row
+    assert {r["run"]: r["status"] for r in per_run}["x"] == "damaged"
+    agg = {(r["method"], r["target"]): r for r in rows_of(tmp_path / "report_agg.csv")}
+    assert set(agg) == {("csgd", "flops:0.5"), ("l1", "flops:0.5"), ("csgd", "flops:0.25")}
+    c = agg["csgd", "flops:0.5"]
+    assert c["n"] == "3" and c["seeds"] == "0 1 2"
+    # by hand: mean 98.1667; deviations -1.1667, -0.1667, 1.3333; sum of squares 3.1667
+    assert float(c["acc_finetuned_mean"]) == pytest.approx(98.1667, abs=1e-4)
+    assert float(c["acc_finetuned_std"]) == pytest.approx(math.sqrt(3.1667 / 2), abs=1e-4)
+    assert float(c["flops_reduction_mean"]) == pytest.approx(0.5)
+    one = agg["l1", "flops:0.5"]
+    assert one["n"] == "3" and float(one["acc_pruned_mean"]) == pytest.approx(51.0)
+    assert float(one["acc_pruned_std"]) == pytest.approx(1.0)
+    assert float(one["acc_finetuned_std"]) == 0.0
+    t = agg["csgd", "flops:0.25"]
+    assert t["n"] == "1" and t["acc_finetuned_std"] == ""  # no spread from one run
+    md = (tmp_path / "report.md").read_text()
+    assert "98.17 ± 1.26" in md and "96.00 ± 0.00" in md and "| csgd" in rep["agg_table"]
+    assert rep["plots"] == ["acc_flops.png"]
