@@ -205,7 +205,7 @@ def test_a_killed_runs_lock_is_taken_over_by_its_resume(
 ) -> None:
     """The SIGKILLed winner left its lock; its resume takes it over with one warning and
     goes on (until the full disk of the next test), then lets go of the directory. That a
-    resume after a takeover finishes is ``test_reliability.py``'s SIGKILL/resume test."""
+    resume after a takeover finishes is ``test_e2e_resume.py``'s SIGKILL/resume test."""
     runs = cli_runs()
     _, err = runs["resume"]
     warnings = [ln for ln in err.splitlines() if "warning: took over" in ln]

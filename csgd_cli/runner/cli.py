@@ -96,7 +96,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     runs them (``a=1,2 b=x,y`` -> four points, in its order).
 
     Hydra has no public API for this; its ``BasicSweeper.split_arguments`` is the one
-    private call csgd makes, kept here and pinned by ``tests/test_design.py``."""
+    private call csgd makes, kept here and pinned by ``tests/test_cli.py``."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
