@@ -228,3 +228,45 @@ def test_a_bare_list_of_images_is_the_detectors_one_argument() -> None:
     assert "rpn.head.conv.0.0" in bare.clusters
     model = build().eval()
     assert count_macs(model, images) == count_macs(model, (images[:1],)) > 0
+
+
+def test_a_detector_with_a_frozen_backbone_stem() -> None:
+    """As with pretrained backbones (``trainable_backbone_layers``): the frozen layers'
+    groups are excluded with that reason, naming the parameter; the rest is pruned."""
+    from csgd_cli.tracing.trace import channel_groups
+
+    model = DETECTORS["fasterrcnn_mobilenet_v3_large_320_fpn"]().eval()
+    for p in model.backbone.body["0"].parameters():  # the stem conv and its BN
+        p.requires_grad_(False)
+    images, _ = _data("fasterrcnn_mobilenet_v3_large_320_fpn")
+    why = {g.name: g.excluded for g in channel_groups(model, (images,))}
+    frozen = {n: w for n, w in why.items() if w and "frozen" in w}
+    assert frozen == {
+        "backbone.body.0.0": "parameter 'backbone.body.0.0.weight' is frozen (requires_grad=False)"
+    }
+    assert sum(w is None for w in why.values()) == len(why) - 3  # + the RPN's two outputs
+
+
+class _Named(nn.Module):
+    def forward(self, images):
+        return torch.stack(images).sum()
+
+
+class _Annotated(nn.Module):
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(x).sum()
+
+
+class _Spread(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+
+def test_which_lists_are_one_argument() -> None:
+    from csgd_cli.common.nets import run_model
+
+    one, two = torch.ones(2), 2 * torch.ones(2)
+    assert run_model(_Named(), [one, two, two]).item() == 10  # one list argument
+    assert run_model(_Annotated(), [one, two]).item() == 6
+    assert torch.equal(run_model(_Spread(), [one, two]), -one)  # positional arguments
+    assert torch.equal(run_model(_Spread(), (one, two)), -one)

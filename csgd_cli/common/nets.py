@@ -22,7 +22,7 @@ def run_model(model: nn.Module, x: Any) -> Any:
     """``model(x)``; a tuple ``x`` holds the forward's positional arguments, a dict its
     keyword arguments (``{"input_ids": ...}``, as transformers models take them), and a
     list too, unless the forward's first argument is a list (torchvision detectors:
-    ``images: List[Tensor]``)."""
+    ``images: List[Tensor]``, or named ``images``)."""
     args, kwargs = call_args(model, x)
     return model(*args, **kwargs)
 
@@ -36,14 +36,19 @@ def call_args(model: nn.Module, x: Any) -> tuple[tuple, dict[str, Any]]:
     return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), {}
 
 
+LIST_TYPES = ("List", "list", "Sequence")
+
+
 def _takes_a_list(model: nn.Module) -> bool:
     try:
         first = next(iter(inspect.signature(model.forward).parameters.values()), None)
     except (TypeError, ValueError):
         return False
-    ann = getattr(first, "annotation", None)
+    if first is None:
+        return False
+    ann = first.annotation  # torchvision's RetinaNet has no annotation, only the name
     name = ann if isinstance(ann, str) else getattr(typing.get_origin(ann), "__name__", "")
-    return name.split("[")[0].rsplit(".", 1)[-1] in ("List", "list", "Sequence")
+    return first.name == "images" or name.split("[")[0].rsplit(".", 1)[-1] in LIST_TYPES
 
 
 def first_samples(x: Any, n: int = 1) -> Any:
