@@ -63,16 +63,9 @@ def test_the_loop_takes_every_step_of_an_epoch_and_logs_each(tmp_path: Path) -> 
     )
     model = get_model("resnet20", widths=[2] * 12)
     sched = OmegaConf.structured(ScheduleConf(epochs=1, milestones=[], log_every=1))
-    t = engine.Trainer(
-        model,
-        data,
-        sched,
-        plain_sgd(model, sched),
-        device=torch.device("cpu"),
-        out=tmp_path,
-        phase="pretrain",
-        payload={"arch": model.arch},
-    )
+    kw = {"device": torch.device("cpu"), "out": tmp_path, "phase": "pretrain"}
+    arch = {"arch": model.arch}
+    t = engine.Trainer(model, data, sched, plain_sgd(model, sched), payload=arch, **kw)
     t.fit()
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
@@ -89,15 +82,15 @@ def test_checkpoints_carry_a_format_and_other_formats_are_refused_by_name(
     trainer = _trainer(tmp_path, monkeypatch)
     trainer.save("last.pt")
     ck = load_checkpoint(tmp_path / "last.pt", "run")
-    assert ck["format"] == FORMAT == 2
+    assert ck["format"] == FORMAT == 3
     trainer.restore(ck)  # this version's own file resumes
     newer, older = tmp_path / "newer.pt", tmp_path / "older.pt"
-    torch.save({**ck, "format": 3, "weights": ck["state_dict"]}, newer)
+    torch.save({**ck, "format": 4, "weights": ck["state_dict"]}, newer)
     with pytest.raises(CsgdError) as e:
         load_checkpoint(newer)
     assert str(e.value).startswith(
-        f"ckpt={newer} was written by a newer csgd (checkpoint format 3; this csgd reads "
-        "formats 1 to 2); upgrade csgd"
+        f"ckpt={newer} was written by a newer csgd (checkpoint format 4; this csgd reads "
+        "formats 1 to 3); upgrade csgd"
     )
     old = {k: v for k, v in ck.items() if k not in ("optimizer", "format")}
     torch.save({**old, "format": 1}, older)
@@ -107,7 +100,7 @@ def test_checkpoints_carry_a_format_and_other_formats_are_refused_by_name(
     assert f"{tmp_path / 'last.pt'} was written by an older csgd (checkpoint format 1; this " in (
         str(e.value)
     )
-    assert "format 2) and lacks optimizer" in str(e.value)
+    assert "format 3) and lacks optimizer" in str(e.value)
     torch.save({"arch": ck["arch"], "state_dict": ck["state_dict"]}, older)  # before formats
     assert "format" not in load_checkpoint(older)
 
