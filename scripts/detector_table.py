@@ -36,6 +36,30 @@ def _builders() -> dict[str, tuple[str, Callable[[], nn.Module]]]:
         "fasterrcnn_mobilenet_v3_large_320_fpn": (
             "det", lambda: d.fasterrcnn_mobilenet_v3_large_320_fpn(num_classes=3, **NONE, **RCNN)
         ),
+        "retinanet_resnet50_fpn": (
+            "det", lambda: d.retinanet_resnet50_fpn(num_classes=3, **NONE, **DENSE)
+        ),
+        "fcos_resnet50_fpn": ("det", lambda: d.fcos_resnet50_fpn(num_classes=3, **NONE, **DENSE)),
+        "ssdlite320_mobilenet_v3_large": (
+            "det", lambda: d.ssdlite320_mobilenet_v3_large(
+                num_classes=3, score_thresh=0.0, detections_per_img=6, topk_candidates=30, **NONE
+            )
+        ),
+        "maskrcnn_resnet50_fpn": (
+            "det", lambda: d.maskrcnn_resnet50_fpn(num_classes=3, **NONE, **RCNN)
+        ),
+        "keypointrcnn_resnet50_fpn": (
+            "det", lambda: d.keypointrcnn_resnet50_fpn(
+                num_classes=2, num_keypoints=4, **NONE, **RCNN
+            )
+        ),
+        "lraspp_mobilenet_v3_large": (
+            "seg", lambda: s.lraspp_mobilenet_v3_large(num_classes=3, **NONE)
+        ),
+        "deeplabv3_mobilenet_v3_large": (
+            "seg", lambda: s.deeplabv3_mobilenet_v3_large(num_classes=3, **NONE)
+        ),
+        "fcn_resnet50": ("seg", lambda: s.fcn_resnet50(num_classes=3, **NONE)),
         "fasterrcnn_resnet50_fpn_v2": (
             "det", lambda: d.fasterrcnn_resnet50_fpn_v2(num_classes=3, **NONE, **RCNN)
         ),
@@ -62,7 +86,14 @@ def _data(kind: str) -> tuple[Any, Callable[[nn.Module], torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     if kind == "det":
         images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(2)]
-        targets = [{"boxes": torch.tensor([[8.0, 10, 40, 50]]), "labels": torch.tensor([1])}] * 2
+        t = {
+            "boxes": torch.tensor([[8.0, 10, 40, 50]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, SIZE, SIZE, dtype=torch.uint8),
+            "keypoints": torch.tensor([[[10.0, 12, 1], [20, 20, 1], [30, 40, 1], [38, 48, 1]]]),
+        }
+        t["masks"][0, 10:50, 8:40] = 1
+        targets = [t, t]  # mask and keypoint targets are read only by those heads
         return images, lambda m: sum(m(images, targets).values())
     x = torch.rand(2, 3, SIZE, SIZE, generator=g)
     if kind == "seg":
@@ -105,7 +136,7 @@ def row(name: str, kind: str, build: Callable[[], nn.Module]) -> None:
     print(f"{name}: {len(pruner.groups)} groups, {len(pruner.clusters)} pruned, "
           f"{len(pruner.excluded())} excluded ({t_groups:.1f} s); optimizer covers "
           f"{covered:,}/{sum(p.numel() for p in model.parameters()):,} params; "
-          f"loss {float(loss):.3f}; {merged}")  # fmt: skip
+          f"loss {loss.item():.3f}; {merged}")  # fmt: skip
     for r, n in why.most_common():
         print(f"    {n} x {r}")
 

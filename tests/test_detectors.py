@@ -270,3 +270,19 @@ def test_which_lists_are_one_argument() -> None:
     assert run_model(_Annotated(), [one, two]).item() == 6
     assert torch.equal(run_model(_Spread(), [one, two]), -one)  # positional arguments
     assert torch.equal(run_model(_Spread(), (one, two)), -one)
+
+
+def test_a_surprise_in_the_walk_excludes_that_group_naming_it(monkeypatch: Any) -> None:
+    from csgd_cli.tracing import trace
+
+    real = trace._raw_group
+
+    def surprised(graph: Any, module: nn.Module) -> Any:
+        if graph.names[module] == "c":
+            raise KeyError("a node of an unexpected form")
+        return real(graph, module)
+
+    monkeypatch.setattr(trace, "_raw_group", surprised)
+    pruner = csgd_cli.CSGD(Cat(), torch.rand(1, 3, 8, 8), ratio=0.5)
+    assert pruner.excluded()["c"] == "tracing the channels of 'c' failed (KeyError)"
+    assert {"a", "c"} <= {g.name for g in pruner.groups}

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Member
 from ..rules.layers import member_kind, member_rows, rule_for
 from .graph import Graph, build_graph, channels_last
@@ -281,7 +282,13 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
         width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         if all((n, i) in covered for i in range(width)):
             continue
-        raw = _raw_group(graph, m)
+        try:
+            raw = _raw_group(graph, m)
+        except CsgdError:
+            raise
+        except Exception as e:  # a surprise in the walk: this group excluded, named
+            raw = _Raw(n, {(n, "out"): [(i, i) for i in range(width)]})
+            raw.problems.append(f"tracing the channels of '{n}' failed ({type(e).__name__})")
         covered |= {(mod, i) for mod, k, i in raw.slots() if k in ("out", "channel")}
         raws.append(raw)
     # a later root may span earlier ones (a depthwise conv over a concatenation): keep the
