@@ -28,7 +28,9 @@ from ..common.errors import CsgdError
 from ..common.nets import run_model
 from ..core.chi import chi_report
 from ..core.clustering import check_method, cluster_groups
+from ..core.forecast import Forecast, forecast
 from ..core.optim import CentripetalSGD
+from ..core.stats import average_statistics
 from ..core.surgery import merge_checked
 from ..rules.groups import ChannelGroup, Clusters, check_clusters, describe
 from ..targets.plan import WidthPlan, plan_widths
@@ -206,11 +208,30 @@ class CSGD:
         """The kernel deviation: sum over clusters of ||K_i - mean K||^2 (falls to 0)."""
         return float(self.chi_report()["chi"])
 
-    def ready(self, tolerance: float = 1e-8) -> bool:
-        """True when kernels and norm parameters have collapsed to their cluster centres
-        (relative chi at most ``tolerance``): the merge is then exact."""
-        worst = max(self.chi_report()["relative"], self.chi_report(affine=True)["relative"])
-        return worst <= tolerance
+    def ready(self, tolerance: float = 1e-4, example_input: Any = None) -> bool:
+        """True exactly when ``merge(example_input, tolerance=tolerance)`` will pass: it
+        runs the merge's own check (the thin network's outputs against the model's on
+        ``example_input``, default the pruner's), without keeping the thin network.
+        Kernels, norm gamma/beta and running statistics all count (``core.stats``)."""
+        x = example_input if example_input is not None else self._input()
+        _, rep = merge_checked(self.model, self.groups, self.clusters, x, tolerance=tolerance,
+                               force=True)  # fmt: skip
+        return rep["relative_logit_diff"] <= tolerance
+
+    def sync_statistics(self) -> None:
+        """Set every cluster's BatchNorm running statistics to their mean, in the model
+        (csgd's optimizer does this after every step; a model trained otherwise may
+        need it once before ``merge``)."""
+        average_statistics(self.model, self.groups, self.clusters)
+
+    def forecast(
+        self, lrs: Sequence[float], *, epsilon: float = EPSILON, norm_epsilon: float | None = None,
+        momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
+    ) -> Forecast:  # fmt: skip
+        """How far the within-cluster differences fall over a schedule (``lrs``: the
+        learning rate of every step), before training (``core.forecast``): kernels and
+        norm gamma/beta as fractions of their start; about ``tolerance`` is needed."""
+        return forecast(lrs, momentum, nesterov, weight_decay, epsilon, norm_epsilon=norm_epsilon)
 
     # -- the merge ----------------------------------------------------------------------
     def merge(

@@ -34,6 +34,7 @@ from ..common.config import NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
 from ..rules.layers import segment_rows
+from .stats import StatSync
 
 
 @dataclass
@@ -94,6 +95,7 @@ class CentripetalSGD(torch.optim.Optimizer):
                 local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
                 self._add_segment(g.name, b - a, blocks, local, role_eps, owned)
         self._views = self._tie(params)
+        self._stats = StatSync(model, groups, clusters)
         self.state[params[0]]["flat_momentum"] = torch.zeros_like(self._flat_p)
 
     def _allocate(self, params: list[nn.Parameter], weight_decay: float, plain_wd: float) -> None:
@@ -235,6 +237,7 @@ class CentripetalSGD(torch.optim.Optimizer):
         else:
             upd = g
         self._flat_p.add_(upd, alpha=-lr)
+        self._stats()  # running statistics: averaged within clusters (core.stats)
         return loss
 
     @torch.no_grad()

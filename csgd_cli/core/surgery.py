@@ -25,6 +25,8 @@ from ..common.nets import count_macs, count_params, outputs_of, run_model
 from ..models import get_model
 from ..rules.groups import ChannelGroup, Clusters, check_clusters
 from ..rules.layers import fit_to_state_dict, member_tensors
+from .diagnose import cause
+from .stats import average_statistics
 
 Segment = tuple[int, int, list[list[int]], bool]  # (offset, width, local clusters, summed)
 
@@ -66,6 +68,8 @@ def merge_state_dict(
     if not partial:
         check_clusters(groups, clusters)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not partial:  # a cluster keeps its members' mean running statistics
+        average_statistics(model, groups, clusters, sd)
     mods = dict(model.named_modules())
     edits: dict[tuple[str, int, int], list[Segment]] = {}  # (key, dim, repeat) -> segments
     widths = []
@@ -162,11 +166,11 @@ def merge_checked(
     }
     rep["flops_reduction"] = 1 - rep["macs_after"] / max(rep["macs_before"], 1)
     if not partial and rel > tolerance and not force:
+        why, fix = cause(model, groups, clusters)
         raise CsgdError(
             f"merge check failed: relative output difference {rel:.2e} > "
-            f"tolerance {tolerance:g} (clusters have not collapsed); nothing written",
-            "train longer or with a larger epsilon, or force the merge "
-            "(csgd prune: prune.force=true; the API: merge(force=True))",
+            f"tolerance {tolerance:g}; {why}; nothing written",
+            f"{fix}; or force the merge (csgd prune: prune.force=true; the API: merge(force=True))",
         )
     return thin, rep
 

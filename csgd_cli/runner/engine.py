@@ -319,8 +319,9 @@ class Trainer:
         }
         chi, per = self._chi()
         self._guard(rec["train_loss"], chi)
-        if chi is not None:
-            rec.update(chi=chi, chi_groups=per)
+        if chi is not None:  # and its forecast (runner.forecasting), when known
+            fc = getattr(self.chi_fn, "forecast", None)
+            rec.update(chi=chi, chi_groups=per, **(fc(epoch + 1) if fc else {}))
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self._reset_epoch_stats()
         if (epoch + 1) % self.sched.eval_every == 0 or epoch + 1 == self.sched.epochs:

@@ -35,6 +35,7 @@ from ..tracing.trace import channel_groups
 from .distributed import broadcast_object, is_main, on_main
 from .engine import Trainer
 from .session import Ctx, load, new_model
+from .forecasting import chi_logging
 from .widthconf import pruner_for_config, width_record, width_settings
 
 log = logging.getLogger("csgd")
@@ -162,13 +163,16 @@ def train_phase(
         out=out,
         phase=phase,
         payload=dict(
+    chi = chi_fn(model, pruner.groups, pruner.clusters) if pruner else None
+    if chi is not None:  # the forecast logged beside it; the checkpoint keeps its start
+        info = {**info, **chi_logging(chi, sched, hyper, ctx.data.steps_per_epoch(), ck)}
             info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
         ),
         amp=cfg.amp,
         compile=cfg.compile,
         channels_last=cfg.channels_last,
         every_steps=cfg.checkpoint.every_steps,
-        chi_fn=chi_fn(model, pruner.groups, pruner.clusters) if pruner else None,
+        chi_fn=chi,
     )
     if ck is not None:
         trainer.restore(ck)

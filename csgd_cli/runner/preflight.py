@@ -28,6 +28,7 @@ from ..tracing.trace import channel_groups, example_input
 from .datasets import build_data
 from .session import load, new_model, trust_named_model
 from .widthconf import WIDTH_KEYS, width_settings
+from .forecasting import check_forecast
 
 
 def check_model_name(cfg: DictConfig) -> None:
@@ -144,3 +145,5 @@ def preflight(
             select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
     if need.target and model is not None and not (need.keeps_clusters and ck.get("clusters")):
         check_target(cfg, model, ck, explicit)
+    if cfg.stage in ("train", "run") and need.data:  # the schedule against the merge
+        check_forecast(cfg, cache[dkey].steps_per_epoch())
