@@ -34,8 +34,8 @@ from ..rules.groups import Clusters
 from ..tracing.trace import channel_groups
 from .distributed import broadcast_object, is_main, on_main
 from .engine import Trainer
-from .session import Ctx, load, new_model
 from .forecasting import chi_logging
+from .session import Ctx, load, new_model
 from .widthconf import pruner_for_config, width_record, width_settings
 
 log = logging.getLogger("csgd")
@@ -154,6 +154,9 @@ def train_phase(
         log.warning("resume=true but %s does not exist: %s starts from its beginning", last, phase)
     sched = OmegaConf.create(hyper["schedule"])
     opt, pruner = _optimizer(model, sched, hyper, clusters, make_opt)
+    chi = chi_fn(model, pruner.groups, pruner.clusters) if pruner else None
+    if chi is not None:  # the forecast logged beside it; the checkpoint keeps its start
+        info = {**info, **chi_logging(chi, sched, hyper, ctx.data.steps_per_epoch(), ck)}
     trainer = Trainer(
         model,
         ctx.data,
@@ -163,9 +166,6 @@ def train_phase(
         out=out,
         phase=phase,
         payload=dict(
-    chi = chi_fn(model, pruner.groups, pruner.clusters) if pruner else None
-    if chi is not None:  # the forecast logged beside it; the checkpoint keeps its start
-        info = {**info, **chi_logging(chi, sched, hyper, ctx.data.steps_per_epoch(), ck)}
             info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
         ),
         amp=cfg.amp,

@@ -26,9 +26,9 @@ from ..rules.groups import check_clusters, select_groups
 from ..targets.widths import Problem, check_reachable
 from ..tracing.trace import channel_groups, example_input
 from .datasets import build_data
+from .forecasting import check_forecast
 from .session import load, new_model, trust_named_model
 from .widthconf import WIDTH_KEYS, width_settings
-from .forecasting import check_forecast
 
 
 def check_model_name(cfg: DictConfig) -> None:
