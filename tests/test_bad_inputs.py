@@ -137,6 +137,16 @@ CASES: dict[str, Case] = {
     "clusters_do_not_fit": Case(
         "prune", ("ckpt={bad_clusters}",), ("do not partition", "csgd cluster"), True
     ),
+    "pruned_ckpt_of_another_class_count": Case(  # issue 22.8: never silently resized
+        "eval",
+        ("ckpt={other_classes}",),
+        ("other_classes.pt: fc.weight is [5,", "in the file but [10,", "damaged or was edited"),
+        True,
+    ),
+    # -- reports (issue 22.6: a damaged file in a run is reported, see test_report_damage) --
+    "report_of_a_dir_without_runs": Case(
+        "report", ("dir={no_data}",), ("no runs found", "pass the directory of a csgd run")
+    ),
     # -- stage order ----------------------------------------------------------------------
     "prune_before_train": Case(
         "prune", ("ckpt={base}",), ("has no clusters", "csgd train init="), True
@@ -179,15 +189,18 @@ def make_fake_run(root: Path) -> Path:
 def make_inputs(run: Path, inputs: Path) -> dict[str, Path]:
     """Broken files derived from the real earlier run's checkpoints."""
     from csgd_cli.api.checkpoint import save_checkpoint
+    from csgd_cli.api.record import PruneRecord
 
     csgd_pt = run / "csgd.pt"
     blob = csgd_pt.read_bytes()
     (inputs / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     (inputs / "notes.txt").write_text("not a checkpoint\n")
     ck = torch.load(csgd_pt, weights_only=True)
-    group = next(iter(ck["clusters"]))
-    bad = {**ck["clusters"], group: [[0, 999], *ck["clusters"][group][1:]]}
-    save_checkpoint(inputs / "bad_clusters.pt", {**ck, "clusters": bad})
+    clusters = PruneRecord.from_checkpoint(ck).clusters
+    group = next(iter(clusters))
+    bad = {**clusters, group: [[0, 999], *clusters[group][1:]]}
+    bad_ck = PruneRecord.from_checkpoint(ck).replace(clusters=bad).into(ck)
+    save_checkpoint(inputs / "bad_clusters.pt", bad_ck)
     base = torch.load(run / "base.pt", weights_only=True)
     arch = {
         "name": "resnet32",
@@ -197,7 +210,11 @@ def make_inputs(run: Path, inputs: Path) -> dict[str, Path]:
     torch.save({**base, "format": 99}, inputs / "newer.pt")  # as a later csgd would write
     older = {k: v for k, v in base.items() if k != "state_dict"}
     torch.save({**older, "format": 1, "weights": base["state_dict"]}, inputs / "older.pt")
+    pruned = torch.load(run / "pruned.pt", weights_only=True)
+    five = {k: v[:5] if k.startswith("fc.") else v for k, v in pruned["state_dict"].items()}
+    save_checkpoint(inputs / "other_classes.pt", {**pruned, "state_dict": five})
     return {
+        "other_classes": inputs / "other_classes.pt",
         "base": run / "base.pt",
         "pruned": run / "pruned.pt",
         "missing": inputs / "missing.pt",

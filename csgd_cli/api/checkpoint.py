@@ -19,12 +19,14 @@ from ..common.files import atomic_write
 from ..models import get_model
 from ..rules.layers import fit_to_state_dict, member_tensors
 from ..tracing.trace import channel_groups
+from .record import PruneRecord
 
 REQUIRED = ("arch", "state_dict")
 # What a checkpoint's keys mean. Every file csgd writes says its format; a file without
 # one is format 1 (written before formats were recorded; its keys are those of format 2).
-# Change FORMAT when a key is renamed, dropped or changes meaning.
-FORMAT = 2
+# Change FORMAT when a key is renamed, dropped or changes meaning. Format 3 keeps what
+# it says about groups, clusters, widths and targets in one record (``record.KEY``).
+FORMAT = 3
 # What continuing a training phase from its last.pt reads (``Trainer.restore``).
 RESUME_KEYS = ("state_dict", "phase", "epoch", "step_in_epoch", "optimizer", "scheduler", "rng")
 
@@ -226,6 +228,10 @@ def model_from_checkpoint(ck: dict[str, Any], where: str = "the checkpoint") -> 
     except Exception as e:  # widths or kwargs no constructor accepts
         raise _damaged(where, f"cannot rebuild architecture {arch['name']}", e) from e
     merged = arch.get("group_widths") is not None  # a merged traced model: resized by rules
+    if merged:  # only what the merge cut may differ from the architecture it names
+        check_shapes(
+            model, ck, where, "the checkpoint is damaged or was edited; use one written by csgd"
+        )
     load_into(model, ck["state_dict"], where, resize=merged)
     if merged:
         model.arch = arch
@@ -262,13 +268,14 @@ def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = T
     return model
 
 
-def check_shapes(model: nn.Module, ck: dict[str, Any], where: str) -> None:
+def check_shapes(model: nn.Module, ck: dict[str, Any], where: str, fix: str = "") -> None:
     """Refuse, in one line, a file whose tensors differ from ``model``'s anywhere a merge
     cannot have changed them (another class count, another stem): only the dimensions
     the merged groups cut (the file's ``group_widths``) may differ."""
     want, sd = model.state_dict(), ck["state_dict"]
     cut: set[tuple[str, int]] = set()
-    merged = ck.get("group_widths") or (ck.get("arch") or {}).get("group_widths") or {}
+    merged = PruneRecord.from_checkpoint(ck).group_widths
+    merged = merged or (ck.get("arch") or {}).get("group_widths") or {}
     if merged:
         try:
             groups = channel_groups(model)
@@ -290,15 +297,17 @@ def check_shapes(model: nn.Module, ck: dict[str, Any], where: str) -> None:
             raise CsgdError(
                 f"{where}: {k} is {list(v.shape)} in the file but {list(w.shape)} in the "
                 "model passed",
-                "pass a model built as the file's network was (its class count, its "
+                fix
+                or "pass a model built as the file's network was (its class count, its "
                 "layers), or load_model(path) without model=",
             )
 
 
 def base_widths(model: nn.Module, ck: dict[str, Any]) -> dict[str, int]:
     """Original width of every group (kept across iterative rounds)."""
-    if ck.get("base_widths"):
-        return dict(ck["base_widths"])
+    original = PruneRecord.from_checkpoint(ck).base_widths
+    if original:
+        return dict(original)
     return {g.name: g.width for g in channel_groups(model)}
 
 
@@ -325,8 +334,9 @@ def check_arch(ck: dict[str, Any], path: str, key: str, model_name: str) -> None
 
 def need_clusters(ck: dict[str, Any], path: str | Path) -> dict[str, list[list[int]]]:
     """The checkpoint's clusters, or a one-line error saying which stage makes them."""
-    if ck.get("clusters"):
-        return ck["clusters"]
+    clusters = PruneRecord.from_checkpoint(ck).clusters
+    if clusters:
+        return clusters
     if ck.get("pruned_from") is not None:
         raise CsgdError(
             f"ckpt={path} is a pruned (already merged) model: it has no clusters to check",

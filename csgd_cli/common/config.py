@@ -32,10 +32,11 @@ CLI_KEYS = {
     "rule": "prune.rule",
     "latency_batch": "prune.latency_batch",
     "latency_threads": "prune.latency_threads",
+    "resolution": "prune.resolution",
 }
-# ``target`` and ``rule`` are plain words too: translated only as ``name=``
+# ``target``, ``rule`` and ``resolution`` are plain words too: translated only as ``name=``
 _API_WORD = re.compile(
-    r"(?<![\w.])(?:(target|rule)(?==)|(min_width|round_to|latency_batch|latency_threads)\b)"
+    r"(?<![\w.])(?:(target|rule|resolution)(?==)|(min_width|round_to|latency_batch|latency_threads)\b)"
 )
 
 
@@ -169,6 +170,7 @@ class PruneConf:
     rounds: int = 1  # with a target: rounds of C-SGD + merge, round r of n at target^(r/n)
     latency_batch: int = 1  # a latency target's batch size
     latency_threads: int | None = None  # its threads (None: torch's thread count)
+    resolution: int | None = None  # a target's per-image resolution (None: the data's)
 
 
 @dataclass
@@ -307,6 +309,7 @@ def validate_target(cfg: DictConfig) -> None:
     _need(p.min_width is None or p.min_width >= 1, "prune.min_width", p.min_width, ">= 1")
     _need(p.rounds >= 1, "prune.rounds", p.rounds, ">= 1")
     _need(p.latency_batch >= 1, "prune.latency_batch", p.latency_batch, ">= 1")
+    _need(p.resolution is None or p.resolution >= 1, "prune.resolution", p.resolution, ">= 1")
     threads = p.latency_threads
     _need(threads is None or threads >= 1, "prune.latency_threads", threads, ">= 1")
     if p.target is None:

@@ -271,7 +271,8 @@ def measure_latencies(
 
     Per model: ``latency_ms`` (the first model's fastest time times this one's ratio to
     it, so two equal networks read the same), ``latency_spread`` (that ratio's spread),
-    ``throughput`` (images/s), ``batch_size``, ``backend``. The backends are prepared
+    ``latency_clock`` (``cpu`` on one CPU thread, else ``wall``), ``throughput``
+    (images/s), ``batch_size``, ``backend``. The backends are prepared
     (copied, compiled, exported) before timing starts; ``models`` are not modified."""
     if backend not in BACKENDS:
         raise CsgdError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
@@ -287,10 +288,12 @@ def measure_latencies(
         calls.append(lambda r=runner, a=a: (r.run(a), sync()))
     if backend == "compile":  # the first call compiles
         warmup = max(warmup if warmup is not None else 1, 1)
-    t = interleaved(calls, rounds=rounds, warmup=warmup, min_calls=1)
+    one = dev.type == "cpu" and torch.get_num_threads() == 1  # its CPU time (``timer``)
+    t = interleaved(calls, rounds=rounds, warmup=warmup, min_calls=1, cpu=one)
     return [
-        {"latency_ms": t.ms[0] * r, "latency_spread": round(s, 4),
-         "throughput": batch / (t.ms[0] * r / 1e3), "batch_size": batch, "backend": backend}
+        {"latency_ms": t.ms[0] * r, "latency_spread": None if s is None else round(s, 4),
+         "latency_clock": t.clock, "throughput": batch / (t.ms[0] * r / 1e3),
+         "batch_size": batch, "backend": backend}
         for r, s in zip(t.ratios, t.spread, strict=True)
     ]  # fmt: skip
 

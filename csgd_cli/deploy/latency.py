@@ -3,9 +3,9 @@ runtime (``deploy.BACKENDS``), cached per model, runtime, batch and threads.
 
 - ``layer_ms``: one conv (+ its BatchNorm, folded in onnxruntime) + ReLU at given
   channel counts, alone (the entries of a NetAdapt-style lookup table);
-- ``ratios``: networks timed in alternation with the first one (the base), one ratio
-  per round and the median of them, so load that comes and goes on a shared machine
-  hits base and candidate alike;
+- ``ratios``: networks timed side by side with the first one (the base) by the one
+  timer (``timer.interleaved``: one ratio per round, the median of them), so load that
+  comes and goes on a shared machine hits base and candidate alike;
 - ``Timings``: both kinds of result, kept for the process (a preflight's measurement
   is reused by the stage that follows) and in ``<cache_dir>/latency/<key>.json``.
 """
@@ -15,9 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +26,11 @@ from torch import nn
 
 from ..common.files import read_json, write_json
 from .export import BACKENDS, Runner, onnx_session
+from .timer import Timed, interleaved, time_one
 
 LAYER_S = 0.03  # least time spent timing one layer (its fastest call is kept)
-NETWORK_S = 0.15  # least time per network per round when networks are compared
-ROUNDS = 5  # rounds of a comparison (the median of the per-round ratios is kept)
+NETWORK_S = 0.1  # least time per network per round when networks are compared
+ROUNDS = 7  # rounds of a comparison (the median of the per-round ratios is kept)
 LayerSig = tuple[int, ...]  # (cin, cout, kh, kw, stride, pad, dilation, depthwise, h, w)
 _MEMO: dict[str, dict[str, dict[str, float]]] = {}  # cache key -> the file's content
 
@@ -57,19 +56,11 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _best_ms(run: Callable[[Any], Any], a: Any, budget_s: float, min_iters: int) -> float:
-    """Fastest time of ``run(a)`` over at least ``min_iters`` calls and ``budget_s``:
-    other work on a shared machine only ever adds time, so the minimum is the least
-    disturbed estimate (as ``timeit`` advises)."""
-    run(a)
-    run(a)  # warm-up: allocations, prepacked weights
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_iters or (time.perf_counter() - start < budget_s and len(times) < 400):
-        t0 = time.perf_counter()
-        run(a)
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+def _best_ms(
+    run: Callable[[Any], Any], a: Any, budget_s: float, min_iters: int, cpu: bool = False
+) -> float:
+    """Fastest time (ms) of ``run(a)``: the one timer (``timer.time_one``), one round."""
+    return time_one(lambda: run(a), rounds=1, block_s=budget_s, min_calls=min_iters, cpu=cpu)
 
 
 def _onnx_layer(sig: LayerSig, batch: int, threads: int, tmp: Path) -> Runner:
@@ -111,7 +102,7 @@ def layer_module(sig: LayerSig) -> nn.Module:
 
 @torch.no_grad()
 def layer_ms(sig: LayerSig, rt: Runtime) -> float:
-    """Median time (ms) of one layer alone in ``rt``. ``compile`` is timed as
+    """Fastest time (ms) of one layer alone in ``rt``. ``compile`` is timed as
     ``channels_last`` (the layout it compiles to): one compilation per table entry
     would take longer than the choice is worth; the network is still confirmed compiled."""
     x = torch.randn(rt.batch, sig[0], sig[8], sig[9])
@@ -121,7 +112,8 @@ def layer_ms(sig: LayerSig, rt: Runtime) -> float:
         else:
             backend = "channels_last" if rt.backend == "compile" else rt.backend
             runner = BACKENDS[backend](layer_module(sig), x)
-        return _best_ms(runner.run, runner.prepare(x), budget_s=LAYER_S, min_iters=5)
+        a = runner.prepare(x)
+        return _best_ms(runner.run, a, budget_s=LAYER_S, min_iters=5, cpu=rt.nthreads == 1)
 
 
 Prepared = tuple[Runner, Any]  # a runner and its input, converted once
@@ -137,17 +129,20 @@ def prepare(model: nn.Module, rt: Runtime, input_shape: Sequence[int]) -> Prepar
 
 
 @torch.no_grad()
-def compare(runners: Sequence[Prepared], rt: Runtime) -> tuple[list[float], float]:
-    """Latency of every runner relative to the first, and the first's time (ms): each
-    round (``ROUNDS``) times every runner in turn (``NETWORK_S`` each); per runner, the
-    median over rounds of its time divided by the first's in the same round."""
-    per: list[list[float]] = [[] for _ in runners]
+def timed(runners: Sequence[Prepared], rt: Runtime, rounds: int | None = None) -> Timed:
+    """Every runner timed side by side by the one timer (``timer.interleaved``):
+    ``rounds`` (default ``ROUNDS``) rounds, ``NETWORK_S`` per runner per round."""
     with _threads(rt.nthreads):
-        for _ in range(ROUNDS):
-            for i, (r, a) in enumerate(runners):
-                per[i].append(_best_ms(r.run, a, budget_s=NETWORK_S, min_iters=3))
-    out = [statistics.median(t / b for t, b in zip(ts, per[0], strict=True)) for ts in per]
-    return out, statistics.median(per[0])
+        calls = [lambda r=r, a=a: r.run(a) for r, a in runners]
+        one = rt.nthreads == 1  # one thread: its CPU time (``timer``)
+        n = rounds or ROUNDS
+        return interleaved(calls, rounds=n, block_s=NETWORK_S, min_calls=3, cpu=one)
+
+
+def compare(runners: Sequence[Prepared], rt: Runtime) -> tuple[list[float], float]:
+    """Latency of every runner relative to the first, and the first's time (ms)."""
+    t = timed(runners, rt)
+    return list(t.ratios), t.ms[0]
 
 
 def ratios(
@@ -166,7 +161,9 @@ class Timings:
         self.rt = rt
         self.key = f"{model_name}-{rt.backend}-b{rt.batch}-t{rt.nthreads}"
         self.path = Path(cache_dir) / "latency" / f"{self.key}.json" if cache_dir else None
-        self.data = _MEMO.setdefault(self.key, {"layers": {}, "ratios": {}, "base_ms": {}})
+        self.data = _MEMO.setdefault(
+            self.key, {"layers": {}, "ratios": {}, "base_ms": {}, "spread": {}}
+        )
         if self.path is not None and self.path.is_file():
             stored = read_json(self.path)
             if isinstance(stored, dict):
@@ -188,6 +185,7 @@ class Timings:
         key: str,
         shape: Sequence[int],
         again: bool = False,
+        rounds: int | None = None,
     ) -> float:
         """The network ``build()`` gives relative to ``base`` (cached under ``key``);
         ``again``: timed once more, and the larger ratio kept (a lucky round on a busy
@@ -197,9 +195,10 @@ class Timings:
                 self._base, self._runners = (id(base), prepare(base, self.rt, shape)), {}
             if key not in self._runners:
                 self._runners[key] = prepare(build(), self.rt, shape)
-            (_, r), base_ms = compare([self._base[1], self._runners[key]], self.rt)
-            self.data["ratios"][key] = max(r, self.data["ratios"].get(key, 0.0))
-            self.data["base_ms"][key] = base_ms
+            t = timed([self._base[1], self._runners[key]], self.rt, rounds)
+            self.data["ratios"][key] = max(t.ratios[1], self.data["ratios"].get(key, 0.0))
+            self.data["base_ms"][key] = t.ms[0]
+            self.data["spread"][key] = t.spread[1]
         return self.data["ratios"][key]
 
     def save(self) -> None:

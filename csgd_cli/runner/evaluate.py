@@ -3,7 +3,6 @@ FLOPs (multiply-adds) and latency."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,35 +13,6 @@ from torch import nn
 from ..common.device import amp_dtype
 from ..common.nets import count_macs, count_params
 from . import distributed
-
-
-@torch.no_grad()
-@torch.no_grad()
-def latency(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    batch_size: int,
-    device: torch.device,
-    warmup: int = 3,
-    iters: int = 10,
-) -> dict[str, float]:
-    """Median forward time of one batch (ms) and throughput (images/s)."""
-    model.eval()
-    x = torch.randn(batch_size, *input_shape, device=device)
-    if device.type == "cuda":
-        x = x.to(memory_format=torch.channels_last)
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    med = sorted(times)[len(times) // 2]
-    return {"latency_ms": med * 1e3, "throughput": batch_size / med, "batch_size": batch_size}
 
 
 @torch.no_grad()
@@ -66,6 +36,23 @@ def evaluate(
     return {"acc": 100.0 * right / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
+def latencies(
+    models: dict[str, nn.Module],
+    shape: Sequence[int],
+    device: torch.device,
+    eval_cfg: Any,
+    backend: str = "eager",
+) -> dict[str, dict[str, Any]]:
+    """Every model's latency from the one timer, side by side (``deploy.export.
+    measure_latencies``): ``eager`` on the training device, the others on the CPU."""
+    from ..deploy.export import measure_latencies
+
+    res = measure_latencies(list(models.values()), backend, shape, eval_cfg.latency_batch,
+                            eval_cfg.latency_iters, device=device)  # fmt: skip
+    dev = str(device) if backend == "eager" else "cpu"
+    return {name: {**r, "device": dev} for name, r in zip(models, res, strict=True)}
+
+
 def measure(
     model: nn.Module,
     data: Any,
@@ -73,19 +60,16 @@ def measure(
     eval_cfg: Any,
     amp: bool = False,
     backend: str = "eager",
+    timed: bool = True,
 ) -> dict[str, Any]:
-    """Everything eval.json reports: top-1, loss, params, MACs, latency, throughput."""
+    """Everything eval.json reports: top-1, loss, params, MACs, latency, throughput;
+    ``timed=False``: no latency (``latencies`` times several models side by side)."""
     i = data.info
     model.to(device).eval()
     shape = (i.in_channels, i.image_size, i.image_size)
     res: dict[str, Any] = dict(evaluate(model, data, device, amp))
     res.update(params=count_params(model), macs=count_macs(model, shape))
-    batch, iters = eval_cfg.latency_batch, eval_cfg.latency_iters
-    if backend == "eager":  # on the training device
-        res.update(latency(model, shape, batch, device, iters=iters), backend=backend)
-    else:  # a deployment runtime (CPU): see csgd_cli.deploy.BACKENDS
-        from ..deploy.export import measure_latency
-
-        res.update(measure_latency(model, backend, shape, batch, iters))
-    res["device"] = str(device) if backend == "eager" else "cpu"
+    res["resolution"] = list(shape[1:])
+    if timed:
+        res.update(latencies({"m": model}, shape, device, eval_cfg, backend)["m"])
     return res

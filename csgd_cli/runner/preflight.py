@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..api.checkpoint import check_arch, check_fits, need_clusters
+from ..api.record import PruneRecord
 from ..common.config import STAGES, default_min_width
 from ..common.device import pick_device
 from ..common.errors import CsgdError
@@ -23,6 +24,7 @@ from ..deploy.export import require_runtime
 from ..deploy.latency import Runtime
 from ..models import known_model, list_models, registry_name, timm_models
 from ..rules.groups import check_clusters, select_groups
+from ..targets.resolution import at_resolution
 from ..targets.widths import Problem, check_reachable
 from ..tracing.trace import channel_groups, example_input
 from .datasets import build_data
@@ -47,7 +49,8 @@ def check_width_keys(cfg: DictConfig, ck: dict[str, Any], where: str, explicit: 
     """``csgd train`` with clusters that come with the checkpoint: a command line asking
     for other widths (ratio, round_to, include/exclude, clustering) is refused, not
     silently ignored."""
-    have = ck.get("width_settings") or {"ratio": ck.get("ratio")}
+    record = PruneRecord.from_checkpoint(ck)
+    have = record.settings or {"ratio": record.ratio}
     want = width_settings(cfg)
     for key in WIDTH_KEYS:
         if key in explicit and want[key] != have.get(key):
@@ -80,11 +83,13 @@ def check_target(
     groups = channel_groups(model)
     chosen = select_groups(groups, p.include, p.exclude)
     problem = Problem(
-        model, groups, [g.name for g in chosen], example_input(model), p.round_to,
+        model, groups, [g.name for g in chosen],
+        at_resolution(example_input(model), p.resolution), p.round_to,
         p.min_width or default_min_width(p.round_to),
         Runtime(cfg.backend, p.latency_batch, p.latency_threads), None,
     )  # fmt: skip
-    check_reachable(problem, target, (ck.get("target_base") or {}).get(target.kind))
+    base_cost = (PruneRecord.from_checkpoint(ck).target_base or {}).get(target.kind)
+    check_reachable(problem, target, base_cost)
 
 
 def preflight(
@@ -130,8 +135,9 @@ def preflight(
     for key, path, model, ck in loaded:
         if info is not None:
             check_fits(ck, f"{key}={path}", info)
-        if ck.get("clusters"):
-            check_clusters(channel_groups(model), ck["clusters"], f"{key}={path}")
+        clusters = PruneRecord.from_checkpoint(ck).clusters
+        if clusters:
+            check_clusters(channel_groups(model), clusters, f"{key}={path}")
             if need.keeps_clusters:
                 check_width_keys(cfg, ck, f"{key}={path}", explicit)
         elif need.groups:
@@ -143,7 +149,8 @@ def preflight(
         model = new_model(cfg, info)  # refuses model arguments the constructor does not take
         if need.groups:
             select_groups(channel_groups(model), cfg.prune.include, cfg.prune.exclude)
-    if need.target and model is not None and not (need.keeps_clusters and ck.get("clusters")):
+    kept = PruneRecord.from_checkpoint(ck).clusters
+    if need.target and model is not None and not (need.keeps_clusters and kept):
         check_target(cfg, model, ck, explicit)
     if cfg.stage in ("train", "run") and need.data:  # the schedule against the merge
         check_forecast(cfg, cache[dkey].steps_per_epoch())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
 
 from ..common.errors import CsgdError
 from ..common.files import read_json, read_json_checked, read_jsonl
@@ -81,11 +81,14 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(found, key=key)
 
 
+_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, when built with it
+
+
 def _load_cfg(run: Path) -> tuple[dict[str, Any], str | None]:
     """The run's config, or ({}, what is wrong) when it cannot be read."""
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run / ".hydra/config.yaml"), resolve=False)
-    except Exception as e:  # YAML, decoding and OmegaConf errors of a damaged file
+    try:  # plain YAML (what Hydra writes; interpolations stay strings): 20x OmegaConf's pace
+        cfg = yaml.load((run / ".hydra/config.yaml").read_bytes(), Loader=_YAML)
+    except Exception as e:  # YAML, decoding and OS errors of a damaged file
         return {}, f".hydra/config.yaml is damaged ({type(e).__name__})"
     if not isinstance(cfg, dict):
         return {}, ".hydra/config.yaml is damaged (not a mapping)"
@@ -94,6 +97,21 @@ def _load_cfg(run: Path) -> tuple[dict[str, Any], str | None]:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> float | None:
+    """``v`` when it is a number, else None (a damaged line may hold any type)."""
+    return v if _number(v) else None
+
+
+def sub(cfg: Any, key: str) -> dict[str, Any]:
+    """The mapping ``cfg[key]``, or {} when a damaged config holds something else."""
+    v = cfg.get(key) if isinstance(cfg, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
 
 
 def read_metrics(run: Path, notes: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -143,7 +161,8 @@ def csgd_curve(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, list[float
     for ph in sorted((p for p in metrics if p.startswith("train")), key=_round):
         for rec in metrics[ph]:
             curve["epoch"].append(offset + rec["epoch"])
-            curve["chi"].append(rec.get("chi", float("nan")))
+            chi = rec.get("chi")
+            curve["chi"].append(chi if _number(chi) else float("nan"))
             curve["loss"].append(rec["train_loss"])
         offset += metrics[ph][-1]["epoch"] if metrics[ph] else 0
     return curve
@@ -151,13 +170,15 @@ def csgd_curve(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, list[float
 
 def _complete(run: Run, metrics: dict[str, list[dict[str, Any]]]) -> bool:
     """No status.json (a single, non-sweep run): did it get to its end?"""
-    stage = run.cfg.get("stage")
+    stage = _str(run.cfg.get("stage"))
     if stage == "run":
         return bool(run.rows)
     key = {"train": "schedule", "pretrain": "pretrain", "finetune": "finetune"}.get(stage or "")
     if key is None:
         return False
-    want = int(run.cfg.get(key, {}).get("epochs", 0))
+    want = sub(run.cfg, key).get("epochs", 0)
+    if not isinstance(want, int):
+        return False
     recs = metrics.get(stage, [])
     return want == 0 or bool(recs and recs[-1]["epoch"] >= want)
 
@@ -169,21 +190,35 @@ def read_run(path: Path, root: Path) -> Run:
     if damage:
         run.status, run.message = "damaged", damage
         return run
-    stage = cfg.get("stage")
+    try:
+        return _read_run(run)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        # a value of a shape nothing above expected: the run is damaged, the report goes on
+        run.status = "damaged"
+        run.message = f"a file of this run holds a value of another type ({type(e).__name__}: {e})"
+        run.rows, run.curve = {}, {}
+        return run
+
+
+def _read_run(run: Run) -> Run:
+    path, cfg = run.path, run.cfg
+    stage = _str(cfg.get("stage"))
+    method = _str(sub(cfg, "prune").get("method", "csgd")) or "?"
     run.method = {"train": "csgd", "pretrain": "base", "finetune": "finetune"}.get(
-        stage, cfg.get("prune", {}).get("method", "csgd")
+        stage or "", method
     )
     if stage in ("run", "train", "cluster", "check", "prune"):
-        run.ratio = (cfg.get("ratios") or [cfg.get("ratio")])[-1]
-        run.target = (cfg.get("prune") or {}).get("target")
+        ratios = cfg.get("ratios")
+        run.ratio = _num(ratios[-1] if isinstance(ratios, list) and ratios else cfg.get("ratio"))
+        run.target = _str(sub(cfg, "prune").get("target"))
     run.key = json.dumps(
         {k: v for k, v in cfg.items() if k not in _SEED_KEYS}, sort_keys=True, default=str
     )
     widths = read_json(path / "widths.json")  # clusters that came with init= win
-    if isinstance(widths, dict) and widths.get("ratio") is not None:
+    if isinstance(widths, dict) and _number(widths.get("ratio")):
         run.ratio = widths["ratio"]
     if run.method == "csgd" and stage in ("run", "train"):
-        run.epsilon = cfg.get("epsilon")
+        run.epsilon = _num(cfg.get("epsilon"))
     metrics = read_metrics(path, run.notes)
     for note in run.notes:
         log.warning("%s", note)
@@ -191,7 +226,7 @@ def read_run(path: Path, root: Path) -> Run:
     run.acc = dict.fromkeys(ACC_KEYS)
     for ph, recs in metrics.items():
         col = _PHASE_ACC.get(ph.partition("_r")[0])
-        accs = [r["test_acc"] for r in recs if "test_acc" in r]
+        accs = [r["test_acc"] for r in recs if _number(r.get("test_acc"))]
         if col and accs:
             run.acc[col] = accs[-1]
     summary, damage = read_json_checked(path / "summary.json")

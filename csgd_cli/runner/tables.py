@@ -34,7 +34,9 @@ def target_rows(
     for v in out.values():
         v["ratio"] = v["reached"] / v["base"]
     met = out[kind]["ratio"] <= value
-    return {"target": target, "kind": kind, "value": value, "met": met, "rows": out}
+    res = [int(s) for s in shape[1:]]  # the per-image resolution counted and timed at
+    return {"target": target, "kind": kind, "value": value, "met": met, "rows": out,
+            "resolution": res}  # fmt: skip
 
 
 def summary_table(
@@ -98,5 +100,7 @@ def target_table(target: dict[str, Any]) -> str:
         where = f" ({r['backend']}, batch {r['batch']})" if ms else ""
         base, got = (f"{v:.3f} ms" if ms else f"{v:,.0f}" for v in (r["base"], r["reached"]))
         cells.append([kind + where, base, got, f"{r['ratio']:.4f}", goal])
-    head = [f"target {target['target']}", "base", "reached", "ratio", "target"]
+    res = target.get("resolution")
+    at = f" at {res[0]}x{res[1]} per image" if res and len(res) == 2 else ""
+    head = [f"target {target['target']}{at}", "base", "reached", "ratio", "target"]
     return table(head, cells, [False, True, True, True, False])

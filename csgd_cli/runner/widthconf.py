@@ -11,6 +11,7 @@ from torch import nn
 
 from ..api.checkpoint import base_widths
 from ..api.pruner import CSGD
+from ..api.record import PruneRecord
 from ..common.target import Target
 from ..deploy.latency import Runtime
 from ..rules.groups import select_groups
@@ -55,10 +56,10 @@ def pruner_for_config(
     new ones for ``prune.include``/``exclude``: at ``prune.target`` (round ``step``, its
     latency timings cached under ``cache_dir``) or at ``ratio`` (default ``cfg.ratio``) of
     the original widths, clustered by ``clustering`` (default ``cfg.clustering``)."""
-    original = base_widths(model, ck)
-    if ck.get("clusters") and ratio is None and step is None:
-        kept = WidthPlan({k: len(v) for k, v in ck["clusters"].items()}, original)
-        return CSGD(model, clusters=ck["clusters"], widths=kept)
+    original, record = base_widths(model, ck), PruneRecord.from_checkpoint(ck)
+    if record.clusters and ratio is None and step is None:
+        kept = WidthPlan({k: len(v) for k, v in record.clusters.items()}, original)
+        return CSGD(model, clusters=record.clusters, widths=kept)
     p = cfg.prune
     how: dict[str, Any] = {"ratio": cfg.ratio if ratio is None else ratio}
     if p.target is not None:  # round ``step``; later rounds: of the first round's base cost
@@ -69,7 +70,8 @@ def pruner_for_config(
             rule=p.rule,
             cache_dir=cache_dir,
             runtime=Runtime(cfg.backend, p.latency_batch, p.latency_threads),
-            original_cost=(ck.get("target_base") or {}).get(target.kind),
+            original_cost=(record.target_base or {}).get(target.kind),
+            resolution=p.resolution,
         )
     plan = plan_widths(
         model,
@@ -84,17 +86,17 @@ def pruner_for_config(
     return CSGD(model, widths=plan, clustering=clustering or cfg.clustering, seed=cfg.seed)
 
 
-def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> dict[str, Any]:
-    """What widths.json and the checkpoint say about the widths: ``ratio`` (with a
-    target, the chosen widths' share of the original ones, for reports), the settings,
-    each group's width, and with a target what it reached and its base cost."""
-    widths, rep = pruner.widths, pruner.target_report
-    out: dict[str, Any] = {"ratio": settings["ratio"], "width_settings": settings}
-    out["group_widths"] = widths
-    if rep is not None:
-        out.update(target=rep["target"], target_report=rep, target_base={rep["kind"]: rep["base"]})
-        out["ratio"] = pruner.plan.share
-    return out
+def width_record(cfg: DictConfig, pruner: CSGD, settings: dict[str, Any]) -> PruneRecord:
+    """What widths.json and the checkpoint say about the widths: the settings, each
+    group's width, and with a target what it reached and its base cost."""
+    rep = pruner.target_report
+    return PruneRecord(
+        base_widths=dict(pruner.plan.original),
+        group_widths=dict(pruner.widths),
+        settings=settings,
+        target_report=rep,
+        target_base=None if rep is None else {rep["kind"]: rep["base"]},
+    )
 
 
 def widths_reached(cfg: DictConfig, base: nn.Module, final: nn.Module, info: Any) -> dict:
@@ -106,7 +108,8 @@ def widths_reached(cfg: DictConfig, base: nn.Module, final: nn.Module, info: Any
     out["widths"]["after"] = after = {g.name: g.width for g in channel_groups(final)}
     p = cfg.prune
     if p.target is not None:
-        shape = (info.in_channels, info.image_size, info.image_size)
+        side = p.resolution or info.image_size  # the resolution the target counted at
+        shape = (info.in_channels, side, side)
         rt = Runtime(cfg.backend, p.latency_batch, p.latency_threads)
         out["target"] = target_rows(p.target, base, final, shape, rt)
         chosen = [g.name for g in select_groups(channel_groups(base), p.include, p.exclude)]

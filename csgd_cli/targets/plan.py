@@ -18,6 +18,7 @@ from ..core.clustering import target_widths
 from ..deploy.latency import Runtime
 from ..rules.groups import ChannelGroup, select_groups
 from ..tracing.trace import channel_groups
+from .resolution import at_resolution
 from .widths import Problem, choose, width_share
 
 
@@ -80,6 +81,7 @@ def plan_widths(
     original: dict[str, int] | None = None,
     original_cost: float | None = None,
     groups: list[ChannelGroup] | None = None,
+    resolution: int | tuple[int, int] | None = None,
 ) -> WidthPlan:
     """Widths for the groups ``include``/``exclude`` select: ``ratio`` of each original
     width (rounded to a multiple of ``round_to``; default the paper's 5/8), or per-group
@@ -87,7 +89,9 @@ def plan_widths(
     ``"latency:0.5"``) of the model's cost, none narrower than ``min_width`` (default
     max(round_to, 4)). A latency target is timed in ``runtime`` (backend, batch,
     threads), the timings kept under ``cache_dir``. FLOPs are counted at the example
-    input's resolution. Iterative rounds pass the first round's ``original`` widths and
+    input's resolution, or at ``resolution`` (pixels, or (height, width)): the example input
+    resized to the deployment's images; the report says which (``resolution``).
+    Iterative rounds pass the first round's ``original`` widths and
     ``original_cost`` (the base's cost) so that every round aims at the base."""
     ratio = check_ratio(ratio, target)
     if round_to < 1:
@@ -111,6 +115,7 @@ def plan_widths(
         from ..tracing.trace import example_input as guess
 
         example_input = guess(model)
+    example_input = at_resolution(example_input, resolution)  # the deployment's images
     problem = Problem(
         model, groups, [g.name for g in chosen], example_input, round_to,
         min_width or default_min_width(round_to), runtime or Runtime(),

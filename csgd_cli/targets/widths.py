@@ -41,10 +41,12 @@ from ..common.nets import count_macs, count_params
 from ..common.target import TARGET_KINDS, Target
 from ..core.clustering import candidate_widths, cluster_groups, distortion_curve
 from ..core.surgery import merge
+from ..deploy import latency
 from ..deploy.export import BACKENDS, require_runtime
 from ..deploy.latency import Runtime, Timings
 from ..rules.groups import ChannelGroup
 from .costs import Shapes, TermCost, descend, give_back, latency_cost, macs_cost, params_cost
+from .resolution import resolution_of
 from .timed import CONFIRMS, TimedChoice, choose_timed, floor_note, near_floor
 
 log = logging.getLogger("csgd")
@@ -170,10 +172,13 @@ def _key(problem: Problem, ks: Widths) -> str:
     return f"{now}->{[ks.get(g.name, g.width) for g in problem.groups]}"
 
 
-def _measured_ratio(problem: Problem, ks: Widths, again: bool = False) -> float:
+def _measured_ratio(
+    problem: Problem, ks: Widths, again: bool = False, rounds: int | None = None
+) -> float:
     assert problem.timings is not None
     build = lambda: _thin(problem, ks)  # noqa: E731
-    return problem.timings.ratio(problem.model, build, _key(problem, ks), problem.shape, again)
+    key = _key(problem, ks)
+    return problem.timings.ratio(problem.model, build, key, problem.shape, again, rounds)
 
 
 def unreachable(target: Target, floor: float, problem: Problem) -> CsgdError:
@@ -225,7 +230,7 @@ def _floor(problem: Problem, target: Target, cost: TermCost, cands: dict[str, li
         return now, cost.cost(lowest) / (base_cost or now)
     timings = problem.timings
     assert timings is not None
-    r = _measured_ratio(problem, lowest)
+    r = _measured_ratio(problem, lowest, rounds=3 * latency.ROUNDS)  # the anchor: 3x the rounds
     timings.save()
     now = timings.data["base_ms"][_key(problem, lowest)]
     return now, r * now / (base_cost or now)
@@ -275,6 +280,7 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
         "reached": reached, "ratio": reached / (base_cost or now),
         "round_to": problem.round_to, "min_width": problem.min_width,
         "before": {n: base[n] for n in problem.names}, "widths": dict(ks),
+        "resolution": resolution_of(problem.x),  # what the counts and times are per image
     }  # fmt: skip
     report["met"] = report["ratio"] <= target.value
     if timed is not None:  # a latency choice: confirmed by a re-check, or not met

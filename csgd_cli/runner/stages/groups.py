@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from ...core.surgery import merge
 from ...deploy.latency import Runtime
 from ...rules.groups import describe
+from ...targets.resolution import at_resolution
 from ...tracing.trace import channel_groups, example_input
 from ..session import load, new_model
 from ..tables import target_rows, target_table, widths_table
@@ -32,7 +33,8 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         before = {g.name: g.width for g in groups}
         print("\n" + widths_table(before, {**before, **pruner.widths}))
         thin = merge(model, groups, pruner.clusters)  # the widths' network (untrained)
-        p, x = cfg.prune, example_input(model)
+        p = cfg.prune
+        x = at_resolution(example_input(model), p.resolution)
         rt = Runtime(cfg.backend, p.latency_batch, p.latency_threads)
         result["target"] = target_rows(p.target, model, thin, tuple(x.shape[1:]), rt)
         print("\n" + target_table(result["target"]))

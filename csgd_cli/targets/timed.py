@@ -1,0 +1,138 @@
+"""A latency target's choice, confirmed by timing in a way noise cannot push the harmful
+way (``widths.choose`` calls ``choose_timed``).
+
+Timings on a shared machine are only ever too slow, and a network that is timed too slow
+must not send the choice to the thinnest network (the worst answer for accuracy). So:
+
+- the *modelled* choice comes first: the rule run at the modelled time whose measured
+  ratio interpolates (between the current network and the floor) to the target; it is
+  the fallback whatever the timings say;
+- up to ``CONFIRMS`` candidates are timed beside the current network (``deploy.timer``:
+  interleaved rounds, the median of per-round ratios), each refining the interpolation;
+- the widest candidate timed within the target is *re-checked* (timed again beside the
+  base, the slower of the two ratios kept); the first that holds wins;
+- when none holds, the modelled choice is kept and the target is reported as not met,
+  with the modelled and the timed ratio. The floor is chosen only when the model itself
+  lands there.
+
+Before the search, a target near the floor is described: the multiply-adds it takes and
+the batch at which the same target would be cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("csgd")
+CONFIRMS = 4  # timed candidates per latency choice (the floor and base not counted)
+NEAR = 0.25  # a target within this share of the reachable range above the floor is "near"
+Widths = dict[str, int]
+
+
+@dataclass
+class TimedChoice:
+    widths: Widths
+    ratio: float  # as timed (the re-check's ratio when confirmed)
+    confirmed: bool
+    modelled: float  # the ratio the interpolation promised for ``widths``
+    timed: list[tuple[float, float]] = field(default_factory=list)  # (modelled ms, ratio)
+
+
+def near_floor(want: float, floor: float) -> bool:
+    """``want`` sits in the lowest ``NEAR`` of the range the groups can reach."""
+    return want - floor < NEAR * (1 - floor)
+
+
+def _interp(points: list[tuple[float, float]], want: float) -> float:
+    """The modelled time whose ratio interpolates to ``want`` over ``points``."""
+    pts = sorted(points)
+    i = max((j for j, (_, r) in enumerate(pts) if r <= want), default=0)
+    (x1, y1), (x2, y2) = pts[i], pts[min(i + 1, len(pts) - 1)]
+    return x1 if y2 <= y1 else x1 + (want - y1) * (x2 - x1) / (y2 - y1)
+
+
+def _promised(anchors: list[tuple[float, float]], x: float) -> float:
+    """The ratio the two anchors (current network, floor) interpolate to at time ``x``."""
+    (x1, y1), (x2, y2) = sorted(anchors)
+    return y1 if x2 == x1 else y1 + (x - x1) * (y2 - y1) / (x2 - x1)
+
+
+def choose_timed(
+    cost: Any,
+    cands: dict[str, list[int]],
+    want: float,
+    floor: float,
+    pick: Callable[[float], Widths],
+    measure: Callable[[Widths, bool], float],
+    key: Callable[[Widths], str],
+    confirms: int = CONFIRMS,
+) -> TimedChoice:
+    """See the module. ``pick(budget)``: the rule's widths at a modelled time;
+    ``measure(ks, again)``: their ratio to the current network (``again``: timed once
+    more, the slower kept); ``key(ks)``: what identifies a candidate."""
+    lowest = {g: c[0] for g, c in cands.items()}
+    anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
+    points, seen = list(anchors), {key(lowest): (floor, lowest)}
+    modelled: tuple[Widths, float] | None = None
+    for _ in range(confirms):
+        budget = _interp(points, want)
+        ks = pick(budget)
+        while key(ks) in seen and budget > anchors[1][0]:  # timed: a step narrower
+            budget = cost.cost(ks) * (1 - 1e-9)
+            narrower = pick(budget)
+            if key(narrower) == key(ks):  # noisy timings: no step lowers the modelled
+                break  # time, and asking again would loop forever
+            ks = narrower
+        if modelled is None:
+            modelled = (ks, _promised(anchors, cost.cost(ks)))
+        if key(ks) in seen:
+            break
+        r = measure(ks, False)
+        seen[key(ks)] = (r, ks)
+        log.info("latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
+                 cost.cost(ks), r, want)  # fmt: skip
+        points.append((cost.cost(ks), r))
+        if 0.95 * want <= r <= want:
+            break
+    assert modelled is not None
+    model_key = key(modelled[0])
+    passed = [(r, ks) for k, (r, ks) in seen.items() if r <= want and (k != key(lowest)
+              or model_key == k)]  # fmt: skip  # the floor only when the model lands there
+    for r, ks in sorted(passed, key=lambda p: -cost.cost(p[1])):  # widest first
+        again = measure(ks, True)
+        if again <= want:
+            return TimedChoice(ks, again, True, _promised(anchors, cost.cost(ks)), points)
+        log.info("latency: re-check of a candidate timed %.3f, then %.3f (want <= %.3f)",
+                 r, again, want)  # fmt: skip
+    ks, promised = modelled
+    timed = seen[model_key][0] if model_key in seen else measure(ks, False)
+    log.warning(
+        "latency target %.3g not confirmed: the modelled choice (%.3f of the base as "
+        "modelled) timed %.3f; kept it, reported as not met", want, promised, timed,
+    )  # fmt: skip
+    return TimedChoice(ks, timed, False, promised, points)
+
+
+def floor_note(
+    want: float, floor: float, batch: int, macs_share: float, floors_at: dict[int, float]
+) -> str:
+    """What a target near the floor costs, in one line: the multiply-adds its modelled
+    choice keeps, and the batches at which the floor sits lower (``floors_at``: batch ->
+    floor's ratio there)."""
+    note = (
+        f"latency:{want:.3g} at batch {batch} is near the floor (the narrowest network "
+        f"times {floor:.3f} of the base): it takes multiply-adds down to {macs_share:.3f} "
+        f"of the base ({1 / max(macs_share, 1e-9):.1f}x fewer)"
+    )
+    cheaper = [b for b, f in sorted(floors_at.items()) if not near_floor(want, f)]
+    if cheaper:
+        b = cheaper[0]
+        note += (f"; at batch {b} the floor times {floors_at[b]:.3f}, so the same target "
+                 "would keep more width there")  # fmt: skip
+    elif floors_at:
+        tried = ", ".join(f"batch {b}: {f:.3f}" for b, f in sorted(floors_at.items()))
+        note += f"; no batch tried makes it cheaper (floor {tried})"
+    return note
