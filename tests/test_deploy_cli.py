@@ -16,6 +16,7 @@ from conftest import TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
+from csgd_cli.api.record import PruneRecord
 from csgd_cli.runner.datasets import build_data
 
 pytest.importorskip("onnxruntime")
@@ -93,7 +94,8 @@ def test_round_to_reaches_cluster_and_the_l1_widths(base: Path, tmp_path: Path) 
     args = ("ratio=0.625", "prune.round_to=16")
     out = cli("cluster", *R20, f"ckpt={base}", *args, f"hydra.run.dir={cl}")
     assert out.returncode == 0, out.stderr
-    clusters = torch.load(cl / "clustered.pt", weights_only=True)["clusters"]
+    clustered = torch.load(cl / "clustered.pt", weights_only=True)
+    clusters = PruneRecord.from_checkpoint(clustered).clusters
     # 10 -> 16, 20 -> 16, 40 (a tie between 32 and 48) -> 32
     assert [len(clusters[f"layer{s}"]) for s in (1, 2, 3)] == [16, 16, 32]
     assert all(len(c) % 16 == 0 for c in clusters.values())

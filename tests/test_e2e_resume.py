@@ -25,6 +25,8 @@ from conftest import TINY_DIGITS as TINY
 from csgd_procs import TIMEOUT, finish, kill_leftovers, load, one_line
 from csgd_procs import start as start_argv
 
+from csgd_cli.api.record import PruneRecord
+
 STEPS = 16  # 256 images / batch 16
 # differ between two runs for reasons that are not training state
 VOLATILE = {"config", "epoch_time", "time", "pruned_from"}
@@ -162,7 +164,8 @@ def test_csgd_sigterm_then_resume_is_bit_identical(tmp_path: Path) -> None:
         "last.pt is at the stop step"
     )
     assert 0 < ck["step_in_epoch"] < STEPS
-    assert ck["clusters"] and "flat_momentum" in next(iter(ck["optimizer"]["state"].values()))
+    assert PruneRecord.from_checkpoint(ck).clusters
+    assert "flat_momentum" in next(iter(ck["optimizer"]["state"].values()))
     # Were clusters recomputed on resume, `clustering=even` would change them; epsilon,
     # norm_epsilon and the weight decays come from last.pt too, not the command line.
     changed = ["epsilon=0.5", "norm_epsilon=0.2", "schedule.weight_decay=0.01"]

@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_DIGITS
 
 from csgd_cli.api.checkpoint import load_checkpoint
+from csgd_cli.api.record import PruneRecord
 from csgd_cli.runner import cli as cli_main
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
@@ -51,8 +52,9 @@ def test_clusters_from_init_record_their_own_ratio_and_refuse_other_widths(
         assert not (tiny_base / "bad").exists()
     run("train", *FAST, f"init={clustered}", "ratio=0.5", f"hydra.run.dir={tiny_base / 'tr'}")
     last = load_checkpoint(tiny_base / "tr/last.pt")
-    assert last["ratio"] == 0.5 and last["width_settings"]["ratio"] == 0.5
-    assert last["group_widths"] == {k: len(v) for k, v in last["clusters"].items()}
+    rec = PruneRecord.from_checkpoint(last)
+    assert rec.ratio == 0.5 and rec.settings["ratio"] == 0.5
+    assert rec.group_widths == {k: len(v) for k, v in rec.clusters.items()}
     assert json.loads((tiny_base / "tr/widths.json").read_text())["ratio"] == 0.5
     run("train", *FAST, f"init={clustered}", f"hydra.run.dir={tiny_base / 'tr2'}")
     from csgd_cli.runner.runs import read_run

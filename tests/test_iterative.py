@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from test_pipeline import csgd
 
 from csgd_cli import load_model
+from csgd_cli.api.record import PruneRecord
 
 DIGITS = [
     "dataset=digits",
@@ -41,7 +42,8 @@ def test_iterative_rounds_prune_towards_fractions_of_the_base(tmp_path: Path) ->
         "finetuned",
     ]
     ck = torch.load(out / "csgd_r2.pt", weights_only=True)
-    assert len(ck["clusters"]["layer1"]) == 8 and ck["base_widths"]["layer1"] == 16
+    rec = PruneRecord.from_checkpoint(ck)
+    assert len(rec.clusters["layer1"]) == 8 and rec.base_widths["layer1"] == 16
 
 
 def test_only_selected_groups_are_pruned(tmp_path: Path) -> None:

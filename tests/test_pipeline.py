@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from csgd_cli import load_model
 from csgd_cli.api import checkpoint
 from csgd_cli.api.checkpoint import load_checkpoint
+from csgd_cli.api.record import PruneRecord
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.core.optim import plain_sgd
 from csgd_cli.models import get_model
@@ -111,7 +112,7 @@ def test_stages_chain_from_the_cli(tmp_path: Path) -> None:
     assert "name: synthetic" in ck["config"]
     csgd("cluster", *TINY, f"ckpt={base}", "ratio=0.5", f"hydra.run.dir={d['cl']}")
     clustered = torch.load(d["cl"] / "clustered.pt", weights_only=True)
-    assert len(clustered["clusters"]["layer3"]) == 32
+    assert len(PruneRecord.from_checkpoint(clustered).clusters["layer3"]) == 32
     csgd(
         "train",
         *TINY,
@@ -121,7 +122,8 @@ def test_stages_chain_from_the_cli(tmp_path: Path) -> None:
         f"hydra.run.dir={d['tr']}",
     )
     trained = torch.load(d["tr"] / "last.pt", weights_only=True)
-    assert trained["clusters"] == clustered["clusters"]  # clusters come with init
+    clusters = PruneRecord.from_checkpoint(clustered).clusters
+    assert PruneRecord.from_checkpoint(trained).clusters == clusters  # they come with init
     chi_logged = [json.loads(x) for x in (d["tr"] / "metrics.jsonl").read_text().splitlines()]
     assert all("chi" in r and "chi_groups" in r for r in chi_logged) and len(chi_logged) >= 3
     out = csgd("check", f"ckpt={d['tr'] / 'last.pt'}", f"hydra.run.dir={d['chk']}", check=False)

@@ -43,6 +43,7 @@ from .checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from .record import PruneRecord
 
 STATE_FORMAT = 2  # CSGD.state_dict() layout (2: the width plan; epsilon is the optimizer's)
 
@@ -308,7 +309,8 @@ def save(model: nn.Module, path: str | Path, **extra: Any) -> Path:
         "name": USER_ARCH,
         "class": f"{type(net).__module__}.{type(net).__qualname__}",
     }
-    info = {"arch": arch, "group_widths": getattr(net, "group_widths", None), **extra}
+    record = PruneRecord(group_widths=getattr(net, "group_widths", None))
+    info = record.into({"arch": arch, **extra})
     return save_checkpoint(path, {**info, "state_dict": net.state_dict()})
 
 
@@ -323,8 +325,9 @@ def load_model(
     if model is not None:
         check_shapes(unwrap(model), ck, str(path))  # another class count: one line
         net = load_into(unwrap(model), ck["state_dict"], str(path), resize=True)
-        if ck.get("group_widths"):
-            net.group_widths = dict(ck["group_widths"])
+        widths = PruneRecord.from_checkpoint(ck).group_widths
+        if widths:
+            net.group_widths = dict(widths)
         return net.eval()
     from ..models.custom import trust as trust_targets
 

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..api.record import PruneRecord
 from ..baselines.criteria import CRITERIA, SparseGammaSGD, gamma_rows, select
 from ..common.errors import CsgdError
 from ..common.files import write_json
@@ -37,7 +38,7 @@ Step = tuple[int, int] | None
 def baseline_widths(
     cfg: DictConfig, model: nn.Module, ck: dict[str, Any], ratio: float | None, step: Step,
     cache_dir: Path | None,
-) -> tuple[dict[str, int], dict[str, Any]]:  # fmt: skip
+) -> tuple[dict[str, int], PruneRecord]:  # fmt: skip
     """The widths C-SGD would give ``model`` (its pruner's; even clusters, as only their
     count is used) and what widths.json records about them."""
     pruner = pruner_for_config(cfg, model, ck, ratio, step, cache_dir, clustering="even")
@@ -83,14 +84,14 @@ def sparsity_phase(
     cfg = ctx.cfg
     made = baseline_widths(cfg, model, ck, ratio, step, ctx.out)[1] if is_main() else None
     record = broadcast_object(made)
-    write_json(out / "widths.json", record)
-    info = {**payload(cfg, model, ck), **record}
+    write_json(out / "widths.json", record.widths_json())
+    info = payload(cfg, model, ck, record)
     # the penalty rides in the schedule, so a resumed phase keeps the one it began with
     sched = OmegaConf.to_container(cfg.schedule, resolve=True)
     sched = OmegaConf.create({**sched, "slimming_lambda": cfg.prune.slimming_lambda})
 
     def make_opt(m: nn.Module, s: Any) -> torch.optim.Optimizer:
-        groups, ks = channel_groups(m), record["group_widths"]
+        groups, ks = channel_groups(m), record.group_widths
         for g in groups:  # before training: a group to cut must have a BN to score
             if ks.get(g.name, g.width) < g.width and not gamma_rows(m, groups, [g.name]):
                 raise CsgdError(

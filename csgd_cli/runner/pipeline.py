@@ -23,6 +23,7 @@ from ..api.checkpoint import (
     save_checkpoint,
 )
 from ..api.pruner import CSGD
+from ..api.record import PruneRecord
 from ..common.device import use_channels_last
 from ..common.errors import CsgdError
 from ..common.files import write_json
@@ -39,20 +40,27 @@ from .session import Ctx, load, new_model
 from .widthconf import pruner_for_config, width_record, width_settings
 
 log = logging.getLogger("csgd")
-CLUSTER_RECORD = ("ratio", "width_settings", "group_widths")  # payload keys about clusters
 
 
-def payload(cfg: Any, model: nn.Module, ck: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Fields every checkpoint carries besides the training state."""
+def payload(
+    cfg: Any, model: nn.Module, ck: dict[str, Any], record: PruneRecord | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Fields every checkpoint carries besides the training state; ``record`` (clusters,
+    widths, target) over the original widths and target base cost ``ck`` keeps across
+    rounds."""
+    kept = PruneRecord.from_checkpoint(ck)
+    record = record or PruneRecord()
+    record = record.replace(
+        base_widths=record.base_widths or base_widths(model, ck),
+        target_base=record.target_base or kept.target_base,
+    )
     return {
         "arch": model.arch,
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "stage": cfg.stage,
         "seed": cfg.seed,
-        "base_widths": base_widths(model, ck),
-        "target_base": ck.get("target_base"),  # a target's base cost, kept across rounds
-        "clusters": None,
         **extra,
+        **record.into({}),
     }
 
 
@@ -86,12 +94,13 @@ def _resumed(
     """Continuing from ``last``: its checkpoint, then the clusters, their record and the
     hyper-parameters it was trained with (a value given anew is named in a warning)."""
     ck = _resume_from(last, phase, model)
-    if clusters and ck.get("clusters"):  # the clusters this phase was trained with
-        if ck["clusters"] != clusters:
+    stored_record = PruneRecord.from_checkpoint(ck)
+    if clusters and stored_record.clusters:  # the clusters this phase was trained with
+        if stored_record.clusters != clusters:
             log.info("resume: using the clusters stored in %s, not new ones", last)
-        clusters = ck["clusters"]
-        # and so does what the checkpoint records about them (widths, settings)
-        info = {**info, **{k: ck[k] for k in CLUSTER_RECORD if k in ck}}
+        clusters = stored_record.clusters
+        # and so does what the checkpoint records about them (widths, settings, target)
+        info = stored_record.into(info)
     stored = ck.get("hyper") or hyper
     for k in sorted(set(hyper) | set(stored)):
         if hyper.get(k) != stored.get(k):
@@ -166,7 +175,9 @@ def train_phase(
         out=out,
         phase=phase,
         payload=dict(
-            info, clusters=clusters, hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
+            PruneRecord.from_checkpoint(info).replace(clusters=clusters).into(info),
+            hyper=hyper,
+            **{k: hyper[k] for k in hyper if k != "schedule"},
         ),
         amp=cfg.amp,
         compile=cfg.compile,
@@ -201,21 +212,19 @@ def csgd_phase(
     settings that made them (the checkpoint's own when the clusters came with it)."""
     cfg = ctx.cfg
     made = None
-    given = bool(ck.get("clusters")) and ratio is None and step is None
+    kept = PruneRecord.from_checkpoint(ck)
+    given = bool(kept.clusters) and ratio is None and step is None
     if is_main():
         pruner = pruner_for_config(cfg, model, ck, ratio, step, ctx.out)
         if given:  # as the checkpoint that brought the clusters says
-            record = {k: ck[k] for k in ("target", "target_report") if ck.get(k)}
-            record["width_settings"] = dict(ck.get("width_settings") or {"ratio": ck.get("ratio")})
-            ratio_ = ck.get("ratio", record["width_settings"]["ratio"])  # a target's: the share
-            record.update(ratio=ratio_, group_widths=pruner.widths)
+            settings = kept.settings or {"ratio": kept.ratio}
+            record = kept.replace(group_widths=pruner.widths, settings=dict(settings))
         else:
             record = width_record(cfg, pruner, width_settings(cfg, ratio))
         made = (pruner.clusters, record)
     clusters, record = broadcast_object(made)
-    write_json(out / "widths.json", record)  # what the report's ratio column shows
-    info = payload(cfg, model, ck, epsilon=cfg.epsilon)
-    info.update(record)  # a target's base cost, set by the first round, wins
+    write_json(out / "widths.json", record.widths_json())  # the report's ratio column
+    info = payload(cfg, model, ck, record, epsilon=cfg.epsilon)  # a round's target base wins
     return train_phase(ctx, model, cfg.schedule, phase, out, info, clusters)
 
 

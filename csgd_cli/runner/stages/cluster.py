@@ -29,9 +29,8 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         n = sum(len(c) for c in cl)
         log.info("%-28s %4d -> %4d clusters (largest %d)", name, n, len(cl), max(map(len, cl)))
     record = width_record(cfg, pruner, width_settings(cfg))
-    record.pop("group_widths")  # the model itself keeps its widths until the merge
-    info = payload(cfg, model, ck, clusters=clusters)
-    info.update(record)
+    # the model itself keeps its widths until the merge
+    info = payload(cfg, model, ck, record.replace(clusters=clusters, group_widths=None))
     path = save_checkpoint(out / "clustered.pt", {**info, "state_dict": model.state_dict()})
     log.info("wrote %s (%d groups clustered)", path, len(clusters))
     return {"groups": len(clusters), "ckpt": str(path)}
