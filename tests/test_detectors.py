@@ -66,6 +66,16 @@ def _params(name: str) -> list[Any]:
     return [pytest.param(name, marks=marks, id=name)]
 
 
+def _lively(model: nn.Module) -> nn.Module:
+    """PyTorch's default init for every conv and linear layer: torchvision's heads start
+    at std 0.01 (near-uniform scores, boxes close to the anchors), which would make the
+    comparison of outputs after the merge weak."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+    return model.eval()
+
+
 def _data(name: str) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(2)]
@@ -139,7 +149,7 @@ def _save_and_load(thin: nn.Module, fresh: nn.Module, path: Path, x: Any) -> nn.
 @pytest.mark.parametrize("name", [p for n in DETECTORS for p in _params(n)])
 def test_detector_through_the_api(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = DETECTORS[name]().eval()
+    model = _lively(DETECTORS[name]())
     images, targets = _data(name)
     pruner = csgd_cli.CSGD(model, (images,), ratio=0.5, clustering="even")
     _every_group_accounted(pruner)
@@ -152,7 +162,8 @@ def test_detector_through_the_api(name: str, tmp_path: Path) -> None:
     _collapse_step(pruner, model, loss)
     with torch.no_grad():
         before = model(images)
-    assert sum(len(d["boxes"]) for d in before) > 0  # boxes to compare
+    scores = torch.cat([d["scores"] for d in before])
+    assert len(scores) > 2 and scores.unique().numel() > 2  # boxes to compare, not ties
     thin = pruner.merge()
     assert pruner.merge_report["params_after"] < pruner.merge_report["params_before"]
     with torch.no_grad():
