@@ -249,6 +249,8 @@ def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = T
         shape = []
     if missing or extra or shape:
         first = (missing or extra or shape)[0]
+        if not (missing or extra):  # both shapes: another class count reads at once
+            first += f" is {list(sd[first].shape)} in the file, {list(want[first].shape)} here"
         name = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
         raise _damaged(
             where,
