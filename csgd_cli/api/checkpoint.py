@@ -307,8 +307,7 @@ def check_shapes(model: nn.Module, ck: dict[str, Any], where: str, fix: str = ""
 
 def base_widths(model: nn.Module, ck: dict[str, Any]) -> dict[str, int]:
     """Original width of every group (kept across iterative rounds)."""
-    original = PruneRecord.from_checkpoint(ck).base_widths
-    if original:
+    if original := PruneRecord.from_checkpoint(ck).base_widths:
         return dict(original)
     return {g.name: g.width for g in channel_groups(model)}
 
@@ -336,8 +335,7 @@ def check_arch(ck: dict[str, Any], path: str, key: str, model_name: str) -> None
 
 def need_clusters(ck: dict[str, Any], path: str | Path) -> dict[str, list[list[int]]]:
     """The checkpoint's clusters, or a one-line error saying which stage makes them."""
-    clusters = PruneRecord.from_checkpoint(ck).clusters
-    if clusters:
+    if clusters := PruneRecord.from_checkpoint(ck).clusters:
         return clusters
     if ck.get("pruned_from") is not None:
         raise CsgdError(
