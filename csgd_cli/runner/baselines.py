@@ -36,9 +36,13 @@ Step = tuple[int, int] | None
 
 
 def baseline_widths(
-    cfg: DictConfig, model: nn.Module, ck: dict[str, Any], ratio: float | None, step: Step,
+    cfg: DictConfig,
+    model: nn.Module,
+    ck: dict[str, Any],
+    ratio: float | None,
+    step: Step,
     cache_dir: Path | None,
-) -> tuple[dict[str, int], PruneRecord]:  # fmt: skip
+) -> tuple[dict[str, int], PruneRecord]:
     """The widths C-SGD would give ``model`` (its pruner's; even clusters, as only their
     count is used) and what widths.json records about them."""
     pruner = pruner_for_config(cfg, model, ck, ratio, step, cache_dir, clustering="even")
@@ -52,10 +56,16 @@ def score_batches(ctx: Ctx) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def prune_step(
-    ctx: Ctx, model: nn.Module, ck: dict[str, Any], x: torch.Tensor, ratio: float | None,
-    src: str, step: Step = None, cache_dir: Path | None = None,
+    ctx: Ctx,
+    model: nn.Module,
+    ck: dict[str, Any],
+    x: torch.Tensor,
+    ratio: float | None,
+    src: str,
+    step: Step = None,
+    cache_dir: Path | None = None,
     widths: dict[str, int] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+) -> tuple[nn.Module, dict[str, Any]]:
     """C-SGD's merge (``prune.method=csgd``), or the criterion's channels kept at C-SGD's
     widths (``widths``: chosen earlier, e.g. before slimming's sparsity phase), chosen on
     rank 0 and sent to every rank; verified on the real batch ``x``."""
@@ -74,9 +84,14 @@ def prune_step(
 
 
 def sparsity_phase(
-    ctx: Ctx, model: nn.Module, ck: dict[str, Any], phase: str, out: Path,
-    ratio: float | None, step: Step,
-) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    ctx: Ctx,
+    model: nn.Module,
+    ck: dict[str, Any],
+    phase: str,
+    out: Path,
+    ratio: float | None,
+    step: Step,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Network Slimming's sparsity phase, as long as C-SGD's training and on its
     ``schedule``: momentum SGD plus ``prune.slimming_lambda * |gamma|`` on the BN scales
     of the groups to prune. The widths are chosen first, on the model C-SGD would
