@@ -52,10 +52,11 @@ def test_inertia_is_as_good_as_scikit_learns(n: int, d: int, k: int) -> None:
 def test_projected_path_ends_at_a_fixed_point_of_exact_kmeans() -> None:
     """Rows longer than PROJ_DIM are clustered on a projection, then refined on the
     exact rows: one more exact Lloyd step moves nothing."""
-    x = _data(300, 4 * km.PROJ_DIM)
-    lab = km.kmeans(x, 120, 0)
-    assert torch.equal(km._lloyd(x.float(), lab, 120, 1), lab)
-    assert len(torch.unique(lab)) == 120
+    x, k = _data(900, 16 * km.PROJ_DIM), 450
+    assert 900 * k * x.shape[1] * 20 > km.EXACT_BUDGET  # so the projection is used
+    lab = km.kmeans(x, k, 0)
+    assert torch.equal(km._lloyd(x.float(), lab, k, 1), lab)
+    assert len(torch.unique(lab)) == k
 
 
 def test_duplicate_rows_give_k_clusters() -> None:

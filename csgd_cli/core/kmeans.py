@@ -4,9 +4,10 @@ Why not scikit-learn: its greedy k-means++ reads the whole matrix once per centr
 VGG classifier group (4096 rows of 25,088 values, k = 2560) spends minutes in the
 initialisation alone. Here:
 
-* rows longer than ``PROJ_DIM`` are first mapped by a seeded Gaussian random projection
-  to ``PROJ_DIM`` values (Johnson-Lindenstrauss: squared distances kept within a few
-  per cent) for k-means++ and Lloyd's first steps;
+* where k-means++ and ~20 Lloyd steps on the exact rows would cost more than
+  ``EXACT_BUDGET`` multiply-adds, rows longer than ``PROJ_DIM`` are first mapped by a
+  seeded Gaussian random projection to ``PROJ_DIM`` values (Johnson-Lindenstrauss:
+  squared distances kept within a few per cent) for k-means++ and Lloyd's first steps;
 * greedy k-means++ (``2 + ln k`` candidates per centre, as scikit-learn does) keeps each
   row's distance to its nearest centre, so each new centre costs one pass over the
   (projected) rows, not over all centres;
@@ -110,7 +111,8 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, proj_dim: int = PROJ_DIM) -> 
     gen = torch.Generator().manual_seed(seed)
     full = x.detach().to(dev, torch.float32)
     work = full
-    if dim > proj_dim:  # k-means++ and the first Lloyd steps on projected rows
+    exact_run = float(n) * k * dim * (2 + math.log(k) + 20)  # k-means++ and ~20 steps
+    if dim > proj_dim and exact_run > EXACT_BUDGET:  # then on projected rows first
         proj = torch.randn(dim, proj_dim, generator=gen) / math.sqrt(proj_dim)
         work = full @ proj.to(dev)
     best, best_cost = None, math.inf
