@@ -115,3 +115,17 @@ def test_missing_openvino_is_refused_in_one_line(trained, tmp_path: Path) -> Non
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1 and "openvino is not installed" in err, err
     assert "pip install" in err and not (tmp_path / "ev" / "eval.json").exists()
+
+
+def test_run_adds_an_int8_row_with_float32_beside(tmp_path: Path) -> None:
+    from conftest import TINY_DIGITS
+
+    out = cli("run", *TINY_DIGITS, "pretrain.epochs=1", "schedule.epochs=1", "finetune.epochs=1",
+              "prune.force=true", "deploy.int8=true", "deploy.calib_batches=2",
+              f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    r8, fp = rows["finetuned-int8"], rows["finetuned"]
+    assert r8["backend"] == "onnxruntime-int8" and r8["latency_ms"] > 0
+    assert r8["acc_float32"] == fp["acc"] and r8["params"] == fp["params"]
+    assert "finetuned-int8" in out.stdout

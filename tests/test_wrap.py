@@ -88,6 +88,9 @@ def test_differences_shrink_at_the_c_sgd_rate(kind: str) -> None:
     _train(model, opt, steps)
     after = _member_diffs(pruner)
     rate = (1 - lr * (wd + eps)) ** steps
+    # the chi forecast covers it: C-SGD without momentum, the optimizer's decay included
+    fc = pruner.forecast([lr] * steps, epsilon=eps, momentum=0.0, nesterov=False, weight_decay=wd)
+    assert fc.kernel == pytest.approx(rate, rel=1e-9)
     for name in before:
         torch.testing.assert_close(after[name], before[name] * rate, rtol=1e-4, atol=1e-6)
     # Adam's moment estimates of the members stay identical
