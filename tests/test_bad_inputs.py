@@ -140,7 +140,7 @@ CASES: dict[str, Case] = {
     "pruned_ckpt_of_another_class_count": Case(  # issue 22.8: never silently resized
         "eval",
         ("ckpt={other_classes}",),
-        ("other_classes.pt: fc.weight is [5,", "in the file but [10,", "damaged or was edited"),
+        ("first: fc.weight is [5,", "in the file, [10,", "damaged or was edited"),
         True,
     ),
     # -- reports (issue 22.6: a damaged file in a run is reported, see test_report_damage) --
