@@ -42,6 +42,8 @@ from .inputs import (
     trace_outputs,
     where,
 )
+from .layout import MOVES, channel_dims, intact
+from .layout import along as on_channels
 from .ops import ROW_OPS
 from .walk import Flatten, Put, Take
 
@@ -50,13 +52,6 @@ def _shape(fn: Any, nr: int) -> tuple[int, ...]:
     """Shape of output ``nr`` of the op of autograd node ``fn``."""
     var = getattr(fn, "variable", None)  # a leaf (AccumulateGrad)
     return tuple(var.shape if var is not None else fn._input_metadata[nr].shape)
-
-
-def _channel_dim(dim: int, ndim: int) -> bool | None:
-    """True: the channel dim (dim 1 of NC, NCHW, NCDHW); False: the batch; None: another
-    dim, or a 3-D tensor (channels first or tokens last: csgd cannot tell)."""
-    dim %= ndim
-    return False if dim == 0 else (True if dim == 1 and ndim in (2, 4, 5) else None)
 
 
 class _PerChannel:
@@ -89,6 +84,7 @@ class Graph:
     flatten: set[Any] = field(default_factory=set)  # flattens of an NCHW map (mapped)
     spans: list[tuple[int, int, nn.Module]] = field(default_factory=list)
     deadline: float = float("inf")  # ``trace_walk.walk`` stops after it
+    cdim: dict[Any, int | None] = field(default_factory=dict)  # ``layout.channel_dims``
     consts: dict[Any, list] = field(default_factory=dict)  # ``inputs.constants``
     _parent: list[int] = field(default_factory=list)
 
@@ -187,14 +183,14 @@ def _set_maps(op: Any, other: Any, k: int, into: Any, out_of: Any) -> bool:
 def _exact_index_maps(graph: Graph) -> None:
     """Index maps for every node; a node whose autograd record is not what the maps
     expect is marked bad (its group is excluded, naming it), never a traceback."""
+    graph.cdim = channel_dims(graph)
     for node in list(graph.dg.module2node.values()):
         if node.grad_fn is None:
             continue  # no autograd record (an output that carries no graph)
         try:
             _map_node(graph, node)
         except Exception as e:  # an op of an unexpected form: excluded, named
-            op, at = node.grad_fn.name(), where(graph, node)
-            graph.bad[node] = f"op {op}{at} csgd cannot map ({type(e).__name__})"
+            graph.bad[node] = f"op {node.grad_fn.name()}{where(graph, node)} csgd cannot map ({type(e).__name__})"
 
 
 def _map_node(graph: Graph, node: Any) -> None:
@@ -207,7 +203,7 @@ def _map_node(graph: Graph, node: Any) -> None:
                 _set_maps(node, src, k, Take(0, 0), Take(0, 0))
     elif kind == tp_ops.OPTYPE.CONCAT:
         nd = len(_shape(g, 0))
-        along = _channel_dim(g._saved_dim, nd)
+        along, cd = on_channels(graph, node, g._saved_dim, nd), g._saved_dim % nd
         if along is None:
             graph.bad[node] = f"a concatenation along dim {g._saved_dim} of a {nd}-D tensor"
         if not along:
@@ -218,7 +214,7 @@ def _map_node(graph: Graph, node: Any) -> None:
             return
         offsets = [0]
         for f, nr in ins:
-            offsets.append(offsets[-1] + _shape(f, nr)[1])
+            offsets.append(offsets[-1] + _shape(f, nr)[cd])
         live = [
             i
             for i, (f, _) in enumerate(ins)
@@ -236,14 +232,18 @@ def _map_node(graph: Graph, node: Any) -> None:
             seen[src] += 1
     elif kind == tp_ops.OPTYPE.SPLIT:
         sizes = [tuple(m.shape) for m in g._input_metadata]
-        along = _channel_dim(g._saved_dim, len(sizes[0]))
+        src = node.inputs[0] if node.inputs else node
+        along, cd = (
+            on_channels(graph, src, g._saved_dim, len(sizes[0])),
+            g._saved_dim % len(sizes[0]),
+        )
         if along is None:
             graph.bad[node] = f"a split along dim {g._saved_dim} of a {len(sizes[0])}-D tensor"
         if not along:
             return
         offsets = [0]
         for s in sizes:
-            offsets.append(offsets[-1] + s[1])
+            offsets.append(offsets[-1] + s[cd])
         seen = Counter()
         for out in node.outputs:
             nrs = [nr for f, nr in out.grad_fn.next_functions if f is g]
@@ -260,14 +260,15 @@ def _map_node(graph: Graph, node: Any) -> None:
                 break
     elif kind == tp_ops.OPTYPE.SLICE:
         size = tuple(g._saved_self_sym_sizes)
-        along = _channel_dim(g._saved_dim, len(size))
+        src = node.inputs[0] if node.inputs else node
+        along, cd = on_channels(graph, src, g._saved_dim, len(size)), g._saved_dim % len(size)
         if along is None:
             graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
         elif along:
             a, b, step = g._saved_start, g._saved_end, g._saved_step
             if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), Put(a, step)):
                 graph.bad[node] = "a slice csgd cannot map"
-            if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[1]:
+            if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[cd]:
                 graph.identity.add(node)  # the whole tensor: stays whole after a merge
         else:
             graph.identity.add(node)
@@ -277,6 +278,8 @@ def _map_node(graph: Graph, node: Any) -> None:
         a, b = tuple(g._saved_self_sym_sizes), _shape(g, 0)
         if len(a) == len(b) in (2, 4, 5) and a[1] == b[1]:
             graph.identity.add(node)  # a broadcast over batch or space
+    elif g.name().rstrip("0123456789") in MOVES and graph.cdim.get(node) is not None:
+        graph.identity.add(node)  # a permute/transpose: the channels move, kept apart
     elif "CopySlices" in g.name() and _whole_inplace(g):
         graph.identity.add(node)  # an in-place op on a view of the whole tensor (x += y)
     elif g.name().startswith("AsStridedBackward") and _whole_view(g):
@@ -292,7 +295,8 @@ def _map_reshape(graph: Graph, node: Any) -> None:
     if len(ins) != 1 or len(node.inputs) != 1 or (owner and rule_for(owner)):
         return  # inside a layer (F.linear over an NHWC map): its rule speaks for it
     a, b = _shape(*ins[0]), _shape(node.grad_fn, 0)
-    if len(a) == 4 and len(b) == 2 and a[0] == b[0] and b[1] == a[1] * a[2] * a[3]:
+    nchw = graph.cdim.get(node.inputs[0]) in (1, None)  # an NHWC map flattens otherwise
+    if nchw and len(a) == 4 and len(b) == 2 and a[0] == b[0] and b[1] == a[1] * a[2] * a[3]:
         stride = a[2] * a[3]
         if stride == 1:
             graph.identity.add(node)
@@ -301,6 +305,9 @@ def _map_reshape(graph: Graph, node: Any) -> None:
             graph.flatten.add(node)
     elif len(a) == 2 and len(b) == 4 and a == b[:2] and b[2:] == (1, 1):
         graph.identity.add(node)  # (N, C) -> (N, C, 1, 1), e.g. an SE gate
+    elif graph.cdim.get(node.inputs[0]) is not None:
+        if intact(a, b, graph.cdim[node.inputs[0]]) is not None:
+            graph.identity.add(node)  # the channel dim kept whole: flatten(2), tokens <-> grid
 
 
 def channels_last(node: Any) -> bool:

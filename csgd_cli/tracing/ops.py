@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..rules.layers import rule_for, split_rule_for
+from ..rules.layers import KINDS, member_kind, rule_for, split_rule_for
 
 PER_CHANNEL_OPS = {
     "AddBackward", "SubBackward", "MulBackward", "DivBackward", "NegBackward",
@@ -53,9 +53,11 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
         return graph.bad[node]
     owner = graph.owner(node)
     rule = rule_for(owner) if owner is not None else None
+    at, cls = graph.names.get(owner), type(owner).__name__
+    if rule is not None and (rule.groups is not None or _either_side(owner, at)):
+        return member_kind(owner, True, at or "")  # an op of a layer that merges no channels
     if rule is not None and (name in PER_CHANNEL_OPS or name in rule.own_ops):
         return None  # the layer's own computation, which its rule describes
-    at, cls = graph.names.get(owner), type(owner).__name__
     where = (f" in '{at}' ({cls})" if at else f" in {cls}.forward") if owner is not None else ""
     if isinstance(mod, ops._ConcatOp) or node in graph.identity:
         return None
@@ -73,20 +75,23 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
         g = node.grad_fn
         if name in PER_CHANNEL_OPS:
             consts = graph.consts.get(g)  # operands without a graph, recorded in the trace
-            return _constant_operand(g, f"op {name}{where}", consts)
+            return _constant_operand(g, f"op {name}{where}", graph.cdim.get(node), consts)
         if name in REDUCTIONS:
             dims = getattr(g, "_saved_dim", None)
             sizes = getattr(g, "_saved_self_sym_sizes", None)
             if dims is not None:
                 dims = [dims] if isinstance(dims, int) else list(dims)
                 nd = len(sizes) if sizes is not None else 4
-                if all(d % nd != 1 for d in dims):
+                c = graph.cdim.get(node.inputs[0]) if len(node.inputs) == 1 else None
+                if all(d % nd != (1 if c is None else c) for d in dims):
                     return None
         return f"op {name}{where} is not known to keep channels apart"
     return f"op {type(mod).__name__.strip('_')}{where} is not supported by the merge"
 
 
-def _constant_operand(g: Any, op: str, shapes: list[tuple[int, ...]] | None = None) -> str | None:
+def _constant_operand(
+    g: Any, op: str, cd: int | None = None, shapes: list[tuple[int, ...]] | None = None
+) -> str | None:
     """An operand that is no node of the graph (a buffer, a weight used outside its
     layer) keeps its width after a merge: harmless only if it is one wide along the
     channels (a Python number, a scalar, a spatial mask). ``shapes``: those operands'
@@ -94,7 +99,7 @@ def _constant_operand(g: Any, op: str, shapes: list[tuple[int, ...]] | None = No
     if all(f is not None for f, _ in g.next_functions):
         return None
     nd = len(g._input_metadata[0].shape)
-    dims = (1, 2) if nd == 3 else (1,)  # a 3-D tensor: channels first or tokens last
+    dims = (cd,) if cd else (1, 2) if nd == 3 else (1,)  # 3-D, unknown: first or last
     if shapes is None:
         saved = [getattr(g, a, None) for a in ("_saved_other", "_saved_self")]
         shapes = [
@@ -114,3 +119,9 @@ def _rows_only(g: Any) -> bool:
     dim 0, so every channel lands in its own place."""
     idx = getattr(g, "_saved_indices", None) or ()
     return len(idx) == 1 and isinstance(idx[0], torch.Tensor)
+
+
+def _either_side(layer: nn.Module, name: str | None) -> bool:
+    """A layer that carries no channels on either side, for one reason (LayerNorm)."""
+    verdict = member_kind(layer, True, name or "")
+    return verdict not in KINDS and verdict == member_kind(layer, False, name or "")

@@ -41,6 +41,7 @@ from ..rules.groups import ChannelGroup, Member
 from ..rules.layers import member_kind, member_rows, rule_for
 from .graph import Graph, build_graph, channels_last
 from .inputs import where
+from .layout import reads_channels
 from .ops import OUTPUT, op_problem
 from .walk import TRACE_SECONDS, walk
 
@@ -144,7 +145,9 @@ def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | 
     name = graph.names.get(mod)
     if name is not None:  # a layer: its rule decides (csgd_cli.rules.layers)
         kind = member_kind(mod, bool(graph.dg.is_out_channel_pruning_fn(handler)), name)
-        if kind in ("out", "channel", "in"):
+        if kind == "in":  # the channels must sit in the dim the layer reads
+            return kind, reads_channels(graph, node)
+        if kind in ("out", "channel"):
             return kind, None
         return None, kind
     try:
@@ -160,15 +163,17 @@ def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
     judged = [(n, h, pairs, *_classify(graph, n, h)) for n, h, pairs in walk(graph, module)]
     # an NCHW flatten's map is wrong for channels a linear layer wrote last (NHWC, tokens)
     nhwc = any(kind == "out" and channels_last(n) for n, _, _, kind, _ in judged)
+    layer_problems: list[str] = []
     for node, _, pairs, kind, problem in judged:
         if nhwc and node in graph.flatten:
             problem = "a flatten of channels a linear layer wrote last (NHWC)"
-        if problem:
-            raw.problems.append(problem)
+        if problem:  # a layer's reason (LayerNorm) names it best: those first
+            (layer_problems if node.module in graph.names else raw.problems).append(problem)
         if kind == "output" or (kind == "out" and not node.outputs):
             raw.output = True  # the logits (or another output) of the network
         if kind is not None and kind != "output":
             raw.pairs.setdefault((graph.names[node.module], kind), []).extend(pairs)
+    raw.problems[:0] = layer_problems
     raw.logits = raw.output and all(
         isinstance(graph.dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
     )
@@ -268,12 +273,14 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
     graph.deadline = time.perf_counter() + TRACE_SECONDS
     names = graph.names
     index = {n: i for i, n in enumerate(names.values())}
+    declared, inner = _declared(model, graph)
     roots = [  # layers whose outputs are channels: convs and linear layers (any rule)
         m
         for m in model.modules()
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
         and rule_for(m) is not None
         and m in graph.dg.module2node
+        and names[m] not in inner
     ]
     raws: list[_Raw] = []
     covered: set[tuple[str, int]] = set()
@@ -309,8 +316,26 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
         if clash is not None and g.excluded is None:
             g.excluded = f"channels also coupled with the group of '{raws[clash].root}'"
         groups.append(g)
+    groups += declared
     _unique_names(groups)
     return sorted(groups, key=lambda g: index.get(g.name.split("@")[0], 0))
+
+
+def _declared(model: nn.Module, graph: Graph) -> tuple[list[ChannelGroup], set[str]]:
+    """Groups that modules declare by their rule (an attention's head channels), and
+    the layers whose outputs they cover (not walked: a head's reshapes are the rule's)."""
+    groups, inner = [], set()
+    for name, m in model.named_modules():
+        rule = rule_for(m)
+        if rule is None or rule.groups is None:
+            continue
+        mods = dict(m.named_modules(prefix=name))
+        for g in rule.groups(m, name):
+            outs = {x.module for x in g.members if x.kind == "out"}
+            if all(mods.get(o) in graph.dg.module2node for o in outs):  # ran in the trace
+                groups.append(g)
+                inner |= outs
+    return groups, inner
 
 
 def _unique_names(groups: list[ChannelGroup]) -> None:

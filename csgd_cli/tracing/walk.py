@@ -11,6 +11,7 @@ that reaches it (exponential on ReXNet's partial residuals: minutes before a ste
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,17 +85,23 @@ def walk(graph: Any, module: nn.Module) -> list[tuple[Any, Any, list[tuple[int, 
         fn = function.prune_depthwise_conv_out_channels  # as TP's get_pruning_group does
     root = dg.module2node[module]
     rows = np.repeat(np.arange(pruner.get_out_channels(module), dtype=np.int64)[:, None], 2, 1)
-    seen: dict[tuple[Any, Any], set[int]] = {(root, fn): set(_codes(rows))}
-    found: dict[tuple[Any, Any], list[Rows]] = {(root, fn): [rows]}
-    stack = [(root, fn, rows)]
-    while stack:
+    # rows that reach a node wait there until it is visited (a FIFO of nodes), so rows
+    # arriving in pieces (a split into heads, a concatenation) travel on together
+    key = (root, fn)
+    seen: dict[tuple[Any, Any], np.ndarray] = {key: np.unique(_codes(rows))}
+    found: dict[tuple[Any, Any], list[Rows]] = {key: [rows]}
+    pending: dict[tuple[Any, Any], list[Rows]] = {key: [rows]}
+    queue = deque([key])
+    while queue:
         if time.perf_counter() > graph.deadline:
             raise CsgdError(
                 f"tracing stopped after {TRACE_SECONDS:.0f} s in the group of "
                 f"'{graph.names.get(module, '?')}' (the graph is too large to walk)",
                 "declare channel_groups() on the model, or trace a smaller variant",
             )
-        node, fn, rows = stack.pop()
+        node, fn = key = queue.popleft()
+        parts = pending.pop(key)
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
         for dep in node.dependencies:
             if not dep.is_triggered_by(fn):
                 continue
@@ -104,16 +111,24 @@ def walk(graph: Any, module: nn.Module) -> list[tuple[Any, Any, list[tuple[int, 
                     new = mapping(new)
             if not len(new):
                 continue
-            have = seen.setdefault((dep.target, dep.handler), set())
-            fresh = np.array([c not in have and not have.add(c) for c in _codes(new)])
-            if fresh.any():
-                found.setdefault((dep.target, dep.handler), []).append(new[fresh])
-                stack.append((dep.target, dep.handler, new[fresh]))
+            to = (dep.target, dep.handler)
+            codes, first = np.unique(_codes(new), return_index=True)
+            have = seen.get(to)
+            fresh = first if have is None else first[~np.isin(codes, have, assume_unique=True)]
+            if not len(fresh):
+                continue
+            seen[to] = codes if have is None else np.union1d(have, codes)
+            found.setdefault(to, []).append(new[fresh])
+            if to in pending:
+                pending[to].append(new[fresh])
+            else:
+                pending[to] = [new[fresh]]
+                queue.append(to)
     return [
         (node, handler, [tuple(r) for r in np.concatenate(parts).tolist()])
         for (node, handler), parts in found.items()
     ]
 
 
-def _codes(rows: Rows) -> list[int]:
-    return ((rows[:, 0] << 32) | rows[:, 1]).tolist()
+def _codes(rows: Rows) -> np.ndarray:
+    return (rows[:, 0] << 32) | rows[:, 1]
