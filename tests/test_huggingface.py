@@ -84,6 +84,17 @@ def test_resume_takes_the_clusters_of_the_checkpoint(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_example_inputs_may_be_a_dict_or_a_tuple() -> None:
+    """A FLOPs target over keyword inputs, a ratio over positional ones."""
+    import csgd_cli as csgd
+
+    x, ffn = example(), ["*intermediate.dense"]
+    p = csgd.CSGD(bert(), x, target="flops:0.9", include=ffn)
+    assert p.target_report["met"] and p.target_report["ratio"] <= 0.9
+    q = csgd.CSGD(bert(), (x["input_ids"], x["attention_mask"]), ratio=0.5, include=ffn)
+    assert set(q.widths.values()) == {16}
+
+
 def test_a_missing_transformers_is_refused_in_one_line(tmp_path: Path) -> None:
     shadow = tmp_path / "transformers"
     shadow.mkdir()
