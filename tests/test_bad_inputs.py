@@ -125,13 +125,13 @@ CASES: dict[str, Case] = {
     "ckpt_of_a_newer_format": Case(
         "eval",
         ("ckpt={newer}",),
-        ("written by a newer csgd", "format 99", "reads formats 1 to 2", "upgrade csgd"),
+        ("written by a newer csgd", "format 99", "reads formats 1 to 3", "upgrade csgd"),
         True,
     ),
     "ckpt_of_an_older_format_with_other_keys": Case(
         "eval",
         ("ckpt={older}",),
-        ("written by an older csgd", "format 1", "writes format 2", "lacks state_dict"),
+        ("written by an older csgd", "format 1", "writes format 3", "lacks state_dict"),
         True,
     ),
     "clusters_do_not_fit": Case(
