@@ -51,6 +51,15 @@ def _takes_a_list(model: nn.Module) -> bool:
     return first.name == "images" or name.split("[")[0].rsplit(".", 1)[-1] in LIST_TYPES
 
 
+def first_input(model: nn.Module, x: Any, n: int = 1) -> Any:
+    """An input ``run_model`` passes the same way as ``x``, of its first ``n`` samples
+    (a top-level list: the forward's arguments, or a detector's images)."""
+    args, kwargs = call_args(model, x)
+    if kwargs:
+        return {k: first_samples(v, n) for k, v in kwargs.items()}
+    return tuple(first_samples(a, n) for a in args)
+
+
 def first_samples(x: Any, n: int = 1) -> Any:
     """The first ``n`` samples of an argument: of a tensor, of each tensor in a tuple or
     dict, and the first ``n`` items of a list (a detector's images, one per sample)."""
@@ -82,8 +91,7 @@ def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
         isinstance(example, (torch.Tensor, tuple, list))
         and not all(isinstance(v, int) for v in example)
     ):
-        args, kwargs = call_args(model, example)
-        x = {k: first_samples(v) for k, v in kwargs.items()} or first_samples(args)
+        x = first_input(model, example)
     else:
         p = next(model.parameters())
         x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)

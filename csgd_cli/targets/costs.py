@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.nets import count_macs, count_params, first_samples, run_model
+from ..common.nets import count_macs, count_params, first_input, run_model
 from ..core.clustering import split_k
 from ..deploy.latency import LayerTable, Timings
 from ..rules.groups import ChannelGroup
@@ -145,7 +145,7 @@ class TermCost:
 def _probe(model: nn.Module, modules: set[str], x: Any) -> dict[str, tuple[int, ...]]:
     """Per module: (output positions per sample, summed over calls; input H, W of the
     first call), from one forward pass of the first sample."""
-    x1 = first_samples(x)  # a tensor, or a tuple/list/dict of them
+    x1 = first_input(model, x)  # a tensor, or a tuple/list/dict of them
     seen: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
