@@ -110,10 +110,11 @@ class ChannelsLastMlp(nn.Module):
 
 def test_timm_linear_in_a_channels_last_block() -> None:
     stem, hidden = channel_groups(ChannelsLastMlp())
-    assert "PermuteBackward" in (stem.excluded or "")  # the permute moves the channels
+    assert stem.excluded is None  # the permutes move the channels, the flatten is NCHW
     assert hidden.name == "fc1" and hidden.excluded is None
     thin = exact_merge(ChannelsLastMlp(), (3, 16, 16))
     assert thin.fc1.out_features == thin.fc2.in_features == 8
+    assert thin.stem.out_channels == thin.fc2.out_features == thin.fc1.in_features == 4
 
 
 def test_split_rules_refit_mixed_convs_and_res2net_blocks() -> None:

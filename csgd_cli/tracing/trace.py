@@ -165,7 +165,7 @@ def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
     nhwc = any(kind == "out" and channels_last(n) for n, _, _, kind, _ in judged)
     layer_problems: list[str] = []
     for node, _, pairs, kind, problem in judged:
-        if nhwc and node in graph.flatten:
+        if nhwc and node in graph.flatten and graph.cdim.get(node.inputs[0]) is None:
             problem = "a flatten of channels a linear layer wrote last (NHWC)"
         if problem:  # a layer's reason (LayerNorm) names it best: those first
             (layer_problems if node.module in graph.names else raw.problems).append(problem)
