@@ -149,9 +149,7 @@ def _save_and_load(thin: nn.Module, fresh: nn.Module, path: Path, x: Any) -> nn.
 @pytest.mark.parametrize("name", [p for n in DETECTORS for p in _params(n)])
 def test_detector_through_the_api(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = DETECTORS[name]().eval()
-    if name != "maskrcnn_resnet50_fpn":  # lively masks: the mask-logits group's walk ran
-        _lively(model)  # past the tracer's 60 s (open: its rows multiply somewhere)
+    model = _lively(DETECTORS[name]())
     images, targets = _data(name)
     pruner = csgd_cli.CSGD(model, (images,), ratio=0.5, clustering="even")
     _every_group_accounted(pruner)
@@ -299,3 +297,16 @@ def test_a_surprise_in_the_walk_excludes_that_group_naming_it(monkeypatch: Any) 
     pruner = csgd_cli.CSGD(Cat(), torch.rand(1, 3, 8, 8), ratio=0.5)
     assert pruner.excluded()["c"] == "tracing the channels of 'c' failed (KeyError)"
     assert {"a", "c"} <= {g.name for g in pruner.groups}
+
+
+def test_put_keeps_only_the_indices_its_piece_has() -> None:
+    """Rows reaching a concatenation's piece by another path (a detector's paste of masks
+    loops through pieces) are dropped, so indices cannot grow without bound (the Mask
+    R-CNN mask-logits walk ran for minutes before)."""
+    import numpy as np
+
+    from csgd_cli.tracing.walk import Put
+
+    rows = np.array([[0, 0], [2, 1], [3, 2], [7, 3]])
+    assert Put(4, 1, 3)(rows).tolist() == [[4, 0], [6, 1]]
+    assert Put(1, 2)(rows).tolist() == [[1, 0], [5, 1], [7, 2], [15, 3]]

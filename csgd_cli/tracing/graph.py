@@ -190,7 +190,8 @@ def _exact_index_maps(graph: Graph) -> None:
         try:
             _map_node(graph, node)
         except Exception as e:  # an op of an unexpected form: excluded, named
-            graph.bad[node] = f"op {node.grad_fn.name()}{where(graph, node)} csgd cannot map ({type(e).__name__})"
+            op, at = node.grad_fn.name(), where(graph, node)
+            graph.bad[node] = f"op {op}{at} csgd cannot map ({type(e).__name__})"
 
 
 def _map_node(graph: Graph, node: Any) -> None:
@@ -225,7 +226,8 @@ def _map_node(graph: Graph, node: Any) -> None:
             graph.bad[node] = "a concatenation csgd cannot map"
             return
         for i, src in zip(live, node.inputs, strict=True):
-            into, out_of = Put(offsets[i]), Take(offsets[i], offsets[i + 1])
+            into = Put(offsets[i], 1, offsets[i + 1] - offsets[i])
+            out_of = Take(offsets[i], offsets[i + 1])
             if not _set_maps(node, src, seen[src], into, out_of):
                 graph.bad[node] = "a concatenation csgd cannot map"
                 break
@@ -253,7 +255,11 @@ def _map_node(graph: Graph, node: Any) -> None:
             if (
                 piece is None
                 or not _set_maps(  # into: from the piece's consumer
-                    node, out, k, Put(offsets[piece]), Take(*offsets[piece : piece + 2])
+                    node,
+                    out,
+                    k,
+                    Put(offsets[piece], 1, offsets[piece + 1] - offsets[piece]),
+                    Take(*offsets[piece : piece + 2]),
                 )
             ):
                 graph.bad[node] = "a split csgd cannot map"
@@ -266,7 +272,8 @@ def _map_node(graph: Graph, node: Any) -> None:
             graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
         elif along:
             a, b, step = g._saved_start, g._saved_end, g._saved_step
-            if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), Put(a, step)):
+            out_of = Put(a, step, len(range(a, min(b, size[cd]), step)))
+            if not _set_maps(node, node.inputs[0], 0, Take(a, b, step), out_of):
                 graph.bad[node] = "a slice csgd cannot map"
             if g._saved_start == 0 and g._saved_step == 1 and g._saved_end >= size[cd]:
                 graph.identity.add(node)  # the whole tensor: stays whole after a merge

@@ -43,13 +43,17 @@ class Take:
 
 @dataclass(frozen=True)
 class Put:
-    """Into a concatenation or a split tensor, out of a slice: index ``i`` -> ``at + step * i``."""
+    """Into a concatenation or a split tensor, out of a slice: index ``i`` -> ``at + step * i``
+    for the ``n`` indices the piece has (others came by another path: dropped, so that
+    indices cannot grow round a loop of pieces, as in a detector's post-processing)."""
 
     at: int
     step: int = 1
+    n: int | None = None
 
     def __call__(self, rows: Rows) -> Rows:
-        out = rows.copy()
+        out = rows if self.n is None else rows[(rows[:, 0] >= 0) & (rows[:, 0] < self.n)]
+        out = out.copy()
         out[:, 0] = self.at + self.step * out[:, 0]
         return out
 
