@@ -125,7 +125,7 @@ def row(name: str, family: str, size: int, kw: dict) -> dict:
                            weight_decay=0.0)  # fmt: skip
     model.train()
     steps = 0
-    while steps < MAX_STEPS and (steps % 4 or not pruner.ready(tolerance=1e-20)):
+    while steps < MAX_STEPS and (steps % 4 or not pruner.ready(1e-9)):
         i = (steps * 16) % 48
         loss = F.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
         opt.zero_grad()

@@ -51,9 +51,12 @@ if os.environ.get("T_FSIZE"):
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 cli.main(sys.argv[1:])
 """
-HOLD = """
+# a CLI warning line (csgd train: a schedule that cannot converge) is not the error line
+WARNING = re.compile(r"^csgd \w+: warning: ")
+HOLD = r"""
 import sys, time
 from csgd_cli.runner import lock
+
 print(lock.acquire(sys.argv[1], "train").record["token"], flush=True)
 time.sleep(600)
 """
@@ -94,7 +97,7 @@ def hold(run_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
 
 
 def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not WARNING.match(ln)]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 

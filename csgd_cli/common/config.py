@@ -174,11 +174,6 @@ class PruneConf:
 
 
 @dataclass
-class CheckConf:
-    tolerance: float = 1e-8  # chi / ||K||^2 below which a model is ready to merge
-
-
-@dataclass
 class EvalConf:
     latency_batch: int = 64
     latency_iters: int = 10
@@ -212,7 +207,6 @@ class Config:
     pretrain: ScheduleConf = field(default_factory=ScheduleConf)  # base training
     finetune: ScheduleConf = field(default_factory=ScheduleConf)  # after the merge
     prune: PruneConf = field(default_factory=PruneConf)
-    check: CheckConf = field(default_factory=CheckConf)
     eval: EvalConf = field(default_factory=EvalConf)
     deploy: DeployConf = field(default_factory=DeployConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
@@ -272,7 +266,6 @@ def validate(cfg: DictConfig) -> None:
     _need(cfg.prune.score_batches >= 1, "prune.score_batches", cfg.prune.score_batches, ">= 1")
     lam = cfg.prune.slimming_lambda
     _need(lam >= 0, "prune.slimming_lambda", lam, ">= 0")
-    _need(cfg.check.tolerance > 0, "check.tolerance", cfg.check.tolerance, "> 0")
     _need(
         cfg.checkpoint.every_steps >= 0,
         "checkpoint.every_steps",

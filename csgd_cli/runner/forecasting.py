@@ -5,6 +5,7 @@ check`` prints."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,8 @@ def check_forecast(cfg: DictConfig, steps_per_epoch: int) -> Forecast | None:
         fixes.append(f"schedule.epochs={ok['epochs']}")
     fix = " or ".join(fixes) if fixes else "a longer schedule or a larger schedule.lr"
     if cfg.stage == "train" or cfg.prune.force:
-        log.warning("%s; %s would reach it", what, fix)
+        # a warning, not a refusal: train never merges (another train may continue it)
+        print(f"csgd {cfg.stage}: warning: {what}; {fix} would reach it", file=sys.stderr)
         return f
     raise CsgdError(what, f"pass {fix} (or prune.force=true to merge anyway)")
 

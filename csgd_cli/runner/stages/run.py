@@ -17,21 +17,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ...api.record import PruneRecord
 from ...common.files import write_json
-from ...core.chi import chi_report
-from ...tracing.trace import channel_groups
-from ..baselines import finetune_schedule, prune_step, sparsity_phase
-from ..distributed import barrier, is_main
+from ..baselines import finetune_schedule
+from ..distributed import is_main
 from ..evaluate import latencies, measure
-from ..pipeline import (
-    base_phase,
-    csgd_phase,
-    once,
-    payload,
-    save_pruned,
-    train_phase,
-)
+from ..pipeline import base_phase, once, payload, train_phase
+from ..rounds import prune_round
 from ..runtimes import int8_row
 from ..session import load, setup
 from ..tables import summary_table
@@ -42,7 +33,7 @@ log = logging.getLogger("csgd")
 
 def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
-    info, method, rows = ctx.data.info, cfg.prune.method, {}
+    info, rows = ctx.data.info, {}
     nets: dict[str, Any] = {}  # every row's network, timed side by side at the end
 
     def measure_(m: Any, name: str) -> dict[str, Any]:
@@ -54,32 +45,11 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     x, _ = ctx.data.sample_batch(256)  # a target's rounds step towards it, with no ratio
     ratios = [None] * cfg.prune.rounds if cfg.prune.target else list(cfg.ratios) or [cfg.ratio]
     for r, ratio in enumerate(ratios):
-        tag, step = f"_r{r + 1}" if len(ratios) > 1 else "", (r + 1, len(ratios))
-        pruned, csgd = out / f"pruned{tag}.pt", out / f"csgd{tag}.pt"
+        pruned = out / (f"pruned_r{r + 1}.pt" if len(ratios) > 1 else "pruned.pt")
         if cfg.resume and pruned.is_file():
             model, ck = load(str(pruned), "run", info)
             continue
-        src, widths = out / (f"pruned_r{r}.pt" if r else "base.pt"), None  # ``model``'s file
-        if method == "csgd":
-            phase, src = f"train{tag}", csgd
-            train = partial(csgd_phase, ctx, model, ck, phase, out / phase, ratio, step)
-            model, ck = once(ctx, csgd, train)
-            chi = chi_report(model, channel_groups(model), PruneRecord.from_checkpoint(ck).clusters)
-            log.info("chi %.3e (relative %.3e) after round %d", chi["chi"], chi["relative"], r + 1)
-            rows[f"csgd{tag}"] = dict(
-                measure_(model, f"csgd{tag}"), chi=chi["chi"], chi_relative=chi["relative"]
-            )
-        elif method == "slimming":  # widths chosen before it, as C-SGD's clusters are
-            phase, src = f"sparsity{tag}", out / f"sparse{tag}.pt"
-            train = partial(sparsity_phase, ctx, model, ck, phase, out / phase, ratio, step)
-            model, ck = once(ctx, src, train)
-            rows[f"sparse{tag}"] = measure_(model, f"sparse{tag}")
-            widths = PruneRecord.from_checkpoint(ck).group_widths
-        thin, rep = prune_step(ctx, model.to(ctx.device), ck, x, ratio, str(src), step, out, widths)
-        save_pruned(cfg, thin, ck, rep, str(src), pruned, x)
-        barrier()  # rank 0 wrote pruned.pt: every rank reads it
-        model, ck = load(str(pruned), "run", info)
-        rows[f"pruned{tag}"] = {**measure_(model, f"pruned{tag}"), "merge_check": rep}
+        model, ck = prune_round(ctx, model, ck, x, ratio, (r + 1, len(ratios)), measure_, rows)
     fine = partial(train_phase, ctx, model, finetune_schedule(cfg, len(ratios)), "finetune")
     kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
     model, ck = once(ctx, out / "finetuned.pt", lambda: fine(out / "finetune", kw))
