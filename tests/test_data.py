@@ -292,7 +292,7 @@ def test_imagenet_missing_or_empty_folder(tmp_path: Path) -> None:
 
 def test_unknown_dataset_lists_valid_names() -> None:
     with pytest.raises(CsgdError) as err:
-        build_data(cfg(name="mnist"), seed=0, device=CPU)
+        build_data(cfg(name="svhn"), seed=0, device=CPU)
     assert all(n in str(err.value) for n in DATASETS)
 
 
