@@ -177,8 +177,8 @@ def main(argv: list[str]) -> int:
         except CsgdError as e:  # a one-line stop (tracing), counted as refused
             done.append({"model": r[0], "family": r[1], "size": r[2], "trace_s": float("nan"),
                          "groups": 0, "refused": str(e), "time_s": 0.0})  # fmt: skip
-        print(f"{r[0]}: done in {done[-1]['time_s']:.0f} s", file=sys.stderr, flush=True)
-    print(table(done))
+        print(table(done[-1:]).splitlines()[-1], flush=True)  # the row, as it comes
+    print("\n" + table(done))
     merged = [r for r in done if "refused" not in r]
     exact = sum(r["rel"] <= 1e-4 and r["top1"] == 1.0 for r in merged)
     print(
