@@ -37,7 +37,7 @@ ROWS = [
     ("swin_tiny_patch4_window7_224", "swin", 64),
     ("levit_128s", "levit", 64),
     ("pvt_v2_b0", "pvt_v2", 64),
-    ("efficientformer_l1", "efficientformer", 64),
+    ("efficientformer_l1", "efficientformer", 224),  # its forward needs 224
     ("efficientformerv2_s0", "efficientformerv2", 64),
     ("mobilevit_xxs", "mobilevit", 64),
     ("mobilevitv2_050", "mobilevitv2", 64),
