@@ -7,6 +7,9 @@ a latency target timed and cached, bad inputs refused through the CLI, and a who
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,17 +194,32 @@ def test_bad_targets_exit_2_with_one_line_and_write_nothing(
     assert list(tmp_path.iterdir()) == []  # no run directory, no timings
 
 
-def test_csgd_run_to_a_latency_target_on_the_cpu(
-    tmp_path: Path, quick_timing: None, capsys: pytest.CaptureFixture[str]
-) -> None:
+# ``csgd run`` in a process of its own (Hydra configures logging for the whole process),
+# with the quick timings of ``quick_timing``
+QUICK_RUN = """
+import sys
+from csgd_cli.deploy import latency
+from csgd_cli.runner import cli
+from csgd_cli.targets import widths
+latency.LAYER_S, latency.NETWORK_S, latency.ROUNDS, widths.CONFIRMS = 0.002, 0.01, 3, 2
+cli.main(sys.argv[1:])
+"""
+
+
+def test_csgd_run_to_a_latency_target_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cli.main([
+    args = [
         "run", *[a for a in DIGITS if not a.startswith("dataset.limit")], "dataset.limit=64",
         "+model.kwargs.widths=[32,32,32,32,32,32,32,32,32,32,32,32]", "pretrain.epochs=0", "schedule.epochs=1", "finetune.epochs=0",
         "prune.force=true", "prune.export=false", "prune.target=latency:0.8",
         "prune.round_to=4", "prune.latency_batch=64", "backend=eager", f"hydra.run.dir={out}",
-    ])  # fmt: skip
-    stdout = capsys.readouterr().out
+    ]  # fmt: skip
+    env = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", QUICK_RUN, *args], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = proc.stdout
     widths = json.loads((out / "train" / "widths.json").read_text())
     rep = widths["target_report"]
     assert widths["target"] == "latency:0.8" and (not rep["met"] or rep["ratio"] <= 0.8)

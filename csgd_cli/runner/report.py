@@ -217,6 +217,11 @@ def plot_chi_loss(runs: list[Run], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("C-SGD training, one line per epsilon")
+    return _finish(plt, fig, path)
+
+
+def _finish(plt: Any, fig: Any, path: Path) -> bool:
+    """Lay out, write and close a figure (closed even when the write fails)."""
     fig.tight_layout()
     try:
         _save(fig, path)
@@ -264,12 +269,7 @@ def plot_acc_flops(aggs: list[dict[str, Any]], path: Path) -> bool:
     axes[0].legend(fontsize=8)
     n = "/".join(map(str, sorted({a["n"] for a in aggs})))
     fig.suptitle(f"accuracy against FLOPs: mean ± std over {n} seed(s), one line per method")
-    fig.tight_layout()
-    try:
-        _save(fig, path)
-    finally:
-        plt.close(fig)
-    return True
+    return _finish(plt, fig, path)
 
 
 # -- the report ------------------------------------------------------------------------
