@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import struct
@@ -171,3 +172,25 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fast = ["schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0"]
     cli.main(["pretrain", *TINY_DIGITS, *fast, f"hydra.run.dir={d / 'base'}"])
     return d
+
+
+def _loggers() -> list[logging.Logger]:
+    found = logging.Logger.manager.loggerDict.values()
+    return [logging.getLogger(), *(lg for lg in found if isinstance(lg, logging.Logger))]
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """An in-process ``csgd`` run lets Hydra configure logging for the whole process, with
+    handlers on this test's captured streams (closed when the test ends): put every
+    logger back as it was, so no later test of this worker writes to a closed stream."""
+    saved = {id(lg): (list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in _loggers()}
+    yield
+    for lg in _loggers():
+        handlers, level, propagate, disabled = saved.get(id(lg), ([], logging.NOTSET, True, False))
+        for h in list(lg.handlers):
+            if h not in handlers and not type(h).__module__.startswith("_pytest"):
+                lg.removeHandler(h)
+        if id(lg) in saved:
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
