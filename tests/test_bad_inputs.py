@@ -9,7 +9,7 @@ csgd run still writing there would: only the case that gets that far is refused 
 
 Failures that can only happen once a stage runs (a full disk, a NaN image in the data)
 change Hydra's record of the command in the run directory, so they cannot keep this
-contract; ``tests/test_reliability2.py`` checks them for one line and exit 2 instead.
+contract; ``tests/test_e2e_lock.py`` checks them for one line and exit 2 instead.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import torch
 import torchvision
 
 from csgd_cli.core import kmeans as km
-from csgd_cli.core.clustering import cluster_groups, kmeans_clusters, target_widths
-from csgd_cli.rules.groups import check_clusters
+from csgd_cli.core.clustering import cluster_groups, kmeans_clusters, num_clusters, target_widths
+from csgd_cli.models import get_model
+from csgd_cli.rules.groups import ChannelGroup, check_clusters
 from csgd_cli.tracing.trace import channel_groups
 
 
@@ -99,3 +100,20 @@ def test_labels_are_a_partition_for_random_sizes() -> None:
         k = int(rng.integers(1, n + 1))
         lab = km.kmeans(torch.from_numpy(rng.normal(size=(n, d))), k, 0)
         assert lab.shape == (n,) and int(lab.min()) >= 0 and int(lab.max()) < k
+
+
+def test_round_to_widths() -> None:
+    assert [num_clusters(w, 0.625, 16) for w in (16, 32, 64)] == [16, 16, 32]  # 40: a tie
+    assert [num_clusters(w, 0.625, 8) for w in (16, 32, 64)] == [8, 16, 40]  # 20: a tie
+    assert num_clusters(64, 0.7, 16) == 48 and num_clusters(256, 0.7, 16) == 176
+    assert num_clusters(8, 0.5, 16) == 8  # narrower than the block: stays whole
+    assert num_clusters(20, 0.9, 16) == 16  # never above the width, a multiple when it can
+    assert num_clusters(64, 0.05, 16) == 16  # at least one block
+    model = get_model("resnet56")
+    groups = channel_groups(model)
+    thin = target_widths(groups, 0.5, {g.name: g.width for g in groups}, round_to=16)
+    assert all(w % 16 == 0 for w in thin.values())
+    # an iterative round on a thinned model keeps the multiple and never grows a group
+    shrunk = [ChannelGroup(g.name, thin[g.name], g.members) for g in groups]
+    again = target_widths(shrunk, 0.25, {g.name: g.width for g in groups}, round_to=16)
+    assert all(w % 16 == 0 and w <= thin[k] for k, w in again.items())

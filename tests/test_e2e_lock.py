@@ -1,6 +1,6 @@
-"""Reliability, round 2 (issue 18): one writer per run directory, and a full disk in a
-resumed run. (Its other parts moved to the files of their units: test_logs, test_report,
-test_engine, and test_e2e_failures for the NaN image and every writer on a full disk.)
+"""End to end, the run-directory lock: one writer per run directory (racing processes,
+a killed run's lock taken over by its resume, a sweep locking each point), and a full
+disk in a resumed run. The lock's unit tests are in test_lock.py.
 
 The CLI cases are real ``csgd`` processes (tiny ResNet-20, 256 digits, 16 steps an epoch)
 that a background thread starts with the module, in two waves: first two processes
