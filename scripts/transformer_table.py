@@ -167,6 +167,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: {sys.argv[0]} [--quick] [MODEL ...]\nmodels: {' '.join(r[0] for r in ROWS)}")
+        return 0
     torch.set_num_threads(2)
     names = [a for a in argv if not a.startswith("-")]
     rows = [r for r in ROWS if (r[0] in names if names else "--quick" not in argv or r[0] in QUICK)]
