@@ -40,13 +40,17 @@ def stat_segments(
     return out
 
 
-def _average(rows: Sequence[torch.Tensor], local: list[list[int]]) -> None:
-    """Each row view set to its cluster's mean, in place."""
+def _labels(rows: Sequence[torch.Tensor], local: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """(each row's cluster, each cluster's size) on the rows' device."""
     dev = rows[0].device
     lab = torch.tensor(cluster_labels(local, rows[0].shape[0]), device=dev)
-    size = torch.tensor([len(c) for c in local], device=dev, dtype=rows[0].dtype)
+    return lab, torch.tensor([len(c) for c in local], device=dev, dtype=rows[0].dtype)
+
+
+def _average(rows: Sequence[torch.Tensor], lab: torch.Tensor, size: torch.Tensor) -> None:
+    """Each row view set to its cluster's mean, in place."""
     for r in rows:
-        mean = torch.zeros(len(local), device=dev, dtype=r.dtype).index_add_(0, lab, r)
+        mean = torch.zeros(len(size), device=r.device, dtype=r.dtype).index_add_(0, lab, r)
         r.copy_(mean.div_(size).index_select(0, lab))
 
 
@@ -61,7 +65,8 @@ def average_statistics(
     or in ``state`` (a copy of its state_dict: what the merge keeps)."""
     for _name, blocks, local in stat_segments(model, groups, clusters):
         src = [state[r.key] if state is not None else r.tensor for r in blocks]
-        _average([t.narrow(0, r.row, r.n) for t, r in zip(src, blocks, strict=True)], local)
+        rows = [t.narrow(0, r.row, r.n) for t, r in zip(src, blocks, strict=True)]
+        _average(rows, *_labels(rows, local))
 
 
 class StatSync:
@@ -75,10 +80,11 @@ class StatSync:
         self._build()
 
     def _build(self) -> None:
-        self.parts = [
-            ([r.tensor.narrow(0, r.row, r.n) for r in blocks], local)
-            for _, blocks, local in stat_segments(self.model, self.groups, self.clusters)
-        ]
+        # labels and sizes made once, on the buffers' device: no copy to it per step
+        self.parts = []
+        for _, blocks, local in stat_segments(self.model, self.groups, self.clusters):
+            rows = [r.tensor.narrow(0, r.row, r.n) for r in blocks]
+            self.parts.append((rows, *_labels(rows, local)))
         self._bufs = [t for t in self.model.buffers() if t.dim() == 1][:1]
 
     def _live(self) -> bool:
@@ -90,8 +96,8 @@ class StatSync:
     def __call__(self) -> None:
         if not self._live():
             self._build()
-        for rows, local in self.parts:
-            _average(rows, local)
+        for rows, lab, size in self.parts:
+            _average(rows, lab, size)
 
 
 @torch.no_grad()

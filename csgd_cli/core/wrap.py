@@ -128,11 +128,13 @@ class CentripetalWrap:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pulls, groups = [], self.optimizer.param_groups
+        pulls = []
+        # once per param group, not per row block: a tensor lr (capturable Adam) syncs
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         for r, gi in self._rows:
             w = r.param.detach().narrow(0, r.row, r.n)
             flat = w.reshape(r.n, -1)
-            lr = float(groups[gi]["lr"])  # a tensor lr (capturable Adam) too
+            lr = lrs[gi]
             if r.eps and lr:
                 pulls.append((w, (flat - _cluster_mean(flat, r)).mul_(-lr * r.eps)))
             g = r.param.grad
