@@ -1,7 +1,7 @@
 """INT8 and OpenVINO: `csgd export format=onnx-int8` (static QDQ, per-channel weights,
 calibrated on the run's data) keeps top-1 within a point of float32 on a digits-trained
 ResNet-20; `csgd eval backend=onnxruntime-int8|openvino` reports top-1 in the runtime
-beside float32's; OpenVINO's logits are onnxruntime's; a missing openvino is one line."""
+beside float32's, and the loss of the runtime's own logits; OpenVINO's logits are onnxruntime's; a missing openvino is one line."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from csgd_cli.runner.datasets import build_data
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 from csgd_cli.deploy.export import export_onnx, onnx_node_types, onnx_session
-from csgd_cli.runner.runtimes import file_runner
+from csgd_cli.runner.runtimes import file_runner, runtime_runner
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 R20 = ["model=resnet20", "dataset=digits", "dataset.batch_size=32", "device=cpu",
@@ -82,13 +82,33 @@ def test_int8_export_keeps_top1_within_a_point(trained, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["onnxruntime-int8", "openvino"])
 def test_eval_in_a_runtime_reports_float32_beside(trained, tmp_path: Path, backend: str) -> None:
-    path, _ = trained
+    path, model = trained
     out = cli("eval", *R20, f"ckpt={path}", f"backend={backend}", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["backend"] == backend and res["latency_ms"] > 0
     assert abs(res["acc"] - res["acc_float32"]) <= (1.0 if backend != "openvino" else 0.3)
     assert "float32 top-1" in out.stdout
+    # the loss is the runtime's: the cross-entropy of its own logits, float32's beside
+    data = _digits()
+    runner = runtime_runner(model, backend, data, calib_batches=8)  # the default
+    logits, labels = [], []
+    for x, y in data.test_batches():
+        logits.append(torch.from_numpy(runner.run(runner.prepare(x))).float())
+        labels.append(y)
+    want = F.cross_entropy(torch.cat(logits), torch.cat(labels)).item()
+    assert res["loss"] == pytest.approx(want, rel=1e-4), (res["loss"], want)
+    assert res["loss_float32"] == pytest.approx(_float32_loss(model, data), rel=1e-5)
+    if backend == "onnxruntime-int8":  # rounding to 8 bits moves every logit a little
+        assert abs(res["loss"] - res["loss_float32"]) > 1e-4 * res["loss_float32"], res
+
+
+def _float32_loss(model: torch.nn.Module, data) -> float:
+    with torch.no_grad():
+        pairs = [(model.eval()(x), y) for x, y in data.test_batches()]
+    return F.cross_entropy(
+        torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
+    ).item()
 
 
 def test_openvino_logits_equal_onnxruntime_float32(trained, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Top-1 of a model as a deployment runtime runs it (INT8 in onnxruntime, OpenVINO),
+"""Top-1 and loss of a model as a deployment runtime runs it (INT8 in onnxruntime,
+OpenVINO; from the runtime's own logits),
 always beside the float32 network's: what ``csgd eval backend=...``, ``csgd export
 format=onnx-int8`` and ``csgd run``'s INT8 row (``deploy.int8=true``) report.
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.export import Runner
@@ -77,24 +79,37 @@ def runtime_runner(model: nn.Module, backend: str, data: Any, calib_batches: int
     return BACKENDS[backend](m, x)
 
 
+def runner_metrics(runner: Runner, data: Any, device: torch.device) -> dict[str, float]:
+    """Top-1 (%) and mean cross-entropy of a runtime's own logits over the whole test
+    split (every rank's shard summed): what the runtime computes, not float32's."""
+    right = n = 0
+    loss = 0.0
+    for x, y in data.test_batches():
+        out = torch.from_numpy(np.asarray(runner.run(runner.prepare(x.cpu())))).float()
+        y = y.cpu()
+        right += int((out.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        n += int(y.numel())
+    loss, right, n = distributed.all_sum([loss, right, n], device)
+    return {"acc": 100.0 * right / max(n, 1), "loss": loss / max(n, 1)}
+
+
 def runner_top1(runner: Runner, data: Any, device: torch.device) -> float:
     """Top-1 (%) of a runtime over the whole test split (every rank's shard summed)."""
-    right = n = 0
-    for x, y in data.test_batches():
-        out = np.asarray(runner.run(runner.prepare(x.cpu())))
-        right += int((torch.from_numpy(out).argmax(1) == y.cpu()).sum())
-        n += int(y.numel())
-    right, n = distributed.all_sum([right, n], device)
-    return 100.0 * right / max(n, 1)
+    return runner_metrics(runner, data, device)["acc"]
 
 
 def runtime_accuracy(
     model: nn.Module, backend: str, data: Any, device: torch.device, calib_batches: int,
-    float32_acc: float,
+    float32_acc: float, float32_loss: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """``acc`` in ``backend`` and ``acc_float32`` (the eager network's), and the drop."""
-    acc = runner_top1(runtime_runner(model, backend, data, calib_batches), data, device)
-    return {"acc": acc, "acc_float32": float32_acc, "acc_drop": float32_acc - acc}
+    """``acc`` and ``loss`` in ``backend`` (from its logits), ``acc_float32`` (the eager
+    network's), the drop, and ``loss_float32`` when given."""
+    got = runner_metrics(runtime_runner(model, backend, data, calib_batches), data, device)
+    res = {**got, "acc_float32": float32_acc, "acc_drop": float32_acc - got["acc"]}
+    if float32_loss is not None:
+        res["loss_float32"] = float32_loss
+    return res
 
 
 def file_top1(path: Path, data: Any, device: torch.device, backend: str = "onnxruntime") -> float:
@@ -112,8 +127,8 @@ def int8_row(model: nn.Module, data: Any, device: torch.device, cfg: Any,
     i = data.info
     shape = (i.in_channels, i.image_size, i.image_size)
     row = {k: float32[k] for k in ("params", "macs", "resolution") if k in float32}
-    row.update(runtime_accuracy(model, "onnxruntime-int8", data, device,
-                                cfg.deploy.calib_batches, float32["acc"]))  # fmt: skip
+    row.update(runtime_accuracy(model, "onnxruntime-int8", data, device, cfg.deploy.calib_batches,
+                                float32["acc"], float32.get("loss")))  # fmt: skip
     lat = latencies({"int8": model}, shape, device, cfg.eval, "onnxruntime-int8")["int8"]
     row.update({k: v for k, v in lat.items() if k != "latency_spread"})
     return row

@@ -18,9 +18,9 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ctx = setup(cfg, out)
     model, _ = load(cfg.ckpt, "ckpt", ctx.data.info)
     res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp, cfg.backend)
-    if cfg.backend in RUNTIME_TOP1:  # top-1 as the runtime computes it, beside float32's
+    if cfg.backend in RUNTIME_TOP1:  # top-1 and loss from the runtime's logits, float32's beside
         res.update(runtime_accuracy(model, cfg.backend, ctx.data, ctx.device,
-                                    cfg.deploy.calib_batches, res["acc"]))  # fmt: skip
+                                    cfg.deploy.calib_batches, res["acc"], res["loss"]))  # fmt: skip
     res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **res}
     write_json(out / "eval.json", res)
     if is_main():
@@ -30,5 +30,6 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             f"(batch {res['batch_size']}, {res['throughput']:.0f} img/s, {res['backend']} "
             f"on {res['device']})"
             + (f"; float32 top-1 {res['acc_float32']:.2f}%" if "acc_float32" in res else "")
+            + (f", loss {res['loss_float32']:.4f}" if "loss_float32" in res else "")
         )
     return res
