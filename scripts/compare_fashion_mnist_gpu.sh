@@ -11,7 +11,8 @@
 # the base: C-SGD 600 (the reference schedule conf/schedule/csgd.yaml: batch 64, Nesterov
 # 0.9, weight decay 1e-4, eps 3e-3, lr 0.03 x0.1 at 200 and 400) + fine-tune 10;
 # slimming's sparsity phase is those 600 epochs (lambda 1e-5, Liu et al.'s ResNet value)
-# + fine-tune 10; the others fine-tune 10 + 600 (pipeline.budget_schedule).
+# + fine-tune 10; the others retrain 600 on C-SGD's schedule (plain momentum SGD, the
+# same learning rates) + fine-tune 10 (prune.baseline_schedule=csgd).
 #
 # Time: an ESTIMATE (no GPU was available to measure it). Measured here on the CPU, one
 # thread: a half-width ResNet-20 epoch of 5,000 28x28 images costs 7-9 s of CPU time and
@@ -50,7 +51,7 @@ csgd pretrain -m "${common[@]}" "${base[@]}" "${LAUNCHER[@]}" \
 csgd run -m "${common[@]}" "${csgd_sched[@]}" "${LAUNCHER[@]}" \
     prune.method="$METHODS" prune.target="$TARGETS" \
     epsilon=3e-3 finetune.epochs="$FT_EPOCHS" prune.export=false \
-    prune.slimming_lambda=1e-5 prune.score_batches=64 \
+    prune.slimming_lambda=1e-5 prune.score_batches=64 prune.baseline_schedule=csgd \
     "init=$OUT/bases/seed\${seed}/last.pt" hydra.sweep.dir="$OUT/runs" "$@"
 
 csgd report dir="$OUT/runs"

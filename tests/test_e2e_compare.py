@@ -29,6 +29,7 @@ def test_compare_sweep_end_to_end(tmp_path: Path) -> None:
         "prune.export=false",
         "prune.score_batches=2",
         "prune.slimming_lambda=1e-2",
+        "prune.baseline_schedule=csgd",  # taylor: C-SGD's epoch on its lr, then the ft
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
@@ -52,3 +53,6 @@ def test_compare_sweep_end_to_end(tmp_path: Path) -> None:
     assert (sweep / "acc_flops.png").stat().st_size > 1000
     sparse = sweep / next(x["run"] for x in per_run if x["method"] == "slimming")
     assert (sparse / "sparsity" / "widths.json").is_file() and (sparse / "sparse.pt").is_file()
+    taylor = sweep / next(x["run"] for x in per_run if x["method"] == "taylor")
+    assert (taylor / "retrained.pt").is_file() and (taylor / "finetune" / "last.pt").is_file()
+    assert not (sparse / "retrained.pt").exists()

@@ -253,3 +253,32 @@ def test_l1_budget_rule() -> None:
     assert l1_finetune(cfg, 1).epochs == cfg.finetune.epochs + cfg.schedule.epochs
     assert l1_finetune(cfg, 3).epochs == cfg.finetune.epochs + 3 * cfg.schedule.epochs
     assert l1_finetune(cfg, 1).lr == cfg.finetune.lr
+
+
+@pytest.mark.parametrize("method", ["l1", "slimming", "csgd"])
+def test_baseline_schedule_csgd_gives_criteria_csgds_learning_rates(method: str) -> None:
+    """prune.baseline_schedule=csgd: a criterion retrains C-SGD's epochs on C-SGD's own
+    schedule, then fine-tunes as C-SGD does; slimming (its sparsity phase is C-SGD's
+    schedule already) and C-SGD are unchanged."""
+    from hydra import compose, initialize_config_dir
+
+    from csgd_cli.common.config import register_schema
+    from csgd_cli.runner.baselines import finetune_schedule, retrain_schedule
+    from csgd_cli.runner.cli import config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        over = [f"prune.method={method}", "schedule.lr=0.05", "finetune.lr=0.005"]
+        cfg = compose("run", overrides=[*over, "prune.baseline_schedule=csgd"])
+        plain = compose("run", overrides=over)
+    again = retrain_schedule(cfg, 2)
+    if method == "l1":
+        assert again is not None
+        assert (again.epochs, again.lr) == (2 * cfg.schedule.epochs, 0.05)
+        assert again.milestones == cfg.schedule.milestones
+    else:
+        assert again is None
+    assert finetune_schedule(cfg, 2) == cfg.finetune
+    assert retrain_schedule(plain, 2) is None  # the default: C-SGD's epochs at finetune.lr
+    extra = 2 * cfg.schedule.epochs if method == "l1" else 0
+    assert finetune_schedule(plain, 2).epochs == cfg.finetune.epochs + extra

@@ -160,6 +160,8 @@ class PruneConf:
     method: str = "csgd"  # csgd, or a baseline: l1 | l2 | fpgm | taylor | slimming | random
     score_batches: int = 16  # taylor: training batches its scores are summed over
     slimming_lambda: float = 1e-4  # slimming: L1 penalty on BN gamma in its sparsity phase
+    # a criterion's extra epochs (C-SGD's): at the finetune lr, or on C-SGD's schedule first
+    baseline_schedule: str = "finetune"  # finetune | csgd
     force: bool = False
     tolerance: float = 1e-4  # largest |logit diff| / largest |logit| accepted at merge
     export: bool = True
@@ -266,6 +268,8 @@ def validate(cfg: DictConfig) -> None:
     _need(cfg.prune.score_batches >= 1, "prune.score_batches", cfg.prune.score_batches, ">= 1")
     lam = cfg.prune.slimming_lambda
     _need(lam >= 0, "prune.slimming_lambda", lam, ">= 0")
+    bs = cfg.prune.baseline_schedule
+    _need(bs in ("finetune", "csgd"), "prune.baseline_schedule", bs, "finetune or csgd")
     _need(
         cfg.checkpoint.every_steps >= 0,
         "checkpoint.every_steps",

@@ -118,8 +118,27 @@ def sparsity_phase(
     return train_phase(ctx, model, sched, phase, out, info, make_opt=make_opt)
 
 
+def _adds_epochs(cfg: DictConfig) -> bool:
+    """Whether the method trains C-SGD's epochs after its cut (a criterion with no
+    sparsity phase of its own)."""
+    crit = CRITERIA.get(cfg.prune.method)
+    return crit is not None and not crit.sparsity
+
+
+def retrain_schedule(cfg: DictConfig, rounds: int) -> DictConfig | None:
+    """With ``prune.baseline_schedule=csgd``, a criterion trains the epochs C-SGD would
+    on C-SGD's own ``schedule`` (plain momentum SGD, same learning rates) before the
+    configured fine-tune, so both see the same learning-rate sequence; else None."""
+    if not _adds_epochs(cfg) or cfg.prune.baseline_schedule != "csgd":
+        return None
+    return OmegaConf.merge(cfg.schedule, {"epochs": rounds * cfg.schedule.epochs})
+
+
 def finetune_schedule(cfg: DictConfig, rounds: int) -> DictConfig:
     """The fine-tune after the last merge: C-SGD's and slimming's as configured (they
-    trained ``schedule.epochs`` per round already), the others' with those epochs added."""
-    crit = CRITERIA.get(cfg.prune.method)
-    return cfg.finetune if crit is None or crit.sparsity else budget_schedule(cfg, rounds)
+    trained ``schedule.epochs`` per round already), and a criterion's too when it
+    retrained on C-SGD's schedule first; else the criterion's with those epochs added at
+    the fine-tune learning rate (``prune.baseline_schedule=finetune``)."""
+    if not _adds_epochs(cfg) or retrain_schedule(cfg, rounds) is not None:
+        return cfg.finetune
+    return budget_schedule(cfg, rounds)

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ...common.files import write_json
-from ..baselines import finetune_schedule
+from ..baselines import finetune_schedule, retrain_schedule
 from ..distributed import is_main
 from ..evaluate import latencies, measure
 from ..pipeline import base_phase, once, payload, train_phase
@@ -50,6 +50,11 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             model, ck = load(str(pruned), "run", info)
             continue
         model, ck = prune_round(ctx, model, ck, x, ratio, (r + 1, len(ratios)), measure_, rows)
+    retrain = retrain_schedule(cfg, len(ratios))
+    if retrain is not None:  # a criterion on C-SGD's learning rates, then the fine-tune
+        kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
+        again = partial(train_phase, ctx, model, retrain, "retrain", out / "retrain", kw)
+        model, ck = once(ctx, out / "retrained.pt", again)
     fine = partial(train_phase, ctx, model, finetune_schedule(cfg, len(ratios)), "finetune")
     kw = payload(cfg, model, ck, pruned_from=ck.get("pruned_from"))
     model, ck = once(ctx, out / "finetuned.pt", lambda: fine(out / "finetune", kw))
