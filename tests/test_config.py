@@ -189,3 +189,41 @@ def test_launcher_presets_extend_the_plugins(preset: str, plugin: str, key: str,
         cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
     assert cfg.hydra.launcher[key] == want
     assert "_target_" in cfg.hydra.launcher  # the plugin's own config underneath
+
+
+def test_every_default_is_stated_once_in_the_schema() -> None:
+    """conf/config.yaml chooses groups and Hydra's directories, and sets no key of the
+    schema (its defaults live in ``common.config`` only); a group preset sets only what
+    differs from the schema's default (``name``, the preset's identity, aside)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from csgd_cli.common.config import Config, DatasetConf, ModelConf, ScheduleConf
+
+    top = yaml.safe_load((config_dir() / "config.yaml").read_text())
+    assert set(top) == {"defaults", "hydra"}, sorted(set(top) & set(Config.__dataclass_fields__))
+    restated = []
+    for group, node in (("model", ModelConf), ("dataset", DatasetConf), ("schedule", ScheduleConf)):
+        default = OmegaConf.to_container(OmegaConf.structured(node))
+        for path in sorted((config_dir() / group).glob("*.yaml")):
+            preset = yaml.safe_load(path.read_text()) or {}
+            restated += [
+                f"{group}/{path.name}: {k}"
+                for k, v in preset.items()
+                if k != "name" and k in default and default[k] == v
+            ]
+    assert not restated, restated
+
+
+def test_the_schema_defaults_reach_the_composed_config() -> None:
+    """With nothing restated in conf/, the composed config still holds the schema's
+    values (and the presets' where they differ)."""
+    from csgd_cli.common.config import EPSILON, RATIO
+
+    cfg = composed("run", [])
+    top = (cfg.epsilon, cfg.ratio, cfg.prune.round_to, cfg.prune.tolerance)
+    assert top == (EPSILON, RATIO, 1, 1e-4)
+    sched = (cfg.schedule.epochs, cfg.schedule.lr, list(cfg.schedule.milestones))
+    assert sched == (600, 0.03, [200, 400])
+    assert (cfg.pretrain.epochs, cfg.pretrain.lr, cfg.pretrain.momentum) == (200, 0.1, 0.9)
+    assert (cfg.finetune.kind, cfg.dataset.root, cfg.dataset.batch_size) == ("cosine", "data", 64)

@@ -1,12 +1,10 @@
 """C-SGD in a real transformers Trainer (CPU, its own AdamW and schedule) on a small BERT
 classifier built from a config: the FFN units prune, the merge is exact, chi is logged,
-a resumed run takes its clusters from the checkpoint; a missing transformers is one line."""
+a resumed run takes its clusters from the checkpoint (a missing transformers:
+``test_callbacks``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -93,19 +91,3 @@ def test_example_inputs_may_be_a_dict_or_a_tuple() -> None:
     assert p.target_report["met"] and p.target_report["ratio"] <= 0.9
     q = csgd.CSGD(bert(), (x["input_ids"], x["attention_mask"]), ratio=0.5, include=ffn)
     assert set(q.widths.values()) == {16}
-
-
-def test_a_missing_transformers_is_refused_in_one_line(tmp_path: Path) -> None:
-    shadow = tmp_path / "transformers"
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
-    code = (
-        "from csgd_cli.huggingface import CSGDCallback\n"
-        "try:\n    CSGDCallback(ratio=0.5)\nexcept Exception as e:\n"
-        "    print(type(e).__name__, e)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE.parent}"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.strip().splitlines() == [
-        'CsgdError transformers is not installed; install the extra: pip install "csgd[hf]"'
-    ], out.stderr[-2000:]

@@ -1,6 +1,6 @@
 """C-SGD in a real Lightning Trainer (CPU): fit, chi in the logger, an exact merge; a run
-killed and resumed from Lightning's checkpoint equals one run; DDP on two processes;
-a missing lightning is refused in one line."""
+killed and resumed from Lightning's checkpoint equals one run; DDP on two processes
+(a missing lightning: ``test_callbacks``)."""
 
 from __future__ import annotations
 
@@ -110,20 +110,3 @@ def test_ddp_on_two_processes(tmp_path: Path) -> None:
     for k, v in r0["state"].items():
         torch.testing.assert_close(v, r1["state"][k], msg=k)
     assert r0["top1_agreement"] == 1.0
-
-
-def test_a_missing_lightning_is_refused_in_one_line(tmp_path: Path) -> None:
-    shadow = tmp_path / "lightning"
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
-    code = (
-        "from csgd_cli.lightning import CSGDCallback\n"
-        "try:\n    CSGDCallback(ratio=0.5)\nexcept Exception as e:\n"
-        "    print(type(e).__name__, e)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE.parent}"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    lines = out.stdout.strip().splitlines()
-    assert lines == [
-        'CsgdError lightning is not installed; install the extra: pip install "csgd[lightning]"'
-    ]

@@ -1,6 +1,7 @@
-"""What the trainer callbacks (``api.lightning``, ``api.huggingface``) share: the pruner's
-settings, building it over the trainer's module, the example input on its device, the
-chi log with its forecast, and the refusal of a missing extra."""
+"""What the trainer callbacks (``api.lightning``, ``api.huggingface``) share: their
+constructor (``PrunerCallback``), the pruner's settings, building it over the trainer's
+module, the example input on its device, the chi log with its forecast, and the refusal
+of a missing extra."""
 
 from __future__ import annotations
 
@@ -45,27 +46,21 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 class Settings:
-    """The pruner's settings a callback is given (``CSGD``'s and the optimizer's)."""
+    """The pruner's settings a callback is given: ``kwargs`` for ``CSGD`` (its widths,
+    groups, clustering, seed), the optimizer's pull, the submodule pruned."""
 
     def __init__(
         self,
         example_input: Any,
-        ratio: float | None,
-        target: str | None,
-        widths: Any,
+        kwargs: dict[str, Any],
         epsilon: float,
         norm_epsilon: float | None,
-        include: Sequence[str],
-        exclude: Sequence[str],
-        clustering: str,
-        seed: int,
         module: str | None,
     ) -> None:
         if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
             raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
         self.example_input = example_input
-        self.kwargs = dict(ratio=ratio, target=target, widths=widths, include=include,
-                           exclude=exclude, clustering=clustering, seed=seed)  # fmt: skip
+        self.kwargs = kwargs
         self.epsilon = float(epsilon if epsilon is not None else EPSILON)
         self.norm_epsilon = norm_epsilon
         self.module = module
@@ -102,3 +97,47 @@ class ChiLog:
             out["csgd/steps_to_merge"] = max(0.0, math.log(self.tolerance / rel) / rate)
         self.last = (step, rel)
         return out
+
+
+class PrunerCallback:
+    """The constructor both trainer callbacks share: ``CSGD``'s width settings
+    (``ratio`` | ``target`` | ``widths``, ``include``/``exclude``, ``clustering``,
+    ``seed``), the pull (``epsilon``, ``norm_epsilon``), ``module``: a submodule's name to
+    prune instead of the whole model; ``log_chi``: log chi (default True). A subclass
+    names its framework (``framework``: the module, None when it is not installed) and
+    the package to install (``package``)."""
+
+    framework: Any = None
+    package = ""
+
+    def __init__(
+        self,
+        example_input: Any = None,
+        *,
+        ratio: float | None = None,
+        target: str | None = None,
+        widths: Any = None,
+        epsilon: float = EPSILON,
+        norm_epsilon: float | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        clustering: str = "kmeans",
+        seed: int = 0,
+        module: str | None = None,
+        log_chi: bool = True,
+    ) -> None:
+        if self.framework is None:
+            raise missing(self.package)
+        super().__init__()  # the framework's callback base
+        pruner = dict(ratio=ratio, target=target, widths=widths, include=include)
+        pruner.update(exclude=exclude, clustering=clustering, seed=seed)
+        self.settings = Settings(example_input, pruner, epsilon, norm_epsilon, module)
+        self.pruner: CSGD | None = None
+        self.log_chi = log_chi
+        self._chi = ChiLog()
+
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        """C-SGD on the trainer's ``optimizer`` (``CSGD.wrap``), with the settings' pull."""
+        assert self.pruner is not None
+        s = self.settings
+        self.pruner.wrap(optimizer, epsilon=s.epsilon, norm_epsilon=s.norm_epsilon)

@@ -17,16 +17,13 @@ arguments, as transformers models take them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..common.config import EPSILON
 from ..common.errors import CsgdError
-from .callbacks import ChiLog, Settings, missing
-from .pruner import CSGD
+from .callbacks import PrunerCallback
 
 try:
     import transformers as _tf
@@ -43,36 +40,12 @@ def _innermost(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-class CSGDCallback(*_Bases):  # type: ignore[misc]
-    """C-SGD for a transformers ``Trainer``: ``CSGD``'s width settings (``ratio`` |
-    ``target`` | ``widths``, ``include``/``exclude``, ``clustering``, ``seed``), the
-    pull (``epsilon``, ``norm_epsilon``), ``module``: a submodule's name to prune
-    instead of the whole model; ``log_chi``: add chi to the logs (default True)."""
+class CSGDCallback(PrunerCallback, *_Bases):  # type: ignore[misc]
+    """C-SGD for a transformers ``Trainer``; the arguments: ``callbacks.PrunerCallback``
+    (``module``: a submodule of the model)."""
 
-    def __init__(
-        self,
-        example_input: Any = None,
-        *,
-        ratio: float | None = None,
-        target: str | None = None,
-        widths: Any = None,
-        epsilon: float = EPSILON,
-        norm_epsilon: float | None = None,
-        include: Sequence[str] = ("*",),
-        exclude: Sequence[str] = (),
-        clustering: str = "kmeans",
-        seed: int = 0,
-        module: str | None = None,
-        log_chi: bool = True,
-    ) -> None:
-        if _tf is None:
-            raise missing("transformers")
-        self.settings = Settings(example_input, ratio, target, widths, epsilon, norm_epsilon,
-                                 include, exclude, clustering, seed, module)  # fmt: skip
-        self.pruner: CSGD | None = None
-        self.log_chi = log_chi
-        self._chi = ChiLog()
-        self._pending: dict[str, float] = {}
+    framework, package = _tf, "transformers"
+    _pending: dict[str, float] | None = None  # chi to add to the next logs
 
     # -- training ----------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -83,8 +56,7 @@ class CSGDCallback(*_Bases):  # type: ignore[misc]
         saved = saved[0] if isinstance(saved, list) else saved
         clusters = ((saved or {}).get("attributes") or {}).get("clusters")
         self.pruner = self.settings.build(model, clusters or None)
-        self.pruner.wrap(_innermost(optimizer), epsilon=self.settings.epsilon,
-                         norm_epsilon=self.settings.norm_epsilon)  # fmt: skip
+        self._wrap(_innermost(optimizer))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         every = max(int(getattr(args, "logging_steps", 1) or 1), 1)
@@ -96,7 +68,7 @@ class CSGDCallback(*_Bases):  # type: ignore[misc]
             logs.update(self._pending)  # the callbacks after this one (printer, ...) see it
             if state.log_history:
                 state.log_history[-1].update(self._pending)  # and trainer_state.json
-            self._pending = {}
+            self._pending = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         from ..core.wrap import wrapped

@@ -16,15 +16,12 @@ DDP rank 0's clusters are broadcast to every rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from ..common.config import EPSILON
 from ..common.errors import CsgdError
-from .callbacks import ChiLog, Settings, missing
-from .pruner import CSGD
+from .callbacks import PrunerCallback
 
 try:
     import lightning.pytorch as _pl
@@ -34,37 +31,12 @@ except ImportError:  # refused when the callback is made, with the install line
     _pl, _Base = None, object
 
 
-class CSGDCallback(_Base):  # type: ignore[misc]
-    """C-SGD for a Lightning ``Trainer``: ``CSGD``'s width settings (``ratio`` |
-    ``target`` | ``widths``, ``include``/``exclude``, ``clustering``, ``seed``), the
-    pull (``epsilon``, ``norm_epsilon``), ``module``: a submodule's name to prune
-    instead of the whole LightningModule; ``log_chi``: log chi (default True)."""
+class CSGDCallback(PrunerCallback, _Base):  # type: ignore[misc]
+    """C-SGD for a Lightning ``Trainer``; the arguments: ``callbacks.PrunerCallback``
+    (``module``: a submodule of the LightningModule)."""
 
-    def __init__(
-        self,
-        example_input: Any = None,
-        *,
-        ratio: float | None = None,
-        target: str | None = None,
-        widths: Any = None,
-        epsilon: float = EPSILON,
-        norm_epsilon: float | None = None,
-        include: Sequence[str] = ("*",),
-        exclude: Sequence[str] = (),
-        clustering: str = "kmeans",
-        seed: int = 0,
-        module: str | None = None,
-        log_chi: bool = True,
-    ) -> None:
-        if _pl is None:
-            raise missing("lightning")
-        super().__init__()
-        self.settings = Settings(example_input, ratio, target, widths, epsilon, norm_epsilon,
-                                 include, exclude, clustering, seed, module)  # fmt: skip
-        self.pruner: CSGD | None = None
-        self.log_chi = log_chi
-        self._restored: dict[str, Any] | None = None
-        self._chi = ChiLog()
+    framework, package = _pl, "lightning"
+    _restored: dict[str, Any] | None = None  # the clusters of the checkpoint resumed from
 
     # -- fit -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -76,8 +48,7 @@ class CSGDCallback(_Base):  # type: ignore[misc]
         else:
             self.pruner = self.settings.build(pl_module, clusters)
         for opt in trainer.optimizers:
-            self.pruner.wrap(opt, epsilon=self.settings.epsilon,
-                             norm_epsilon=self.settings.norm_epsilon)  # fmt: skip
+            self._wrap(opt)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

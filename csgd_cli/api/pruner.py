@@ -194,11 +194,12 @@ class CSGD:
         cluster-mean gradients before its step, the centripetal pull (``epsilon``;
         ``norm_epsilon`` on norm gamma/beta and biases, default 0.1 x epsilon) after it
         (``csgd_cli.core.wrap``). Returns ``optimizer``."""
-        from ..core.wrap import wrap
+        from ..core.wrap import CentripetalWrap
 
         if epsilon < 0 or (norm_epsilon is not None and norm_epsilon < 0):
             raise CsgdError("epsilon and norm_epsilon must be >= 0", "pass a value >= 0")
-        return wrap(optimizer, self.model, self.groups, self.clusters, epsilon, norm_epsilon)
+        CentripetalWrap(optimizer, self.model, self.groups, self.clusters, epsilon, norm_epsilon)
+        return optimizer  # itself: its class, state, schedulers and checkpoints unchanged
 
     def chi_report(self, affine: bool = False) -> dict[str, Any]:
         """Chi in total, relative to the kernels' squared norm, the largest deviation,

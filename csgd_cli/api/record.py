@@ -10,7 +10,7 @@ from typing import Any
 
 from ..rules.groups import Clusters
 from ..targets.plan import WidthPlan
-from ..targets.widths import width_share
+from ..targets.problem import width_share
 
 KEY = "prune"  # the checkpoint key that holds the record
 # the top-level keys of formats 1 and 2, read by ``from_checkpoint`` and never written

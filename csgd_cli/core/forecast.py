@@ -170,22 +170,25 @@ def schedule_lrs(sched: Any, steps_per_epoch: int, epochs: int | None = None) ->
 def _plain(sched: Any) -> Any:
     from types import SimpleNamespace
 
-    keys = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "kind", "gamma",
-            "warmup_epochs")  # fmt: skip
+    keys = "epochs lr momentum nesterov weight_decay kind gamma warmup_epochs".split()
     out = SimpleNamespace(**{k: getattr(sched, k) for k in keys})
     out.milestones = [int(m) for m in sched.milestones]
     return out
 
 
 def schedule_forecast(
-    sched: Any, steps_per_epoch: int, epsilon: float, norm_epsilon: float | None,
+    sched: Any,
+    steps_per_epoch: int,
+    epsilon: float,
+    norm_epsilon: float | None,
     epochs: int | None = None,
-) -> Forecast:  # fmt: skip
+) -> Forecast:
     """``forecast`` of a ``schedule`` config (norm gamma/beta decay only by norm_epsilon,
     as ``CentripetalSGD`` treats a pruned group's norms)."""
     lrs = schedule_lrs(sched, steps_per_epoch, epochs)
-    return forecast(lrs, sched.momentum, sched.nesterov, sched.weight_decay, epsilon,
-                    norm_epsilon=norm_epsilon)  # fmt: skip
+    return forecast(
+        lrs, sched.momentum, sched.nesterov, sched.weight_decay, epsilon, norm_epsilon=norm_epsilon
+    )
 
 
 def epoch_curve(sched: Any, steps_per_epoch: int, coef: float) -> list[float]:
@@ -197,9 +200,13 @@ def epoch_curve(sched: Any, steps_per_epoch: int, coef: float) -> list[float]:
 
 
 def sufficient(
-    sched: Any, steps_per_epoch: int, epsilon: float, norm_epsilon: float | None,
-    tolerance: float, max_epochs: int = 1_000_000,
-) -> dict[str, float | int | None]:  # fmt: skip
+    sched: Any,
+    steps_per_epoch: int,
+    epsilon: float,
+    norm_epsilon: float | None,
+    tolerance: float,
+    max_epochs: int = 1_000_000,
+) -> dict[str, float | int | None]:
     """What would reach ``tolerance``: the smallest ``epsilon`` (``norm_epsilon`` in
     the same proportion to it; where none does, ``norm_epsilon`` equal to it) and the
     fewest ``epochs`` (milestones scaled along); None where none up to a bound does."""

@@ -1,11 +1,13 @@
-"""C-SGD over any torch optimizer (AdamW, SGD, Lion, ...): ``wrap(optimizer, ...)``.
+"""C-SGD over any torch optimizer (AdamW, SGD, Lion, ...): ``CentripetalWrap`` (``CSGD.wrap``
+puts one on an optimizer).
 
 C-SGD's update splits into a part every member of a cluster shares and a part that
 shrinks the members' differences (``core.optim``):
 
     G'_i = mean_H G  +  lam K_i  +  eps (K_i - mean_H K)
 
-``wrap`` keeps the optimizer's own update for the shared part and adds the pull itself:
+``CentripetalWrap`` keeps the optimizer's own update for the shared part and adds the pull
+itself:
 
 - before the optimizer's step, every member's gradient is replaced by its cluster's
   mean, so the members' moment estimates (Adam's ``exp_avg``/``exp_avg_sq``, momentum
@@ -151,20 +153,6 @@ class CentripetalWrap:
         """Back to the plain optimizer."""
         self.optimizer.step = self._own_step  # type: ignore[method-assign]
         setattr(self.optimizer, _ATTR, None)
-
-
-def wrap(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    clusters: Clusters,
-    epsilon: float,
-    norm_epsilon: float | None = None,
-) -> torch.optim.Optimizer:
-    """``optimizer`` itself, its ``step`` now C-SGD's over the pruned groups' parameters
-    (the optimizer's class, state, schedulers and checkpoints unchanged)."""
-    CentripetalWrap(optimizer, model, groups, clusters, epsilon, norm_epsilon)
-    return optimizer
 
 
 def wrapped(optimizer: torch.optim.Optimizer) -> CentripetalWrap | None:

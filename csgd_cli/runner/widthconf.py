@@ -16,7 +16,7 @@ from ..common.target import Target
 from ..deploy.latency import Runtime
 from ..rules.groups import select_groups
 from ..targets.plan import WidthPlan, plan_widths
-from ..targets.widths import width_share
+from ..targets.problem import width_share
 from ..tracing.trace import channel_groups
 from .tables import target_rows
 

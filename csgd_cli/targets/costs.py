@@ -246,8 +246,13 @@ def latency_cost(
 
 
 # -- searching the widths: greedy steps over a cost ---------------------------------------
-def descend(cost: TermCost, ks: Widths, ladders: dict[str, list[int]], budget: float,
-             damage: Callable[[str, int], float]) -> None:  # fmt: skip
+def descend(
+    cost: TermCost,
+    ks: Widths,
+    ladders: dict[str, list[int]],
+    budget: float,
+    damage: Callable[[str, int], float],
+) -> None:
     """Greedy: the step (up to 3 rungs down) with the least damage per cost saved,
     until ``cost <= budget`` or nothing can shrink. Only the moves of groups that share
     a tensor with the one that moved are recomputed."""
@@ -269,8 +274,13 @@ def descend(cost: TermCost, ks: Widths, ladders: dict[str, list[int]], budget: f
         ks[g], cur, stale = k, cur + d, near[g]
 
 
-def give_back(cost: TermCost, ks: Widths, cands: dict[str, list[int]], budget: float,
-               gain: Callable[[str, int, int, float], float]) -> None:  # fmt: skip
+def give_back(
+    cost: TermCost,
+    ks: Widths,
+    cands: dict[str, list[int]],
+    budget: float,
+    gain: Callable[[str, int, int, float], float],
+) -> None:
     """Grow one group by one candidate step at a time, the highest ``gain`` first,
     while the cost stays within ``budget``."""
     cur = cost.cost(ks)

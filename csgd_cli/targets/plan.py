@@ -18,8 +18,9 @@ from ..core.clustering import target_widths
 from ..deploy.latency import Runtime
 from ..rules.groups import ChannelGroup, select_groups
 from ..tracing.trace import channel_groups
+from .problem import Problem, width_share
 from .resolution import at_resolution
-from .widths import Problem, choose, width_share
+from .widths import choose
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class WidthPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WidthPlan:
-        return cls(dict(d["widths"]), dict(d["original"]), dict(d.get("settings") or {}),
-                   d.get("report"))  # fmt: skip
+        return cls(
+            dict(d["widths"]), dict(d["original"]), dict(d.get("settings") or {}), d.get("report")
+        )
 
 
 def check_ratio(ratio: float | None, target: str | Target | None) -> float | None:
@@ -117,9 +119,14 @@ def plan_widths(
         example_input = guess(model)
     example_input = at_resolution(example_input, resolution)  # the deployment's images
     problem = Problem(
-        model, groups, [g.name for g in chosen], example_input, round_to,
-        min_width or default_min_width(round_to), runtime or Runtime(),
+        model,
+        groups,
+        [g.name for g in chosen],
+        example_input,
+        round_to,
+        min_width or default_min_width(round_to),
+        runtime or Runtime(),
         Path(cache_dir) if cache_dir is not None else None,
-    )  # fmt: skip
+    )
     choice = choose(problem, Target.parse(target), rule, seed, original, original_cost)  # type: ignore[arg-type]
     return WidthPlan(dict(choice.widths), original, settings, choice.report)

@@ -92,27 +92,36 @@ def choose_timed(
             break
         r = measure(ks, False)
         seen[key(ks)] = (r, ks)
-        log.info("latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
-                 cost.cost(ks), r, want)  # fmt: skip
+        log.info(
+            "latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
+            cost.cost(ks),
+            r,
+            want,
+        )
         points.append((cost.cost(ks), r))
         if 0.95 * want <= r <= want:
             break
     assert modelled is not None
     model_key = key(modelled[0])
-    passed = [(r, ks) for k, (r, ks) in seen.items() if r <= want and (k != key(lowest)
-              or model_key == k)]  # fmt: skip  # the floor only when the model lands there
+    passed = [
+        (r, ks) for k, (r, ks) in seen.items() if r <= want and (k != key(lowest) or model_key == k)
+    ]  # the floor only when the model lands there
     for r, ks in sorted(passed, key=lambda p: -cost.cost(p[1])):  # widest first
         again = measure(ks, True)
         if again <= want:
             return TimedChoice(ks, again, True, _promised(anchors, cost.cost(ks)), points)
-        log.info("latency: re-check of a candidate timed %.3f, then %.3f (want <= %.3f)",
-                 r, again, want)  # fmt: skip
+        log.info(
+            "latency: re-check of a candidate timed %.3f, then %.3f (want <= %.3f)", r, again, want
+        )
     ks, promised = modelled
     timed = seen[model_key][0] if model_key in seen else measure(ks, False)
     log.warning(
         "latency target %.3g not confirmed: the modelled choice (%.3f of the base as "
-        "modelled) timed %.3f; kept it, reported as not met", want, promised, timed,
-    )  # fmt: skip
+        "modelled) timed %.3f; kept it, reported as not met",
+        want,
+        promised,
+        timed,
+    )
     return TimedChoice(ks, timed, False, promised, points)
 
 
@@ -130,8 +139,10 @@ def floor_note(
     cheaper = [b for b, f in sorted(floors_at.items()) if not near_floor(want, f)]
     if cheaper:
         b = cheaper[0]
-        note += (f"; at batch {b} the floor times {floors_at[b]:.3f}, so the same target "
-                 "would keep more width there")  # fmt: skip
+        note += (
+            f"; at batch {b} the floor times {floors_at[b]:.3f}, so the same target "
+            "would keep more width there"
+        )
     elif floors_at:
         tried = ", ".join(f"batch {b}: {f:.3f}" for b, f in sorted(floors_at.items()))
         note += f"; no batch tried makes it cheaper (floor {tried})"

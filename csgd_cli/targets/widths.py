@@ -18,10 +18,7 @@ count target within a fraction of a percent below it).
 ``uniform``: one fraction of the original width for every group (bisection), then the
 same give-back, the narrowest group (relative to its original width) first.
 
-Candidates: multiples of ``round_to`` (latency targets: of 8 when ``round_to`` is 1, the
-block CPU runtimes compute channels in) from ``min_width`` up, and the group's current
-width; a group narrower than ``min_width`` stays whole; a coupled group (a residual
-stage) is one group, so it has one width.
+What a choice works on, the target kinds and the candidate widths: ``targets.problem``.
 """
 
 from __future__ import annotations
@@ -29,86 +26,32 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..common.errors import CsgdError
-from ..common.nets import count_macs, count_params
-from ..common.target import TARGET_KINDS, Target
-from ..core.clustering import candidate_widths, cluster_groups, distortion_curve
-from ..core.surgery import merge
-from ..deploy import latency
-from ..deploy.export import BACKENDS, require_runtime
+from ..common.nets import count_macs
+from ..common.target import Target
+from ..core.clustering import distortion_curve
 from ..deploy.latency import Runtime, Timings
-from ..rules.groups import ChannelGroup
-from .costs import Shapes, TermCost, descend, give_back, latency_cost, macs_cost, params_cost
+from .costs import TermCost, descend, give_back
+from .problem import (
+    TARGETS,
+    Problem,
+    Widths,
+    measured_ratio,
+    name_of,
+    reach,
+    setup,
+    thin_at,
+    unreachable,
+    width_key,
+)
 from .resolution import resolution_of
 from .timed import CONFIRMS, TimedChoice, choose_timed, floor_note, near_floor
 
 log = logging.getLogger("csgd")
-LATENCY_STEP = 8  # channels per block in onnxruntime's NCHWc and oneDNN (AVX2)
 LADDER = 48  # most width steps a group takes in the greedy descent (all, giving back)
-Widths = dict[str, int]
-
-
-def width_share(before: Widths, after: Widths) -> float:
-    """The groups of ``after``: their widths' share of their ``before`` widths."""
-    return round(sum(after.values()) / max(sum(before[g] for g in after), 1), 4)
-
-
-@dataclass
-class Problem:
-    """What one choice works on."""
-
-    model: nn.Module
-    groups: list[ChannelGroup]
-    names: list[str]  # the groups allowed to shrink
-    x: Any  # an example input
-    round_to: int
-    min_width: int
-    runtime: Runtime
-    cache_dir: Path | None
-    timings: Timings | None = None
-    curves: dict[str, Callable[[int], float]] | None = None  # distortion, once per choice
-    notes: list[str] = field(default_factory=list)  # what the user should know about a choice
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
-
-@dataclass(frozen=True)
-class TargetKind:
-    label: str
-    cost: Callable[[Problem, Shapes, dict[str, list[int]]], TermCost]
-    step: Callable[[int], int]  # candidate width step for a round_to
-    count: Callable[[nn.Module, Any], int] | None  # the exact count; None: timed instead
-
-    @property
-    def measured(self) -> bool:
-        return self.count is None
-
-
-TARGETS: dict[str, TargetKind] = {
-    "flops": TargetKind(
-        "multiply-adds", lambda p, s, c: macs_cost(p.model, s, p.x), int, count_macs
-    ),
-    "params": TargetKind(
-        "parameters", lambda p, s, c: params_cost(p.model, s, p.x), int,
-        lambda net, x: count_params(net),
-    ),
-    "latency": TargetKind(
-        "latency",
-        lambda p, s, c: latency_cost(p.model, s, p.x, p.timings, c),  # type: ignore[arg-type]
-        lambda r: r if r > 1 else LATENCY_STEP,
-        None,
-    ),
-}  # fmt: skip
-assert tuple(TARGETS) == TARGET_KINDS  # config validates the names
 
 
 def _ladder(cands: list[int]) -> list[int]:
@@ -121,8 +64,14 @@ def _ladder(cands: list[int]) -> list[int]:
 
 
 # -- rules ------------------------------------------------------------------------------------
-def _distortion_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
-                     budget: float, seed: int, base: Widths) -> Widths:  # fmt: skip
+def _distortion_rule(
+    problem: Problem,
+    cost: TermCost,
+    cands: dict[str, list[int]],
+    budget: float,
+    seed: int,
+    base: Widths,
+) -> Widths:
     del base
     if problem.curves is None:
         by_name = {g.name: g for g in problem.groups}
@@ -133,14 +82,23 @@ def _distortion_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int
     ks = {g: c[-1] for g, c in cands.items()}
     descend(cost, ks, {g: _ladder(c) for g, c in cands.items()}, budget, lambda g, k: curves[g](k))
     give_back(
-        cost, ks, cands, budget,
+        cost,
+        ks,
+        cands,
+        budget,
         lambda g, k, k2, d: (curves[g](k) - curves[g](k2)) / d if d > 0 else float("inf"),
-    )  # fmt: skip
+    )
     return ks
 
 
-def _uniform_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
-                  budget: float, seed: int, base: Widths) -> Widths:  # fmt: skip
+def _uniform_rule(
+    problem: Problem,
+    cost: TermCost,
+    cands: dict[str, list[int]],
+    budget: float,
+    seed: int,
+    base: Widths,
+) -> Widths:
     del problem, seed
 
     def at(r: float) -> Widths:  # the candidate nearest r x original width (ties down)
@@ -158,94 +116,28 @@ def _uniform_rule(problem: Problem, cost: TermCost, cands: dict[str, list[int]],
 RULES = {"distortion": _distortion_rule, "uniform": _uniform_rule}
 
 
-# -- the choice -------------------------------------------------------------------------------
-def _thin(problem: Problem, ks: Widths) -> nn.Module:
-    """The network at widths ``ks`` (even clusters: the shapes are what counts)."""
-    model = problem.model
-    clusters = cluster_groups(model, problem.groups, ks, "even")
-    with torch.no_grad():
-        return merge(model, problem.groups, clusters).eval()
-
-
-def _key(problem: Problem, ks: Widths) -> str:
-    now = [g.width for g in problem.groups]
-    return f"{now}->{[ks.get(g.name, g.width) for g in problem.groups]}"
-
-
-def _measured_ratio(
-    problem: Problem, ks: Widths, again: bool = False, rounds: int | None = None
-) -> float:
-    assert problem.timings is not None
-    build = lambda: _thin(problem, ks)  # noqa: E731
-    key = _key(problem, ks)
-    return problem.timings.ratio(problem.model, build, key, problem.shape, again, rounds)
-
-
-def unreachable(target: Target, floor: float, problem: Problem) -> CsgdError:
-    return CsgdError(
-        f"target={target.spec} cannot be met with the groups allowed: the smallest "
-        f"reachable is {target.kind}:{floor:.4g} (every allowed group at its narrowest, "
-        f"min_width={problem.min_width}, round_to={problem.round_to})",
-        f"pass target={target.kind}:{floor:.4g} or more, a smaller min_width, "
-        "or include more groups",
-    )
-
-
 @dataclass
 class Choice:
     widths: Widths  # the groups allowed to shrink, at their chosen widths
     report: dict[str, Any]
 
 
-def _name(problem: Problem) -> str:
-    arch = getattr(problem.model, "arch", None) or {}
-    return arch.get("name") or type(problem.model).__name__
-
-
-def setup(problem: Problem, target: Target) -> tuple[TermCost, dict[str, list[int]]]:
-    """The target's cost over the allowed groups' widths, and their candidate widths."""
-    kind = TARGETS[target.kind]
-    if kind.measured and problem.timings is None:
-        backend = problem.runtime.backend
-        if backend not in BACKENDS:
-            raise CsgdError(f"backend={backend} is unknown", f"pass backend=<{'|'.join(BACKENDS)}>")
-        require_runtime(backend)
-        if not isinstance(problem.x, torch.Tensor):
-            raise CsgdError("a latency target times one tensor input", "pass a count target")
-        problem.timings = Timings(_name(problem), problem.runtime, problem.cache_dir)
-    step = kind.step(problem.round_to)
-    by_name = {g.name: g for g in problem.groups}
-    cands = {n: candidate_widths(by_name[n].width, step, problem.min_width) for n in problem.names}
-    shapes = Shapes(problem.model, problem.groups, set(problem.names))
-    return kind.cost(problem, shapes, cands), cands
-
-
-def _floor(problem: Problem, target: Target, cost: TermCost, cands: dict[str, list[int]],
-           base_cost: float | None) -> tuple[float, float]:  # fmt: skip
-    """(the current network's cost, the smallest fraction of ``base_cost`` (default:
-    that cost) the allowed groups reach); a latency is timed (ms), the floor against it."""
-    lowest = {g: c[0] for g, c in cands.items()}
-    if not TARGETS[target.kind].measured:
-        now = cost.cost({})
-        return now, cost.cost(lowest) / (base_cost or now)
-    timings = problem.timings
-    assert timings is not None
-    r = _measured_ratio(problem, lowest, rounds=3 * latency.ROUNDS)  # the anchor: 3x the rounds
-    timings.save()
-    now = timings.data["base_ms"][_key(problem, lowest)]
-    return now, r * now / (base_cost or now)
-
-
 def check_reachable(problem: Problem, target: Target, base_cost: float | None = None) -> None:
     """Refuse a target below what the allowed groups can reach (one line, the floor)."""
     cost, cands = setup(problem, target)
-    _, floor = _floor(problem, target, cost, cands, base_cost)
+    _, floor = reach(problem, target, cost, cands, base_cost)
     if floor > target.value:
         raise unreachable(target, floor, problem)
 
 
-def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int = 0,
-           base_widths: Widths | None = None, base_cost: float | None = None) -> Choice:  # fmt: skip
+def choose(
+    problem: Problem,
+    target: Target,
+    rule: str = "distortion",
+    seed: int = 0,
+    base_widths: Widths | None = None,
+    base_cost: float | None = None,
+) -> Choice:
     """Widths of the allowed groups meeting ``target`` (a fraction of ``base_cost``:
     default the model's own cost; iterative rounds pass the first round's base)."""
     t0 = time.perf_counter()
@@ -253,7 +145,7 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
         raise CsgdError(f"rule={rule} is unknown", f"pass rule=<{'|'.join(RULES)}>")
     cost, cands = setup(problem, target)
     base = {g.name: (base_widths or {}).get(g.name, g.width) for g in problem.groups}
-    now, floor = _floor(problem, target, cost, cands, base_cost)
+    now, floor = reach(problem, target, cost, cands, base_cost)
     if floor > target.value:
         raise unreachable(target, floor, problem)
     budget = target.value * (base_cost or now)  # absolute: MACs, parameters or ms
@@ -263,25 +155,33 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
         ks, reached = {n: c[-1] for n, c in cands.items()}, now
     elif count is not None:
         ks = pick(problem, cost, cands, budget, seed, base)
-        reached = cost.cost(ks) if cost.exact else count(_thin(problem, ks), problem.x)
+        reached = cost.cost(ks) if cost.exact else count(thin_at(problem, ks), problem.x)
         for _ in range(3):  # exact for every layer a rule knows; should another layer's
             if reached <= budget:  # cost change too, shrink by the gap
                 break
             ks = pick(problem, cost, cands, 2 * budget - reached, seed, base)
-            reached = count(_thin(problem, ks), problem.x)
+            reached = count(thin_at(problem, ks), problem.x)
     else:
         timed = _choose_timed(
             problem, cost, cands, budget / now, floor * (base_cost or now) / now, pick, seed, base
         )
         ks, reached = timed.widths, timed.ratio * now
     report: dict[str, Any] = {
-        "target": target.spec, "kind": target.kind, "value": target.value, "rule": rule,
-        "label": TARGETS[target.kind].label, "base": base_cost or now, "now": now,
-        "reached": reached, "ratio": reached / (base_cost or now),
-        "round_to": problem.round_to, "min_width": problem.min_width,
-        "before": {n: base[n] for n in problem.names}, "widths": dict(ks),
+        "target": target.spec,
+        "kind": target.kind,
+        "value": target.value,
+        "rule": rule,
+        "label": TARGETS[target.kind].label,
+        "base": base_cost or now,
+        "now": now,
+        "reached": reached,
+        "ratio": reached / (base_cost or now),
+        "round_to": problem.round_to,
+        "min_width": problem.min_width,
+        "before": {n: base[n] for n in problem.names},
+        "widths": dict(ks),
         "resolution": resolution_of(problem.x),  # what the counts and times are per image
-    }  # fmt: skip
+    }
     report["met"] = report["ratio"] <= target.value
     if timed is not None:  # a latency choice: confirmed by a re-check, or not met
         report["met"] = report["met"] and timed.confirmed
@@ -293,47 +193,74 @@ def choose(problem: Problem, target: Target, rule: str = "distortion", seed: int
     if problem.timings is not None:
         t = problem.timings
         report.update(
-            backend=t.rt.backend, batch=t.rt.batch, threads=t.rt.nthreads,
-            layers_timed=len(t.data["layers"]), cache=str(t.path) if t.path else None,
-        )  # fmt: skip
+            backend=t.rt.backend,
+            batch=t.rt.batch,
+            threads=t.rt.nthreads,
+            layers_timed=len(t.data["layers"]),
+            cache=str(t.path) if t.path else None,
+        )
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return Choice(ks, report)
 
 
-def _choose_timed(problem: Problem, cost: TermCost, cands: dict[str, list[int]], want: float,
-                  floor: float, pick: Callable[..., Widths], seed: int,
-                  base: Widths) -> TimedChoice:  # fmt: skip
+def _choose_timed(
+    problem: Problem,
+    cost: TermCost,
+    cands: dict[str, list[int]],
+    want: float,
+    floor: float,
+    pick: Callable[..., Widths],
+    seed: int,
+    base: Widths,
+) -> TimedChoice:
     """``timed.choose_timed`` on this problem (ratios to the current network)."""
     lowest = {g: c[0] for g, c in cands.items()}
     if near_floor(want, floor):  # say what the target costs before choosing
         _say_floor_cost(problem, cost, cands, want, floor, pick, seed, base, lowest)
     out = choose_timed(
-        cost, cands, want, floor, lambda b: pick(problem, cost, cands, b, seed, base),
-        lambda ks, again: _measured_ratio(problem, ks, again), lambda ks: _key(problem, ks),
+        cost,
+        cands,
+        want,
+        floor,
+        lambda b: pick(problem, cost, cands, b, seed, base),
+        lambda ks, again: measured_ratio(problem, ks, again),
+        lambda ks: width_key(problem, ks),
         CONFIRMS,
-    )  # fmt: skip
+    )
     problem.timings.save()  # type: ignore[union-attr]
     return out
 
 
-def _say_floor_cost(problem: Problem, cost: TermCost, cands: dict[str, list[int]], want: float,
-                    floor: float, pick: Callable[..., Widths], seed: int, base: Widths,
-                    lowest: Widths) -> None:  # fmt: skip
+def _say_floor_cost(
+    problem: Problem,
+    cost: TermCost,
+    cands: dict[str, list[int]],
+    want: float,
+    floor: float,
+    pick: Callable[..., Widths],
+    seed: int,
+    base: Widths,
+    lowest: Widths,
+) -> None:
     """Log the multiply-adds a target near the floor takes and the larger batches (up to
     64) at which the floor sits lower; kept in ``problem.notes``."""
     anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
     (x1, y1), (x2, y2) = sorted(anchors)
     budget = x1 + (want - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else x1
     ks = pick(problem, cost, cands, budget, seed, base)
-    share = count_macs(_thin(problem, ks), problem.x) / count_macs(problem.model, problem.x)
+    share = count_macs(thin_at(problem, ks), problem.x) / count_macs(problem.model, problem.x)
     rt, at = problem.runtime, {}
     for b in sorted({min(64, rt.batch * 8), 64} - {rt.batch}):
         if b > rt.batch:
-            t = Timings(_name(problem), Runtime(rt.backend, b, rt.threads), problem.cache_dir)
-            t.ratio(problem.model, lambda: _thin(problem, lowest), _key(problem, lowest),
-                    problem.shape)  # fmt: skip
+            t = Timings(name_of(problem), Runtime(rt.backend, b, rt.threads), problem.cache_dir)
+            t.ratio(
+                problem.model,
+                lambda: thin_at(problem, lowest),
+                width_key(problem, lowest),
+                problem.shape,
+            )
             t.save()
-            at[b] = t.data["ratios"][_key(problem, lowest)]
+            at[b] = t.data["ratios"][width_key(problem, lowest)]
     note = floor_note(want, floor, rt.batch, share, at)
     log.warning("%s", note)
     problem.notes.append(note)
