@@ -1,10 +1,14 @@
 """C-SGD in a real transformers Trainer (CPU, its own AdamW and schedule) on a small BERT
 classifier built from a config: the FFN units prune, the merge is exact, chi is logged,
-a resumed run takes its clusters from the checkpoint (a missing transformers:
+a resumed run takes its clusters from the checkpoint, under DDP (torchrun, 2 CPU
+processes) both ranks take rank 0's clusters and agree (a missing transformers:
 ``test_callbacks``)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,23 @@ def test_example_inputs_may_be_a_dict_or_a_tuple() -> None:
     assert p.target_report["met"] and p.target_report["ratio"] <= 0.9
     q = csgd.CSGD(bert(), (x["input_ids"], x["attention_mask"]), ratio=0.5, include=ffn)
     assert set(q.widths.values()) == {16}
+
+
+def test_trainer_under_ddp_on_two_processes(tmp_path: Path) -> None:
+    """The Trainer's own DDP (torchrun, gloo, 2 CPU processes), each rank with another
+    k-means seed: rank 0's clusters on both ranks, the same weights after training, an
+    exact merge to the same thin network."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "hf_ddp.py"), str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert r0["world_size"] == 2 and r0["clusters"] == r1["clusters"]
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(v, r1["state"][k], rtol=0, atol=0, msg=k)
+    for k, v in r0["thin"].items():
+        torch.testing.assert_close(v, r1["thin"][k], rtol=0, atol=0, msg=k)
+    assert r0["top1_agreement"] == r1["top1_agreement"] == 1.0
+    assert r0["thin"]["bert.encoder.layer.0.intermediate.dense.weight"].shape[0] == 16
+    assert r0["chi_relative"][-1] < 1e-8

@@ -11,6 +11,7 @@ its relative value and a forecast of the steps left to an exact merge join the T
 logs (``csgd/...``) every ``logging_steps``. The clusters are saved in each checkpoint's
 trainer state, and ``train(resume_from_checkpoint=...)`` takes them from there (leave
 ``restore_callback_states_from_checkpoint`` off: the callback reads them itself).
+Under DDP (``torchrun``) rank 0 chooses the clusters and every rank takes them.
 Example inputs may be a tensor, a tuple of positional arguments or a dict of keyword
 arguments, as transformers models take them.
 """
@@ -31,6 +32,11 @@ try:
     _Bases: tuple[Any, ...] = (_tf.TrainerCallback, _tf.trainer_callback.ExportableState)
 except ImportError:  # refused when the callback is made, with the install line
     _tf, _Bases = None, (object,)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -54,8 +60,14 @@ class CSGDCallback(PrunerCallback, *_Bases):  # type: ignore[misc]
             raise CsgdError("the Trainer passed no model or optimizer", "use transformers.Trainer")
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) else saved
-        clusters = ((saved or {}).get("attributes") or {}).get("clusters")
-        self.pruner = self.settings.build(model, clusters or None)
+        clusters = ((saved or {}).get("attributes") or {}).get("clusters") or None
+        if clusters is None and _world_size() > 1:  # rank 0 chooses; every rank uses its
+            mine = self.settings.build(model) if args.process_index == 0 else None
+            box = [mine.clusters if mine is not None else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.pruner = mine or self.settings.build(model, box[0])
+        else:
+            self.pruner = self.settings.build(model, clusters)
         self._wrap(_innermost(optimizer))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
