@@ -20,13 +20,22 @@ scales), or a wrong merge could hide behind a branch that outputs zeros.
 from __future__ import annotations
 
 import collections
-import re
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _tables import (
+    Column,
+    markdown,
+    merge_cell,
+    nontrivial_,
+    recalibrate_bn,
+    run_here,
+    select,
+    short_reason,
+    summary,
+)
 
 import csgd_cli as csgd
 from csgd_cli.common.errors import CsgdError
@@ -59,45 +68,7 @@ ROWS = [
 ]
 QUICK = ("resnet18", "mobilenetv3_small_050", "ghostnet_050", "mixnet_s", "convnext_atto")
 LR, EPSILON, MAX_STEPS = 0.02, 45.0, 40  # lr * epsilon = 0.9: deviations x0.1 per step
-
-
-@torch.no_grad()
-def nontrivial_(model: nn.Module, seed: int = 0) -> None:
-    """BN statistics and affine terms away from (1, 0), zero or tiny gammas and layer
-    scales (timm's zero-init residual branches, ConvNeXt's 1e-6) set to O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    for name, p in model.named_parameters():
-        if p.dim() <= 1 and p.abs().max() < 1e-3:  # zero-init norm weights, layer scales
-            weightish = name.endswith(("weight", "gamma", "gain")) or "scale" in name
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if weightish else p + 0.01)
-        elif name.endswith("gamma"):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-
-
-def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
-    """Re-estimate BN statistics as a plain average over a few batches (what a long run
-    does anyway): channels made identical then see identical statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        if m.track_running_stats:
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(3):
-            model(x[i::3])
-    for m, mom in zip(bns, saved, strict=True):
-        m.momentum = mom
-
-
-def short_reason(why: str) -> str:
-    """A reason with layer names and numbers replaced, so that reasons can be counted."""
-    return re.sub(r"'[^']*'", "'...'", re.sub(r"\d+", "N", why))
+TOL = 1e-5  # the merge check: relative logit difference at most this, top-1 100%
 
 
 def row(name: str, family: str, size: int, kw: dict) -> dict:
@@ -146,52 +117,28 @@ def row(name: str, family: str, size: int, kw: dict) -> dict:
     return out
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| model (family) | input | trace | groups (excluded) | most common exclusion "
-        "| C-SGD steps | merge: rel. diff, top-1 | FLOPs at 0.5 | time |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        head = (
-            f"| {r['model']} ({r['family']}) | {r['size']}x{r['size']} | {r['trace_s']:.1f} s "
-            f"| {r['groups']} ({r['excluded']}) | {r['reason'] or '-'} "
-        )
-        if "refused" in r:
-            lines.append(head + f"| refused before training: {r['refused']} | - | - | "
-                         f"{r['time_s']:.0f} s |")  # fmt: skip
-        else:
-            ok = "exact" if r["rel"] <= 1e-5 and r["top1"] == 1.0 else "NOT EXACT"
-            lines.append(
-                head + f"| {r['steps']} | {r['rel']:.1e}, {100 * r['top1']:.0f}% ({ok}) "
-                f"| -{100 * r['flops']:.1f}% | {r['time_s']:.0f} s |"
-            )
-    return "\n".join(lines)
+HEAD: list[Column] = [
+    ("model (family)", lambda r: f"{r['model']} ({r['family']})"),
+    ("input", lambda r: f"{r['size']}x{r['size']}"),
+    ("trace", lambda r: f"{r['trace_s']:.1f} s"),
+    ("groups (excluded)", lambda r: f"{r['groups']} ({r.get('excluded', 0)})"),
+    ("most common exclusion", lambda r: r.get("reason") or "-"),
+]
+TAIL: list[Column] = [
+    ("C-SGD steps", lambda r: str(r["steps"])),
+    merge_cell(TOL),
+    ("FLOPs at 0.5", lambda r: f"-{100 * r['flops']:.1f}%"),
+]
 
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
-    names = [a for a in argv if not a.startswith("-")]
-    rows = [r for r in ROWS if (r[0] in names if names else "--quick" not in argv or r[0] in QUICK)]
-    done = []
-    for r in rows:
-        try:
-            done.append(row(*r))
-        except CsgdError as e:  # a one-line stop (tracing), counted as refused
-            done.append({"model": r[0], "family": r[1], "size": r[2], "trace_s": float("nan"),
-                         "groups": 0, "excluded": 0, "reason": "", "refused": str(e),
-                         "time_s": 0.0})  # fmt: skip
-        print(f"{r[0]}: done", file=sys.stderr, flush=True)
-    print(table(done))
-    merged = [r for r in done if "refused" not in r]
-    exact = sum(r["rel"] <= 1e-5 and r["top1"] == 1.0 for r in merged)
-    cut = sum(r["flops"] >= 0.3 for r in merged)
-    print(
-        f"\n{len(done)} models: {exact} merged exactly, {len(done) - len(merged)} refused "
-        f"before training, {len(merged) - exact} inexact; {cut} with FLOPs -30% or more; "
-        f"slowest trace {max(r['trace_s'] for r in done):.1f} s"
-    )
-    return 0 if exact == len(merged) else 1
+    done = run_here(select(ROWS, argv, QUICK), row, CsgdError)
+    print(markdown(done, HEAD, TAIL, TOL))
+    line, status = summary(done, TOL)
+    cut = sum(r["flops"] >= 0.3 for r in done if "refused" not in r)
+    print(f"\n{line}; {cut} with FLOPs -30% or more")
+    return status
 
 
 if __name__ == "__main__":

@@ -16,13 +16,26 @@ transformers' BERT and ViT are built from small configurations (nothing download
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm_table import nontrivial_, recalibrate_bn, short_reason
+from _tables import (
+    Column,
+    markdown,
+    merge_cell,
+    nontrivial_,
+    print_row,
+    recalibrate_bn,
+    run_here,
+    run_isolated,
+    select,
+    short_reason,
+    summary,
+)
 from torch import nn
 
 import csgd_cli as csgd
@@ -50,11 +63,15 @@ ROWS = [
     ("xcit_nano_12_p16_224", "xcit", 64),
     ("cait_xxs24_224", "cait", 64),
     ("tiny_vit_5m_224", "tiny_vit", 64),
+    ("pit_ti_224", "pit", 64),
+    ("edgenext_xx_small", "edgenext", 64),
+    ("eva02_tiny_patch14_224", "eva02", 64),
     ("bert", "transformers BERT", 16),
     ("hf_vit", "transformers ViT", 32),
 ]
 QUICK = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "bert", "hf_vit")
 LR, EPSILON, STEPS = 0.02, 45.0, 10  # lr * epsilon = 0.9: deviations x0.1 per step
+TOL = 1e-4  # the merge check: relative logit difference at most this, top-1 100%
 HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -115,7 +132,7 @@ def row(name: str, family: str, size: int) -> dict:
     try:
         pruner = csgd.CSGD(model, x[:2], ratio=0.5, clustering="even")
     except CsgdError as e:  # refused before any training
-        out["refused"] = str(e).split(" (")[0]
+        out["refused"] = "before training: " + str(e).split(" (")[0]
         out["time_s"] = time.perf_counter() - t0
         return out
     opt = pruner.optimizer(lr=LR, epsilon=EPSILON, norm_epsilon=EPSILON, momentum=0.0,
@@ -129,7 +146,12 @@ def row(name: str, family: str, size: int) -> dict:
         opt.step()
     recalibrate_bn(model, x)
     check = inputs(16)
-    pruner.merge(check.double() if check.is_floating_point() else check, force=True)
+    try:
+        pruner.merge(check.double() if check.is_floating_point() else check, force=True)
+    except CsgdError as e:  # what the issue forbids: refused once trained
+        out["refused"] = "after training: " + str(e).split(" (")[0]
+        out["time_s"] = time.perf_counter() - t0
+        return out
     rep = pruner.merge_report or {}
     out.update(steps=steps, rel=rep["relative_logit_diff"], top1=rep["top1_agreement"],
                macs=rep["flops_reduction"], time_s=time.perf_counter() - t0)  # fmt: skip
@@ -144,52 +166,46 @@ def _trace_s(model: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        f"{'model (family)':<44} {'input':>5} {'trace':>6} {'prunable/all':>12} "
-        f"{'heads':>6} {'steps':>5} {'rel. diff':>9} {'top-1':>6} {'MACs cut':>8}  "
-        "most common exclusion"
-    ]
-    for r in rows:
-        head = (
-            f"{r['model'] + ' (' + r['family'] + ')':<44} {r['size']:>5} "
-            f"{r['trace_s']:>5.1f}s {str(r.get('prunable', 0)) + '/' + str(r['groups']):>12} "
-            f"{r.get('heads', '-'):>6} "
-        )
-        if "refused" in r:
-            lines.append(head + f"refused: {r['refused'][:90]}")
-        else:
-            lines.append(
-                head + f"{r['steps']:>5} {r['rel']:>9.1e} {100 * r['top1']:>5.0f}% "
-                f"{100 * r['macs']:>7.1f}%  {r['reason'][:70] or '-'}"
-            )
-    return "\n".join(lines)
+HEAD: list[Column] = [
+    ("model (family)", lambda r: f"{r['model']} ({r['family']})"),
+    ("input", lambda r: str(r["size"])),
+    ("trace", lambda r: f"{r['trace_s']:.1f} s"),
+    ("prunable / all groups", lambda r: f"{r.get('prunable', 0)} / {r['groups']}"),
+    ("head-channel groups prunable / found", lambda r: r.get("heads", "-")),
+]
+TAIL: list[Column] = [
+    ("heads merged", lambda r: r.get("heads_merged", "-")),
+    ("steps", lambda r: str(r["steps"])),
+    merge_cell(TOL),
+    ("MACs cut at 0.5", lambda r: f"{100 * r['macs']:.1f}%"),
+    ("most common exclusion", lambda r: r["reason"] or "-"),
+]
 
 
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
-        print(f"usage: {sys.argv[0]} [--quick] [MODEL ...]\nmodels: {' '.join(r[0] for r in ROWS)}")
+        print(f"usage: {sys.argv[0]} [--quick] [--here] [--jobs N] [--timeout S] [MODEL ...]\n"
+              f"models: {' '.join(r[0] for r in ROWS)}")  # fmt: skip
         return 0
     torch.set_num_threads(2)
-    names = [a for a in argv if not a.startswith("-")]
-    rows = [r for r in ROWS if (r[0] in names if names else "--quick" not in argv or r[0] in QUICK)]
-    done = []
-    for r in rows:
-        try:
-            done.append(row(*r))
-        except CsgdError as e:  # a one-line stop (tracing), counted as refused
-            done.append({"model": r[0], "family": r[1], "size": r[2], "trace_s": float("nan"),
-                         "groups": 0, "refused": str(e), "time_s": 0.0})  # fmt: skip
-        print(table(done[-1:]).splitlines()[-1], flush=True)  # the row, as it comes
-    print("\n" + table(done))
-    merged = [r for r in done if "refused" not in r]
-    exact = sum(r["rel"] <= 1e-4 and r["top1"] == 1.0 for r in merged)
-    print(
-        f"\n{len(done)} models: {exact} merged exactly (rel. diff <= 1e-4, top-1 100%), "
-        f"{len(done) - len(merged)} refused, {len(merged) - exact} inexact; slowest trace "
-        f"{max(r['trace_s'] for r in done):.1f} s"
-    )
-    return 0 if exact == len(merged) else 1
+    if "--row" in argv:  # one row, in the process run_isolated started
+        r = next(r for r in ROWS if r[0] == argv[argv.index("--row") + 1])
+        print_row(run_here([r], row, CsgdError)[0])
+        return 0
+    opts = {k: float(argv[argv.index(k) + 1]) for k in ("--timeout", "--jobs") if k in argv}
+    argv = [a for i, a in enumerate(argv) if i == 0 or argv[i - 1] not in opts]
+    rows = select(ROWS, argv, QUICK)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)  # fmt: skip
+    if "--here" in argv:
+        done = run_here(rows, row, CsgdError)
+    else:
+        done = run_isolated(__file__, rows, opts.get("--timeout", 1800), int(opts.get("--jobs", 1)))
+    print(markdown(done, HEAD, TAIL, TOL))
+    line, status = summary(done, TOL)
+    print(f"\n{line}; load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
+    return status
 
 
 if __name__ == "__main__":
