@@ -254,7 +254,8 @@ def test_latency_search_stops_when_noisy_timings_allow_no_narrower_step(
     old = signal.signal(signal.SIGALRM, hang)
     signal.alarm(20)
     try:
-        got = widths._choose_timed(problem, cost, {"g": [2, 4, 8]}, 0.5, 0.3, stuck, 0, {})
+        search = widths.Search(problem, cost, {"g": [2, 4, 8]}, 0, {})  # type: ignore[arg-type]
+        got = widths._choose_timed(search, 0.5, 0.3, stuck)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

@@ -63,20 +63,26 @@ def _ladder(cands: list[int]) -> list[int]:
     )
 
 
-# -- rules ------------------------------------------------------------------------------------
-def _distortion_rule(
-    problem: Problem,
-    cost: TermCost,
-    cands: dict[str, list[int]],
-    budget: float,
-    seed: int,
-    base: Widths,
-) -> Widths:
-    del base
+@dataclass(frozen=True)
+class Search:
+    """What a rule searches: the problem, the target's cost over the allowed groups'
+    widths, their candidate widths, the seed, and every group's width before any round
+    (``base``)."""
+
+    problem: Problem
+    cost: TermCost
+    cands: dict[str, list[int]]
+    seed: int
+    base: Widths
+
+
+# -- rules: widths within a budget --------------------------------------------------------------
+def _distortion_rule(s: Search, budget: float) -> Widths:
+    problem, cost, cands = s.problem, s.cost, s.cands
     if problem.curves is None:
         by_name = {g.name: g for g in problem.groups}
         problem.curves = {
-            n: distortion_curve(problem.model, by_name[n], seed) for n in problem.names
+            n: distortion_curve(problem.model, by_name[n], s.seed) for n in problem.names
         }
     curves = problem.curves
     ks = {g: c[-1] for g, c in cands.items()}
@@ -91,15 +97,8 @@ def _distortion_rule(
     return ks
 
 
-def _uniform_rule(
-    problem: Problem,
-    cost: TermCost,
-    cands: dict[str, list[int]],
-    budget: float,
-    seed: int,
-    base: Widths,
-) -> Widths:
-    del problem, seed
+def _uniform_rule(s: Search, budget: float) -> Widths:
+    cost, cands, base = s.cost, s.cands, s.base
 
     def at(r: float) -> Widths:  # the candidate nearest r x original width (ties down)
         return {g: min(c, key=lambda k: (abs(k - r * base[g]), k)) for g, c in cands.items()}
@@ -113,7 +112,8 @@ def _uniform_rule(
     return ks
 
 
-RULES = {"distortion": _distortion_rule, "uniform": _uniform_rule}
+Rule = Callable[[Search, float], Widths]  # a rule: the widths it picks within a budget
+RULES: dict[str, Rule] = {"distortion": _distortion_rule, "uniform": _uniform_rule}
 
 
 @dataclass
@@ -150,21 +150,20 @@ def choose(
         raise unreachable(target, floor, problem)
     budget = target.value * (base_cost or now)  # absolute: MACs, parameters or ms
     pick, count = RULES[rule], TARGETS[target.kind].count
+    search = Search(problem, cost, cands, seed, base)
     timed: TimedChoice | None = None
     if budget >= now:  # an iterative round that is there already
         ks, reached = {n: c[-1] for n, c in cands.items()}, now
     elif count is not None:
-        ks = pick(problem, cost, cands, budget, seed, base)
+        ks = pick(search, budget)
         reached = cost.cost(ks) if cost.exact else count(thin_at(problem, ks), problem.x)
         for _ in range(3):  # exact for every layer a rule knows; should another layer's
             if reached <= budget:  # cost change too, shrink by the gap
                 break
-            ks = pick(problem, cost, cands, 2 * budget - reached, seed, base)
+            ks = pick(search, 2 * budget - reached)
             reached = count(thin_at(problem, ks), problem.x)
     else:
-        timed = _choose_timed(
-            problem, cost, cands, budget / now, floor * (base_cost or now) / now, pick, seed, base
-        )
+        timed = _choose_timed(search, budget / now, floor * (base_cost or now) / now, pick)
         ks, reached = timed.widths, timed.ratio * now
     report: dict[str, Any] = {
         "target": target.spec,
@@ -203,26 +202,17 @@ def choose(
     return Choice(ks, report)
 
 
-def _choose_timed(
-    problem: Problem,
-    cost: TermCost,
-    cands: dict[str, list[int]],
-    want: float,
-    floor: float,
-    pick: Callable[..., Widths],
-    seed: int,
-    base: Widths,
-) -> TimedChoice:
+def _choose_timed(s: Search, want: float, floor: float, pick: Rule) -> TimedChoice:
     """``timed.choose_timed`` on this problem (ratios to the current network)."""
-    lowest = {g: c[0] for g, c in cands.items()}
+    problem = s.problem
     if near_floor(want, floor):  # say what the target costs before choosing
-        _say_floor_cost(problem, cost, cands, want, floor, pick, seed, base, lowest)
+        _say_floor_cost(s, want, floor, pick)
     out = choose_timed(
-        cost,
-        cands,
+        s.cost,
+        s.cands,
         want,
         floor,
-        lambda b: pick(problem, cost, cands, b, seed, base),
+        lambda b: pick(s, b),
         lambda ks, again: measured_ratio(problem, ks, again),
         lambda ks: width_key(problem, ks),
         CONFIRMS,
@@ -231,23 +221,14 @@ def _choose_timed(
     return out
 
 
-def _say_floor_cost(
-    problem: Problem,
-    cost: TermCost,
-    cands: dict[str, list[int]],
-    want: float,
-    floor: float,
-    pick: Callable[..., Widths],
-    seed: int,
-    base: Widths,
-    lowest: Widths,
-) -> None:
+def _say_floor_cost(s: Search, want: float, floor: float, pick: Rule) -> None:
     """Log the multiply-adds a target near the floor takes and the larger batches (up to
     64) at which the floor sits lower; kept in ``problem.notes``."""
-    anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
+    problem, lowest = s.problem, {g: c[0] for g, c in s.cands.items()}
+    anchors = [(s.cost.cost({}), 1.0), (s.cost.cost(lowest), floor)]
     (x1, y1), (x2, y2) = sorted(anchors)
     budget = x1 + (want - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else x1
-    ks = pick(problem, cost, cands, budget, seed, base)
+    ks = pick(s, budget)
     share = count_macs(thin_at(problem, ks), problem.x) / count_macs(problem.model, problem.x)
     rt, at = problem.runtime, {}
     for b in sorted({min(64, rt.batch * 8), 64} - {rt.batch}):
