@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-# a CLI warning line (csgd train: a schedule that cannot converge) is not the error line
+# a CLI warning line (a forced schedule that cannot converge) is not the error line
 WARNING = re.compile(r"^csgd \w+: warning: ")
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DIGITS
+from conftest import FORCE, TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
@@ -62,7 +62,7 @@ def test_export_any_checkpoint_and_eval_in_onnxruntime(base: Path, tmp_path: Pat
 
 def test_prune_writes_a_checked_onnx_file(base: Path, tmp_path: Path) -> None:
     tr = tmp_path / "tr"
-    out = cli("train", *R20, f"init={base}", "schedule.epochs=1", f"hydra.run.dir={tr}")
+    out = cli("train", *R20, f"init={base}", "schedule.epochs=1", FORCE, f"hydra.run.dir={tr}")
     assert out.returncode == 0, out.stderr
     pr = tmp_path / "pr"
     out = cli("prune", *R20, f"ckpt={tr / 'last.pt'}", "prune.force=true", f"hydra.run.dir={pr}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FORCE
 from conftest import TINY_DIGITS as TINY
 from omegaconf import OmegaConf
 
@@ -35,13 +36,15 @@ ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
 RUN_CSGD = str(Path(__file__).with_name("run_csgd.py"))
 F64 = {"CSGD_TEST_DTYPE": "float64"}
 TIMEOUT = 300
-TRAIN = ["schedule.epochs=2", "schedule.lr=0.002", "schedule.log_every=2", "dist.sync_bn=true"]
+# two epochs cannot collapse the clusters: FORCE (the forecast would refuse the schedule)
+TRAIN = ["schedule.epochs=2", "schedule.lr=0.002", "schedule.log_every=2", "dist.sync_bn=true",
+         FORCE]  # fmt: skip
 # A 2-process job whose clusters collapse, so its checkpoint merges exactly: a strong pull
 # without momentum (members' differences shrink by 1 - lr * eps = 0.6 per step) and enough
 # steps for the BN running statistics (momentum 0.1) to forget the early filters.
 
-EXACT = [
-    *TRAIN[1:],
+EXACT = [  # forecast to converge: no FORCE
+    *TRAIN[1:-1],
     "schedule.epochs=8",
     "schedule.momentum=0",
     "epsilon=200",

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FORCE
 from conftest import TINY_DIGITS as TINY
 from csgd_procs import ENV, STARTED, TIMEOUT, finish, kill_leftovers, load, one_line, start
 
@@ -43,6 +44,7 @@ DIVERGE = [
     "epsilon=0.05",
     "ratio=0.5",
     "checkpoint.every_steps=1",
+    FORCE,
 ]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FORCE
 from conftest import TINY_DIGITS as TINY
 from csgd_procs import TIMEOUT, finish, kill_leftovers, load, one_line
 from csgd_procs import start as start_argv
@@ -144,6 +145,7 @@ CSGD = [
     "epsilon=0.05",
     "ratio=0.5",
     "checkpoint.every_steps=3",
+    FORCE,
 ]
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DIGITS
+from conftest import FORCE, TINY_DIGITS
 
 from csgd_cli.api.checkpoint import load_checkpoint
 from csgd_cli.api.record import PruneRecord
 from csgd_cli.runner import cli as cli_main
 
 ENV = {**os.environ, "CSGD_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
-FAST = [*TINY_DIGITS, "schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0"]
+FAST = [*TINY_DIGITS, "schedule.epochs=1", "pretrain.epochs=1", "schedule.log_every=0", FORCE]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -84,6 +84,7 @@ def test_init_of_another_architecture_than_an_explicit_model(tmp_path: Path) -> 
         *[a for a in TINY_DIGITS if not a.startswith(("model=", "+model"))],
         f"init={base / 'last.pt'}",
         "schedule.epochs=0",
+        FORCE,
         f"hydra.run.dir={tmp_path / 'y'}",
     )
     assert out.returncode == 0, out.stderr

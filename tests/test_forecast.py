@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DIGITS
+from conftest import FORCE, TINY_DIGITS
 from omegaconf import OmegaConf
 
 from csgd_cli.api.pruner import CSGD
@@ -114,20 +114,31 @@ def test_quickstart_schedule_is_forecast_to_converge() -> None:
     assert f.worst <= cfg.prune.tolerance * 1e-3
 
 
-def test_run_refuses_a_schedule_that_cannot_converge_before_writing(tmp_path: Path) -> None:
-    """The issue's command: refused in one line naming the epsilon and the epochs that
-    would do, before any file is written."""
-    d = tmp_path / "run"
+@pytest.mark.parametrize("stage", ["run", "train"])
+def test_a_schedule_that_cannot_converge_is_refused_before_writing(
+    tmp_path: Path, stage: str
+) -> None:
+    """The issue's command (and ``csgd train`` alike): refused in one line naming the
+    epsilon and the epochs that would do, and the override, before any file is written;
+    with the override (prune.force=true) it says so in one warning line and goes on."""
+    d = tmp_path / stage
     args = ["model=resnet20", "dataset=digits", "pretrain.epochs=2", "schedule.epochs=2",
             "finetune.epochs=1", "device=cpu", f"hydra.run.dir={d}"]  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "csgd_cli", "run", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "csgd_cli", stage, *args], capture_output=True,
                        text=True, env=ENV, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1
-    assert "cannot reach the merge tolerance" in err
-    assert "epsilon=" in err and "schedule.epochs=" in err
+    assert err.startswith(f"csgd {stage}: error: ") and "cannot reach the merge tolerance" in err
+    assert "epsilon=" in err and "schedule.epochs=" in err and FORCE in err
     assert not d.exists()
+    if stage == "train":  # the override: zero epochs, so only the preflight's verdict runs
+        args = [a.replace("schedule.epochs=2", "schedule.epochs=0") for a in args]
+        r = subprocess.run([sys.executable, "-m", "csgd_cli", stage, *args, FORCE],
+                           capture_output=True, text=True, env=ENV, cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert line.startswith("csgd train: warning: the C-SGD schedule cannot reach")
 
 
 def test_train_logs_the_forecast_beside_chi_and_check_prints_both(tmp_path: Path) -> None:
@@ -136,7 +147,7 @@ def test_train_logs_the_forecast_beside_chi_and_check_prints_both(tmp_path: Path
     d = tmp_path / "tr"
     cli.main(["train", *TINY_DIGITS, "schedule.epochs=3", "schedule.log_every=0",
               "schedule.lr=0.05", "epsilon=0.05", "norm_epsilon=0.05", "pretrain.epochs=0",
-              f"hydra.run.dir={d}"])  # fmt: skip
+              FORCE, f"hydra.run.dir={d}"])  # fmt: skip
     recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if "train_loss" in r]
     assert len(epochs) == 3 and all("chi_forecast" in r for r in epochs)

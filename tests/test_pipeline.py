@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FORCE
 from omegaconf import OmegaConf
 
 from csgd_cli import load_model
@@ -119,6 +120,7 @@ def test_stages_chain_from_the_cli(tmp_path: Path) -> None:
         f"init={d['cl'] / 'clustered.pt'}",
         "schedule.epochs=1",
         "schedule.log_every=2",
+        FORCE,
         f"hydra.run.dir={d['tr']}",
     )
     trained = torch.load(d["tr"] / "last.pt", weights_only=True)

@@ -17,6 +17,7 @@ from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
+from conftest import FORCE
 
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.runner.report import write_report
@@ -33,6 +34,7 @@ TINY = [
     "eval.latency_batch=8",
     "device=cpu",
     "prune.export=false",
+    FORCE,  # one C-SGD epoch: the forecast would refuse it
 ]
 
 

@@ -27,11 +27,11 @@ def _schedule_text(f: Forecast, sched: Any, steps: int) -> str:
 
 
 def check_forecast(cfg: DictConfig, steps_per_epoch: int) -> Forecast | None:
-    """``csgd run``: refuse a C-SGD schedule whose forecast cannot reach the merge's
-    tolerance (``prune.tolerance``), naming the epsilon or the epochs that would
-    (``prune.force=true``: the merge will be forced anyway, so it goes on). ``csgd
-    train`` does not merge (a later ``csgd train`` may go on), so it says so in one
-    warning line. Returns the forecast (None for a baseline)."""
+    """``csgd run`` and ``csgd train``: refuse a C-SGD schedule whose forecast cannot
+    reach the merge's tolerance (``prune.tolerance``), naming the epsilon or the epochs
+    that would. ``prune.force=true`` is the override (the merge will be forced anyway,
+    or a later ``csgd train`` continues the checkpoint): one warning line, and it goes
+    on. Returns the forecast (None for a baseline)."""
     if cfg.prune.method != "csgd":
         return None
     tol = cfg.prune.tolerance
@@ -51,11 +51,10 @@ def check_forecast(cfg: DictConfig, steps_per_epoch: int) -> Forecast | None:
     if ok["epochs"] is not None:
         fixes.append(f"schedule.epochs={ok['epochs']}")
     fix = " or ".join(fixes) if fixes else "a longer schedule or a larger schedule.lr"
-    if cfg.stage == "train" or cfg.prune.force:
-        # a warning, not a refusal: train never merges (another train may continue it)
+    if cfg.prune.force:  # the user's override: said once, then trained as asked
         print(f"csgd {cfg.stage}: warning: {what}; {fix} would reach it", file=sys.stderr)
         return f
-    raise CsgdError(what, f"pass {fix} (or prune.force=true to merge anyway)")
+    raise CsgdError(what, f"pass {fix} (or prune.force=true to train anyway and force the merge)")
 
 
 def chi_logging(
