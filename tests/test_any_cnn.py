@@ -247,3 +247,37 @@ def test_init_takes_a_plain_torchvision_state_dict(tmp_path) -> None:
         "groups", "model=mobilenet_v2", f"init={tmp_path / 'resnet18-f37072fd.pth'}", cwd=tmp_path
     )
     assert r.returncode == 2 and "holds a resnet18 but model=mobilenet_v2" in r.stderr, r.stderr
+
+
+def test_mnasnet_merges_saves_and_loads_through_the_api(tmp_path) -> None:
+    """torchvision's MNASNet reads its module version in ``_load_from_state_dict``: the
+    merge's state dict and a saved file (csgd's or an older one without versions) load."""
+    import torchvision
+
+    from csgd_cli import CSGD
+    from csgd_cli.api.pruner import save
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    pruner = CSGD(model, x, ratio=0.5)
+    opt = pruner.optimizer(0.05, epsilon=10.0, norm_epsilon=10.0, momentum=0.0)
+    for _ in range(20):  # each step halves the differences inside a cluster
+        opt.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        opt.step()
+    model.eval()
+    thin = pruner.merge()  # exact: no force
+    assert sum(p.numel() for p in thin.parameters()) < 0.5 * sum(
+        p.numel() for p in model.parameters()
+    )
+    path = save(thin, tmp_path / "thin.pt")
+    back = load_model(path, model=torchvision.models.mnasnet0_5(num_classes=10))
+    with torch.no_grad():
+        assert torch.equal(back(x), thin(x))
+    ck = torch.load(path, weights_only=True)
+    ck["state_dict"] = dict(ck["state_dict"])  # a file without module versions
+    torch.save(ck, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt", model=torchvision.models.mnasnet0_5(num_classes=10))
+    with torch.no_grad():
+        assert torch.equal(old(x), thin(x))

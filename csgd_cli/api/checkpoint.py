@@ -17,7 +17,7 @@ from torch import nn
 from ..common.errors import CsgdError
 from ..common.files import atomic_write
 from ..models import get_model
-from ..rules.layers import fit_to_state_dict, member_tensors
+from ..rules.layers import fit_to_state_dict, member_tensors, with_versions
 from ..tracing.trace import channel_groups
 from .record import PruneRecord
 
@@ -264,7 +264,7 @@ def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = T
         if resize:
             fit_to_state_dict(model, sd)
         else:
-            model.load_state_dict(sd)
+            model.load_state_dict(with_versions(sd, want))
     except (RuntimeError, TypeError) as e:
         raise _damaged(where, "weights do not load into the network", e) from e
     return model

@@ -12,6 +12,7 @@ fields every rule has. Two optional fields serve modules made of several layers
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,3 +54,14 @@ def subclass_of(*paths: str) -> Callable[[nn.Module], bool]:
 
 def with_bias(m: nn.Module, weight: TensorSpec) -> list[TensorSpec]:
     return [weight] + ([("bias", 0, "affine")] if getattr(m, "bias", None) is not None else [])
+
+
+def with_versions(sd: StateDict, model_sd: StateDict) -> StateDict:
+    """``sd`` with ``model_sd``'s per-module versions where it has none (a dict built by a
+    merge or read from a file): a layer's loader may require its own (torchvision's
+    MNASNet refuses a state dict without one)."""
+    if getattr(sd, "_metadata", None) is not None:
+        return sd
+    out = OrderedDict(sd)
+    out._metadata = getattr(model_sd, "_metadata", None)  # type: ignore[attr-defined]
+    return out

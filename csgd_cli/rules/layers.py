@@ -34,7 +34,7 @@ from torch import nn
 
 from ..common.errors import CsgdError
 from .attention import ATTENTION_RULES
-from .base import LayerRule, Role, StateDict, TensorSpec, subclass_of
+from .base import LayerRule, Role, StateDict, TensorSpec, subclass_of, with_versions
 from .base import with_bias as _with_bias
 from .groups import ChannelGroup, Kind
 
@@ -331,5 +331,5 @@ def fit_to_state_dict(model: nn.Module, sd: StateDict) -> nn.Module:
             split.refit(m)
         if rule is not None and rule.refit is not None:
             rule.refit(m)  # an attention's head width follows its merged layers
-    model.load_state_dict(sd)
+    model.load_state_dict(with_versions(sd, model.state_dict()))
     return model
