@@ -12,6 +12,13 @@ resolution: at 8x8 every runtime times its own overhead) by the one timer
 
     python scripts/bench_deploy_int8.py                # about 6 minutes on 2 busy cores
     python scripts/bench_deploy_int8.py --epochs 2 --csgd-epochs 2 --rounds 3   # quicker
+
+``--only target``: latency targets in INT8 instead (``prune.target=latency:X
+backend=onnxruntime-int8``): per network, batch and target, the ratio the search
+reports (its chosen widths' whole INT8 network timed beside the base, re-checked), its
+calibrated model's promise, and the chosen widths measured again independently: base and
+thin network exported and quantised anew, timed side by side by the one timer with three
+times the rounds. Random weights (widths, not accuracy, set the speed); one thread.
 """
 
 from __future__ import annotations
@@ -56,7 +63,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5, help="timer rounds per batch size")
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--only", choices=["table", "target"], default="table",
+                    help="table: the deployment table; target: INT8 latency targets")  # fmt: skip
     a = ap.parse_args()
+    if a.only == "target":
+        torch.set_num_threads(1)
+        return targets(3)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
@@ -109,6 +121,52 @@ def main() -> None:
     print(f"ResNet-56 on digits, latency at 1x32x32, {a.threads} thread(s), "
           f"INT8 calibrated on {a.calib_batches} training batches")  # fmt: skip
     print(table(head, rows, [False, False, True, True, True, True]))
+
+
+TARGETS = [  # (network, its widths (None: the zoo's), batch, targets)
+    ("resnet20", [64] * 12, 1, (0.8, 0.6)),
+    ("resnet20", None, 16, (0.95,)),
+]
+
+
+def targets(rounds: int) -> None:
+    """The INT8 latency-target table (``--only target``); see the module."""
+    import os
+
+    from csgd_cli.deploy import latency
+    from csgd_cli.deploy.latency import Runtime, prepare, timed
+
+    print(f"load average before: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
+    rows = []
+    for name, widths, batch, wants in TARGETS:
+        torch.manual_seed(0)
+        kw = {"widths": widths} if widths else {}
+        model = csgd.get_model(name, num_classes=10, **kw).eval()
+        x, rt = torch.randn(1, 3, 32, 32), Runtime("onnxruntime-int8", batch, 1)
+        label = f"{name}" + (f" (width {widths[0]})" if widths else "")
+        for want in wants:
+            t0 = time.time()
+            try:
+                plan = csgd.plan_widths(model, x, target=f"latency:{want}", runtime=rt)
+            except csgd.CsgdError as e:
+                rows.append([label, str(batch), f"{want}", str(e).split(";")[0], "", "", "", ""])
+                continue
+            rep, s = plan.report, time.time() - t0
+            thin = csgd.CSGD(model, x, widths=plan).merge(force=True)
+            again = timed([prepare(model, rt, (3, 32, 32)), prepare(thin, rt, (3, 32, 32))], rt,
+                          rounds * latency.ROUNDS)  # fmt: skip
+            rows.append([label, str(batch), f"{want}", f"{rep['ratio']:.3f}",
+                         "yes" if rep["met"] else "NOT MET", f"{rep['modelled_ratio']:.3f}",
+                         f"{again.ratios[1]:.3f} +-{again.spread[1]:.3f}", f"{s:.0f}"])  # fmt: skip
+            print(
+                f"  {label} batch {batch} latency:{want}: widths {rep['widths']}; "
+                f"networks timed (modelled, INT8 ratio): {rep['networks_timed']}",
+                flush=True,
+            )
+    head = ["network", "batch", "target", "reported INT8 ratio", "met", "modelled",
+            "measured again", "search s"]  # fmt: skip
+    print(table(head, rows, [False, True, True, True, False, True, True, True]))
+    print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
 
 
 def _save(model: torch.nn.Module) -> Path:

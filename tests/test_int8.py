@@ -149,3 +149,125 @@ def test_run_adds_an_int8_row_with_float32_beside(tmp_path: Path) -> None:
     assert r8["backend"] == "onnxruntime-int8" and r8["latency_ms"] > 0
     assert r8["acc_float32"] == fp["acc"] and r8["params"] == fp["params"]
     assert "finetuned-int8" in out.stdout
+
+
+# -- a latency target in INT8: judged on whole networks ----------------------------------------
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture
+def spied(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...], float]]:
+    """Short timings, and every whole network the search times recorded as (its backend,
+    its conv widths, the ratio the one timer gave it beside the base)."""
+    from csgd_cli.deploy import latency
+    from csgd_cli.targets import widths
+
+    monkeypatch.setattr(latency, "LAYER_S", 0.002)
+    monkeypatch.setattr(latency, "NETWORK_S", 0.01)
+    monkeypatch.setattr(latency, "ROUNDS", 3)
+    monkeypatch.setattr(latency, "_MEMO", {})
+    monkeypatch.setattr(widths, "CONFIRMS", 2)
+    seen: list[tuple[str, tuple[int, ...], float]] = []
+    shapes: dict[int, tuple[int, ...]] = {}
+    prepare, timed = latency.prepare, latency.timed
+
+    def spy_prepare(model, rt, shape):
+        out = prepare(model, rt, shape)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        shapes[id(out)] = (rt.backend, *(c.out_channels for c in convs))
+        return out
+
+    def spy_timed(runners, rt, rounds=None):
+        t = timed(runners, rt, rounds)
+        backend, *w = shapes[id(runners[1])]
+        seen.append((backend, tuple(w), t.ratios[1]))
+        return t
+
+    monkeypatch.setattr(latency, "prepare", spy_prepare)
+    monkeypatch.setattr(latency, "timed", spy_timed)
+    return seen
+
+
+def test_int8_latency_target_reports_the_chosen_networks_int8_ratio(spied, tmp_path) -> None:
+    """The ratio reported is the one the one timer measured for the chosen widths' whole
+    network, exported and quantised (re-checked: the slower of its timings); the
+    per-layer model was first calibrated on whole INT8 networks."""
+    from csgd_cli.deploy.latency import Runtime
+
+    model, x = _tiny(), torch.randn(1, 3, 32, 32)
+    rt = Runtime("onnxruntime-int8", 8, 1)
+    plan = csgd.plan_widths(model, x, target="latency:0.97", runtime=rt, cache_dir=tmp_path)
+    rep = plan.report
+    assert {b for b, _, _ in spied} == {"onnxruntime-int8"}  # every network timed in INT8
+    chosen = (plan.widths["0"], plan.widths["3"])
+    mine = [r for _, w, r in spied if w == chosen]
+    assert mine and rep["ratio"] == pytest.approx(max(mine), rel=1e-12)
+    assert rep["calibrated"] >= 1 and len(rep["networks_timed"]) >= 2 + rep["calibrated"]
+    assert rep["backend"] == "onnxruntime-int8" and "modelled_ratio" in rep
+    if rep["met"]:  # confirmed: timed again beside the base, within the target both times
+        assert len(mine) >= 2 and max(mine) <= 0.97
+    thin = csgd.CSGD(model, x, widths=plan).merge(force=True)
+    assert [m.out_channels for m in thin.modules() if isinstance(m, torch.nn.Conv2d)] == list(
+        chosen
+    )
+
+
+def test_int8_latency_target_below_the_floor_names_the_int8_floor(spied) -> None:
+    from csgd_cli.common.errors import CsgdError
+    from csgd_cli.deploy.latency import Runtime
+
+    with pytest.raises(CsgdError, match=r"smallest reachable is latency:") as e:
+        csgd.plan_widths(_tiny(), torch.randn(1, 3, 32, 32), target="latency:0.01",
+                         runtime=Runtime("onnxruntime-int8", 8, 1))  # fmt: skip
+    (backend, widths, floor), *_ = spied  # the floor: every group at its narrowest, in INT8
+    assert backend == "onnxruntime-int8" and widths == (8, 8)
+    assert f"latency:{floor:.4g} " in str(e.value)
+
+
+class _Stairs:
+    """A fake runtime whose time climbs in blocks of 16 channels (as INT8 kernels take
+    them), which a per-layer model that is smooth in the width does not see."""
+
+    def __init__(self, recheck: float = 1.0) -> None:
+        self.cands = {"a": [8, 16, 24, 32, 40, 48], "b": [8, 16, 24, 32, 40, 48]}
+        self.recheck = recheck  # a re-check times this much slower (load that came)
+
+    def cost(self, ks: dict[str, int]) -> float:  # the model: smooth in the widths
+        return sum(ks.get(g, 48) ** 2 for g in self.cands)
+
+    def true(self, ks: dict[str, int]) -> float:
+        return sum((-(-ks.get(g, 48) // 16) * 16) ** 2 + 500 for g in self.cands)
+
+    def pick(self, budget: float) -> dict[str, int]:  # uniform widths within the budget
+        ok = [k for k in self.cands["a"] if self.cost({"a": k, "b": k}) <= budget]
+        k = max(ok, default=8)
+        return {"a": k, "b": k}
+
+    def measure(self, ks: dict[str, int], again: bool) -> float:
+        return self.true(ks) / self.true({}) * (self.recheck if again else 1.0)
+
+
+def test_choice_is_calibrated_on_whole_networks_and_reports_what_was_timed() -> None:
+    from csgd_cli.targets.timed import choose_timed
+
+    s = _Stairs()
+    key = lambda ks: str(sorted(ks.items()))  # noqa: E731
+    floor = s.measure({"a": 8, "b": 8}, False)
+    out = choose_timed(s, s.cands, 0.7, floor, s.pick, s.measure, key, 4, calibrate=3)
+    assert out.confirmed and out.calibrated == 3
+    assert out.ratio == s.measure(out.widths, True) <= 0.7  # what was timed, not modelled
+    # widest that holds: one step wider times above the target
+    wider = min(k for k in s.cands["a"] if k > out.widths["a"])
+    assert s.measure({"a": wider, "b": wider}, False) > 0.7
+    # no re-check holds: not met, with the modelled and the timed ratio of the choice
+    s = _Stairs(recheck=3.0)
+    out = choose_timed(s, s.cands, 0.7, floor, s.pick, s.measure, key, 4, calibrate=3)
+    assert not out.confirmed and out.ratio == s.measure(out.widths, False)
+    assert out.modelled != out.ratio and out.widths != {"a": 8, "b": 8}  # not the floor

@@ -243,7 +243,9 @@ def test_latency_search_stops_when_noisy_timings_allow_no_narrower_step(
     from types import SimpleNamespace
 
     group = SimpleNamespace(name="g", width=8)
-    problem = SimpleNamespace(groups=[group], timings=SimpleNamespace(save=lambda: None))
+    problem = SimpleNamespace(
+        groups=[group], runtime=Runtime(), timings=SimpleNamespace(save=lambda: None)
+    )
     cost = SimpleNamespace(cost=lambda ks: float(ks.get("g", 8)))
     monkeypatch.setattr(widths, "measured_ratio", lambda p, ks, again=False: 0.9)
     stuck = lambda *a: {"g": 8}  # noqa: E731 - a rule that cannot reach the budget

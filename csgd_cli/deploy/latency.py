@@ -28,6 +28,11 @@ from ..common.files import read_json, write_json
 from .export import BACKENDS, Runner, onnx_session
 from .timer import Timed, interleaved, time_one
 
+#: runtimes whose layers timed alone do not add up to the network: INT8's quantize/
+#: dequantize pairs fuse across layers (a layer alone pays its own at input and output)
+#: and its kernels take channels in blocks; OpenVINO fuses layers. A latency target in
+#: them calibrates its per-layer model on whole networks (``targets.timed``).
+WHOLE_NETWORK = ("onnxruntime-int8", "openvino")
 LAYER_S = 0.03  # least time spent timing one layer (its fastest call is kept)
 NETWORK_S = 0.1  # least time per network per round when networks are compared
 ROUNDS = 7  # rounds of a comparison (the median of the per-round ratios is kept)

@@ -4,9 +4,16 @@ way (``widths.choose`` calls ``choose_timed``).
 Timings on a shared machine are only ever too slow, and a network that is timed too slow
 must not send the choice to the thinnest network (the worst answer for accuracy). So:
 
+- in a runtime whose layers do not add up to the network (``latency.WHOLE_NETWORK``:
+  INT8, whose quantize/dequantize pairs fuse across layers and whose kernels take
+  channels in blocks; OpenVINO, which fuses), the per-layer model is first *calibrated*
+  on whole networks: the rule's widths at ``CALIBRATE`` modelled times evenly between the
+  floor and the current network are built, exported (and quantised) and timed in the
+  runtime; the measured ratios, piecewise-linear over the modelled time, are the model
+  from then on (elsewhere the current network and the floor are its only points);
 - the *modelled* choice comes first: the rule run at the modelled time whose measured
-  ratio interpolates (between the current network and the floor) to the target; it is
-  the fallback whatever the timings say;
+  ratio interpolates (over those points) to the target; it is the fallback whatever the
+  timings say;
 - up to ``CONFIRMS`` candidates are timed beside the current network (``deploy.timer``:
   interleaved rounds, the median of per-round ratios), each refining the interpolation;
 - the widest candidate timed within the target is *re-checked* (timed again beside the
@@ -28,6 +35,7 @@ from typing import Any
 
 log = logging.getLogger("csgd")
 CONFIRMS = 4  # timed candidates per latency choice (the floor and base not counted)
+CALIBRATE = 3  # whole networks timed first in a WHOLE_NETWORK runtime (evenly spaced)
 NEAR = 0.25  # a target within this share of the reachable range above the floor is "near"
 Widths = dict[str, int]
 
@@ -39,6 +47,7 @@ class TimedChoice:
     confirmed: bool
     modelled: float  # the ratio the interpolation promised for ``widths``
     timed: list[tuple[float, float]] = field(default_factory=list)  # (modelled ms, ratio)
+    calibrated: int = 0  # whole networks timed to calibrate the model before the search
 
 
 def near_floor(want: float, floor: float) -> bool:
@@ -54,9 +63,12 @@ def _interp(points: list[tuple[float, float]], want: float) -> float:
     return x1 if y2 <= y1 else x1 + (want - y1) * (x2 - x1) / (y2 - y1)
 
 
-def _promised(anchors: list[tuple[float, float]], x: float) -> float:
-    """The ratio the two anchors (current network, floor) interpolate to at time ``x``."""
-    (x1, y1), (x2, y2) = sorted(anchors)
+def _promised(model: list[tuple[float, float]], x: float) -> float:
+    """The ratio the model's points (modelled time, measured ratio: the current network,
+    the floor and any calibration) interpolate to at time ``x``, piecewise-linearly."""
+    pts = sorted(model)
+    j = next((i for i in range(1, len(pts)) if x <= pts[i][0]), len(pts) - 1)
+    (x1, y1), (x2, y2) = pts[max(j - 1, 0)], pts[j]
     return y1 if x2 == x1 else y1 + (x - x1) * (y2 - y1) / (x2 - x1)
 
 
@@ -69,13 +81,24 @@ def choose_timed(
     measure: Callable[[Widths, bool], float],
     key: Callable[[Widths], str],
     confirms: int = CONFIRMS,
+    calibrate: int = 0,
 ) -> TimedChoice:
     """See the module. ``pick(budget)``: the rule's widths at a modelled time;
     ``measure(ks, again)``: their ratio to the current network (``again``: timed once
-    more, the slower kept); ``key(ks)``: what identifies a candidate."""
+    more, the slower kept); ``key(ks)``: what identifies a candidate; ``calibrate``:
+    whole networks timed first (``CALIBRATE`` in a ``WHOLE_NETWORK`` runtime)."""
     lowest = {g: c[0] for g, c in cands.items()}
     anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
     points, seen = list(anchors), {key(lowest): (floor, lowest)}
+    for i in range(1, calibrate + 1):  # the rule's widths evenly between floor and now
+        ks = pick(anchors[1][0] + (anchors[0][0] - anchors[1][0]) * i / (calibrate + 1))
+        if key(ks) not in seen and key(ks) != key({}):  # not the current network again
+            r = measure(ks, False)
+            seen[key(ks)] = (r, ks)
+            points.append((cost.cost(ks), r))
+            log.info("latency: calibration, modelled %.3g ms: timed %.3f", cost.cost(ks), r)
+    model = list(points)  # what the modelled ratio of a choice is read from
+    n_cal = len(points) - 2
     modelled: tuple[Widths, float] | None = None
     for _ in range(confirms):
         budget = _interp(points, want)
@@ -87,7 +110,7 @@ def choose_timed(
                 break  # time, and asking again would loop forever
             ks = narrower
         if modelled is None:
-            modelled = (ks, _promised(anchors, cost.cost(ks)))
+            modelled = (ks, _promised(model, cost.cost(ks)))
         if key(ks) in seen:
             break
         r = measure(ks, False)
@@ -109,7 +132,7 @@ def choose_timed(
     for r, ks in sorted(passed, key=lambda p: -cost.cost(p[1])):  # widest first
         again = measure(ks, True)
         if again <= want:
-            return TimedChoice(ks, again, True, _promised(anchors, cost.cost(ks)), points)
+            return TimedChoice(ks, again, True, _promised(model, cost.cost(ks)), points, n_cal)
         log.info(
             "latency: re-check of a candidate timed %.3f, then %.3f (want <= %.3f)", r, again, want
         )
@@ -122,7 +145,7 @@ def choose_timed(
         promised,
         timed,
     )
-    return TimedChoice(ks, timed, False, promised, points)
+    return TimedChoice(ks, timed, False, promised, points, n_cal)
 
 
 def floor_note(

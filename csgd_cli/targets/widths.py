@@ -33,7 +33,7 @@ from ..common.errors import CsgdError
 from ..common.nets import count_macs
 from ..common.target import Target
 from ..core.clustering import distortion_curve
-from ..deploy.latency import Runtime, Timings
+from ..deploy.latency import WHOLE_NETWORK, Runtime, Timings
 from .costs import TermCost, descend, give_back
 from .problem import (
     TARGETS,
@@ -48,7 +48,7 @@ from .problem import (
     width_key,
 )
 from .resolution import resolution_of
-from .timed import CONFIRMS, TimedChoice, choose_timed, floor_note, near_floor
+from .timed import CALIBRATE, CONFIRMS, TimedChoice, choose_timed, floor_note, near_floor
 
 log = logging.getLogger("csgd")
 LADDER = 48  # most width steps a group takes in the greedy descent (all, giving back)
@@ -185,8 +185,11 @@ def choose(
     if timed is not None:  # a latency choice: confirmed by a re-check, or not met
         report["met"] = report["met"] and timed.confirmed
         report.update(
-            confirmed=timed.confirmed, modelled_ratio=timed.modelled * now / report["base"]
-        )
+            confirmed=timed.confirmed,
+            modelled_ratio=timed.modelled * now / report["base"],
+            calibrated=timed.calibrated,  # whole networks the model was calibrated on
+            networks_timed=[[round(m / timed.timed[0][0], 4), round(r, 4)] for m, r in timed.timed],
+        )  # networks_timed: (modelled time / the current's, measured ratio) per network
     if problem.notes:
         report["notes"] = list(problem.notes)
     if problem.timings is not None:
@@ -216,6 +219,7 @@ def _choose_timed(s: Search, want: float, floor: float, pick: Rule) -> TimedChoi
         lambda ks, again: measured_ratio(problem, ks, again),
         lambda ks: width_key(problem, ks),
         CONFIRMS,
+        CALIBRATE if problem.runtime.backend in WHOLE_NETWORK else 0,
     )
     problem.timings.save()  # type: ignore[union-attr]
     return out
