@@ -12,9 +12,9 @@ import torch
 from conftest import TINY_DIGITS
 from torch import nn
 
-from csgd_cli import load_model, save
-from csgd_cli.api.checkpoint import FORMAT, load_checkpoint, need_clusters
-from csgd_cli.api.record import KEY, OLD_KEYS, PruneRecord
+from csgd_cli import CSGD, load_model, save
+from csgd_cli.api.checkpoint import load_checkpoint, need_clusters
+from csgd_cli.api.record import KEY, OLD_KEYS, USER_ARCH, PruneRecord, upgrade
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.runner import cli
 
@@ -68,8 +68,8 @@ def test_widths_json_says_what_it_said_before() -> None:
         "target_base": {"flops": 1000.0},
     }  # fmt: skip
     plain = PruneRecord(group_widths={"a": 2}, settings={"ratio": 0.5})
-    assert plain.widths_json() == {"ratio": 0.5, "width_settings": {"ratio": 0.5},
-                                   "group_widths": {"a": 2}}  # fmt: skip
+    want = {"ratio": 0.5, "width_settings": {"ratio": 0.5}, "group_widths": {"a": 2}}
+    assert plain.widths_json() == want
 
 
 def test_need_clusters_reads_either_layout() -> None:
@@ -91,20 +91,41 @@ class Net(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))))
 
 
-def test_a_merged_network_of_the_old_layout_loads_into_the_users_class(tmp_path: Path) -> None:
-    """``csgd.save`` of a merged network: the widths it was merged to come back with it,
-    from a file of either layout."""
-    thin = Net(4)
-    thin.group_widths = {"conv": 4}
-    path = save(thin, tmp_path / "new.pt")
-    ck = load_checkpoint(path, None)
-    assert ck["format"] == FORMAT and ck[KEY]["group_widths"] == {"conv": 4}
-    torch.save(old_layout(ck), tmp_path / "old.pt")
-    for name in ("new.pt", "old.pt"):
-        net = load_model(tmp_path / name, model=Net(8))
-        assert net.conv.out_channels == 4 and net.group_widths == {"conv": 4}
-        x = torch.randn(1, 3, 6, 6)
-        assert torch.allclose(net(x), thin.eval()(x))
+def test_a_merged_network_keeps_its_widths_in_its_arch_alone(tmp_path: Path) -> None:
+    """``csgd.save`` of a merged network of the user's own class: the widths it was cut
+    to ride in its ``arch`` (not in the record, not on the module), come back with it
+    into a fresh instance, and stay when it is saved again."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    thin = CSGD(Net(8), x, ratio=0.5, clustering="even").merge(force=True).eval()
+    widths = {"conv": 4, "head": 2}  # every group's, the output's (not pruned) too
+    assert thin.arch == {"name": USER_ARCH, "class": f"{__name__}.Net", "group_widths": widths}
+    assert not hasattr(thin, "group_widths")
+    ck = load_checkpoint(save(thin, tmp_path / "thin.pt"), None)
+    assert ck["arch"]["group_widths"] == widths and ck[KEY]["group_widths"] is None
+    net = load_model(tmp_path / "thin.pt", model=Net(8))
+    assert net.conv.out_channels == 4 and torch.allclose(net(x), thin(x))
+    again = load_checkpoint(save(net, tmp_path / "again.pt"), None)
+    assert again["arch"] == ck["arch"]
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_an_older_file_with_the_widths_in_its_record_is_upgraded(tmp_path: Path, fmt: int) -> None:
+    """Files ``csgd.save`` wrote before (formats 2 and 3) kept a merged network's widths
+    in the record (the module's ``group_widths``): they load, the widths moved to arch."""
+    thin = Net(4).eval()
+    arch = {"name": USER_ARCH, "class": f"{__name__}.Net"}  # no widths: they were elsewhere
+    new = PruneRecord(group_widths={"conv": 4}).into({"arch": arch, "format": 3})
+    new["state_dict"] = thin.state_dict()
+    torch.save(new if fmt == 3 else old_layout(new), tmp_path / "old.pt")
+    ck = load_checkpoint(tmp_path / "old.pt", None)
+    assert ck["arch"] == {**arch, "group_widths": {"conv": 4}}
+    assert PruneRecord.from_checkpoint(ck).group_widths is None and not set(ck) & set(OLD_KEYS)
+    net = load_model(tmp_path / "old.pt", model=Net(8))
+    x = torch.randn(1, 3, 6, 6)
+    assert net.conv.out_channels == 4 and torch.allclose(net(x), thin(x))
+    planned = RECORD.into({"arch": arch, "format": 3})  # the runner's: what clusters lead to
+    assert upgrade(planned) is planned
 
 
 def test_a_clustered_checkpoint_of_the_old_layout_still_trains_and_prunes(

@@ -19,7 +19,7 @@ from ..common.files import atomic_write
 from ..models import get_model
 from ..rules.layers import fit_to_state_dict, member_tensors, with_versions
 from ..tracing.trace import channel_groups
-from .record import PruneRecord
+from .record import USER_ARCH, PruneRecord, upgrade
 
 REQUIRED = ("arch", "state_dict")
 # What a checkpoint's keys mean. Every file csgd writes says its format; a file without
@@ -123,7 +123,7 @@ def load_checkpoint(
     if not isinstance(ck, dict) or ("format" not in ck and any(k not in ck for k in REQUIRED)):
         raise CsgdError(f"{label} is not a csgd checkpoint (no arch/state_dict)", fix)
     check_format(ck, label, tuple(dict.fromkeys((*REQUIRED, *need))))
-    return ck
+    return upgrade(ck)  # an older file: a merged network's widths where they are read now
 
 
 def check_format(ck: dict[str, Any], label: str, need: tuple[str, ...] = REQUIRED) -> None:
@@ -188,9 +188,6 @@ def _read(p: Path, label: str, fix: str) -> Any:
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
     return get_model(arch["name"], **arch.get("kwargs", {}))
-
-
-USER_ARCH = "user"  # ``arch`` name of a network of the user's own class (``csgd.save``)
 
 
 def _damaged(where: str, what: str, e: BaseException | None = None) -> CsgdError:
@@ -276,8 +273,7 @@ def check_shapes(model: nn.Module, ck: dict[str, Any], where: str, fix: str = ""
     the merged groups cut (the file's ``group_widths``) may differ."""
     want, sd = model.state_dict(), ck["state_dict"]
     cut: set[tuple[str, int]] = set()
-    merged = PruneRecord.from_checkpoint(ck).group_widths
-    merged = merged or (ck.get("arch") or {}).get("group_widths") or {}
+    merged = (ck.get("arch") or {}).get("group_widths") or {}  # a merge's (``record.upgrade``)
     if merged:
         try:
             groups = channel_groups(model)

@@ -36,14 +36,13 @@ from ..rules.groups import ChannelGroup, Clusters, check_clusters, describe
 from ..targets.plan import WidthPlan, plan_widths
 from ..tracing.trace import channel_groups, example_input
 from .checkpoint import (
-    USER_ARCH,
     check_shapes,
     load_checkpoint,
     load_into,
     model_from_checkpoint,
     save_checkpoint,
 )
-from .record import PruneRecord
+from .record import PruneRecord, user_arch
 
 STATE_FORMAT = 2  # CSGD.state_dict() layout (2: the width plan; epsilon is the optimizer's)
 
@@ -251,6 +250,8 @@ class CSGD:
             self.model, self.groups, self.clusters, x, tolerance=tolerance, force=force
         )
         self.merge_report = rep
+        if getattr(thin, "arch", None) is None:  # the user's own class: the widths cut to
+            thin.arch = user_arch(thin, rep["group_widths"])
         return thin
 
     # -- the user's own checkpoints -------------------------------------------------------
@@ -306,12 +307,8 @@ def save(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Write ``model`` (base, trained or merged) atomically; it loads with
     ``load_model`` and ``torch.load(..., weights_only=True)``, running no code."""
     net = unwrap(model)
-    arch = getattr(net, "arch", None) or {
-        "name": USER_ARCH,
-        "class": f"{type(net).__module__}.{type(net).__qualname__}",
-    }
-    record = PruneRecord(group_widths=getattr(net, "group_widths", None))
-    info = record.into({"arch": arch, **extra})
+    arch = getattr(net, "arch", None) or user_arch(net)  # a merged one's: with its widths
+    info = PruneRecord().into({"arch": arch, **extra})
     return save_checkpoint(path, {**info, "state_dict": net.state_dict()})
 
 
@@ -326,9 +323,8 @@ def load_model(
     if model is not None:
         check_shapes(unwrap(model), ck, str(path))  # another class count: one line
         net = load_into(unwrap(model), ck["state_dict"], str(path), resize=True)
-        widths = PruneRecord.from_checkpoint(ck).group_widths
-        if widths:
-            net.group_widths = dict(widths)
+        if ck["arch"].get("group_widths"):  # a merged network: saved again, it keeps them
+            net.arch = dict(ck["arch"])
         return net.eval()
     from ..models.custom import trust as trust_targets
 

@@ -58,6 +58,11 @@ def _merge_tensor(t: torch.Tensor, dim: int, segs: list[Segment], repeat: int) -
     return w.reshape(shape[0], -1, *shape[2:])
 
 
+def merged_widths(groups: Sequence[ChannelGroup], clusters: Clusters) -> dict[str, int]:
+    """Every group's width after the merge: its cluster count, else its own width."""
+    return {g.name: len(clusters[g.name]) if clusters.get(g.name) else g.width for g in groups}
+
+
 def merge_state_dict(
     model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters, partial: bool = False
 ) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -72,10 +77,9 @@ def merge_state_dict(
         average_statistics(model, groups, clusters, sd)
     mods = dict(model.named_modules())
     edits: dict[tuple[str, int, int], list[Segment]] = {}  # (key, dim, repeat) -> segments
-    widths = []
+    widths = list(merged_widths(groups, clusters).values())
     for g in groups:
         cl = clusters.get(g.name)
-        widths.append(len(cl) if cl else g.width)
         if not cl or (len(cl) == g.width and not partial):
             continue
         if g.excluded is not None:
@@ -96,11 +100,13 @@ def merge(
 ) -> nn.Module:
     """The thin model: the same class with the merged widths (declared models), else a
     copy of ``model`` whose layers are resized by their rules; weights loaded, on the
-    model's device and dtype, in the model's train/eval mode."""
+    model's device and dtype, in the model's train/eval mode. A copy's ``arch`` (where
+    the model has one) records the widths it was cut to (``group_widths``), as a
+    declared model's ``widths`` do: what the network is, not what pruning planned."""
     widths, sd = merge_state_dict(model, groups, clusters, partial)
     by_name = {g.name: w for g, w in zip(groups, widths, strict=True)}
     arch = getattr(model, "arch", None)
-    if hasattr(model, "widths") and arch is not None:
+    if hasattr(model, "widths") and arch is not None and "kwargs" in arch:  # csgd's zoo
         thin = get_model(arch["name"], **dict(arch["kwargs"], widths=widths))
         thin.load_state_dict(sd)
     else:
@@ -110,7 +116,6 @@ def merge(
             thin.arch = {**arch, "group_widths": by_name}
     p = next(model.parameters())
     thin.to(device=p.device, dtype=p.dtype)
-    thin.group_widths = by_name
     return thin.train(model.training)
 
 
@@ -129,7 +134,7 @@ def merge_checked(
     tensor, or a tuple of the forward's arguments). Every output is compared (a tuple or
     dict of tensors too); a merge (not ``partial``, i.e. not a baseline's selection) whose
     outputs differ beyond ``tolerance`` (relative) is refused unless ``force``."""
-    was_training = model.training
+    was_training, widths = model.training, merged_widths(groups, clusters)
     model.eval()
     try:
         thin = merge(model, groups, clusters, partial=partial).eval()
@@ -161,8 +166,8 @@ def merge_checked(
         "params_after": count_params(thin),
         "macs_before": count_macs(model, x),
         "macs_after": count_macs(thin, x),
-        "widths": list(thin.group_widths.values()),
-        "group_widths": thin.group_widths,
+        "widths": list(widths.values()),
+        "group_widths": widths,
     }
     rep["flops_reduction"] = 1 - rep["macs_after"] / max(rep["macs_before"], 1)
     if not partial and rel > tolerance and not force:
