@@ -266,6 +266,11 @@ def test_choice_is_calibrated_on_whole_networks_and_reports_what_was_timed() -> 
     # widest that holds: one step wider times above the target
     wider = min(k for k in s.cands["a"] if k > out.widths["a"])
     assert s.measure({"a": wider, "b": wider}, False) > 0.7
+    # a calibration network within the target's last 5%: no more networks timed
+    cal = out.timed[2 : 2 + out.calibrated]
+    _, r = max((p for p in cal if p[1] < 1), key=lambda p: p[1])
+    again = choose_timed(s, s.cands, r, floor, s.pick, s.measure, key, 4, calibrate=3)
+    assert again.confirmed and again.ratio == r and len(again.timed) == 2 + again.calibrated
     # no re-check holds: not met, with the modelled and the timed ratio of the choice
     s = _Stairs(recheck=3.0)
     out = choose_timed(s, s.cands, 0.7, floor, s.pick, s.measure, key, 4, calibrate=3)

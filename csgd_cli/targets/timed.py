@@ -98,12 +98,14 @@ def choose_timed(
             points.append((cost.cost(ks), r))
             log.info("latency: calibration, modelled %.3g ms: timed %.3f", cost.cost(ks), r)
     model = list(points)  # what the modelled ratio of a choice is read from
+    hit = lambda r: 0.95 * want <= r <= want  # noqa: E731 - close enough: stop searching
     n_cal = len(points) - 2
     modelled: tuple[Widths, float] | None = None
     for _ in range(confirms):
         budget = _interp(points, want)
         ks = pick(budget)
-        while key(ks) in seen and budget > anchors[1][0]:  # timed: a step narrower
+        while key(ks) in seen and not hit(seen[key(ks)][0]) and budget > anchors[1][0]:
+            # timed already, and not within the target's last 5%: a step narrower
             budget = cost.cost(ks) * (1 - 1e-9)
             narrower = pick(budget)
             if key(narrower) == key(ks):  # noisy timings: no step lowers the modelled
@@ -122,7 +124,7 @@ def choose_timed(
             want,
         )
         points.append((cost.cost(ks), r))
-        if 0.95 * want <= r <= want:
+        if hit(r):
             break
     assert modelled is not None
     model_key = key(modelled[0])
