@@ -7,11 +7,31 @@ import logging
 import os
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def _absl_writes_to_the_real_stderr() -> None:
+    """absl-py (imported by ``openvino``, here at collection) makes its logging handler on
+    ``sys.stderr`` as it is then: pytest's capture file. That handler's ``close()`` closes
+    its stream unless it is ``sys.stderr`` at that moment, and the first in-process
+    Hydra job closes every handler of the process (``logging.config.dictConfig``). In a
+    test under ``capsys`` that closed pytest's capture file, and every later test of the
+    process (an xdist worker) failed with "I/O operation on closed file". Bound to
+    ``sys.__stderr__``, which absl never closes."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    if sys.__stderr__ is not None:
+        absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+
+
+_absl_writes_to_the_real_stderr()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per worker (and per csgd process it starts): two workers on two cores,
