@@ -2,12 +2,14 @@
 from a list of images, every group pruned or excluded with its reason, the C-SGD
 optimizer over every parameter, one C-SGD step on the detector's loss dict (train mode,
 ``(images, targets)``), an exact merge of every output (boxes, scores, labels, masks,
-keypoints; score maps), the thin network trained on, saved and loaded into a fresh one.
+keypoints; score maps; and before them the heads' raw outputs, which no top-k or NMS
+selects from), the thin network trained on, saved and loaded into a fresh one.
 
 One step collapses every cluster (momentum 0, ``lr * epsilon = 1``, a small lr), so the check is on
 the merge, not on training. BatchNorm running statistics are reset before the merge:
 the step's train-mode forward moved them per channel (issue 22.1 is about them).
-The smallest builders run by default; the ResNet-50 ones are marked slow.
+The smallest builders run by default, and every class (RetinaNet, FCOS, SSD, Mask
+and Keypoint R-CNN, FCN, DeepLabV3) over a tiny backbone; the ResNet-50 builders are slow.
 """
 
 from __future__ import annotations
@@ -61,6 +63,90 @@ SEGMENTERS: dict[str, Callable[[], nn.Module]] = {
 FAST = {"fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large"}
 
 
+class _TinyBackbone(nn.Module):
+    """Two feature maps of 32 channels (strides 4 and 8): torchvision's detector and
+    segmenter classes, their heads and post-processing, over a backbone small enough
+    for every test run (the ResNet-50 builders above are marked slow)."""
+
+    out_channels = 32  # FCOS's head: GroupNorm(32, 32), one channel per group
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.s4, self.s8 = nn.Sequential(block(3, 8), block(8, 32)), block(32, 32)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.s4(x)
+        return {"0": a, "1": self.s8(a)}
+
+
+def _small(kind: str) -> nn.Module:
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.keypoint_rcnn import (
+        KeypointRCNNHeads,
+        KeypointRCNNPredictor,
+    )
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    bb, two = _TinyBackbone(), ((0.5, 1.0, 2.0),) * 2
+    if kind == "retinanet":
+        return det.RetinaNet(bb, 3, anchor_generator=AnchorGenerator(((16,), (32,)), two), **DENSE)
+    if kind == "ssd":
+        from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+        from torchvision.models.detection.ssd import SSD, SSDHead
+
+        return SSD(bb, DefaultBoxGenerator([[2], [2]]), (SIZE, SIZE), 3,
+                       head=SSDHead([32, 32], [4, 4], 3), score_thresh=0.0,
+                       detections_per_img=6, topk_candidates=30)  # fmt: skip
+    if kind == "fcos":
+        anchors = AnchorGenerator(((8,), (16,)), ((1.0,),) * 2)
+        return det.FCOS(bb, 3, anchor_generator=anchors, **DENSE)
+    rcnn = dict(
+        rpn_anchor_generator=AnchorGenerator(((16,), (32,)), two),
+        box_roi_pool=MultiScaleRoIAlign(["0", "1"], 7, 2),
+        box_head=TwoMLPHead(32 * 7 * 7, 32), box_predictor=FastRCNNPredictor(32, 3), **RCNN,
+    )  # fmt: skip
+    if kind == "maskrcnn":
+        return det.MaskRCNN(
+            bb, mask_roi_pool=MultiScaleRoIAlign(["0", "1"], 14, 2),
+            mask_head=MaskRCNNHeads(32, (16, 16), 1), mask_predictor=MaskRCNNPredictor(16, 16, 3),
+            **rcnn,
+        )  # fmt: skip
+    return det.KeypointRCNN(
+        bb, keypoint_roi_pool=MultiScaleRoIAlign(["0", "1"], 14, 2),
+        keypoint_head=KeypointRCNNHeads(32, (16, 16)), keypoint_predictor=KeypointRCNNPredictor(16, 4),
+        **{**rcnn, "box_predictor": FastRCNNPredictor(32, 2)},
+    )  # fmt: skip
+
+
+def _small_segmenter(kind: str) -> nn.Module:
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    class Out(_TinyBackbone):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            f = super().forward(x)
+            return {"out": f["1"], "aux": f["0"]}
+
+    if kind == "fcn":
+        return seg.FCN(Out(), FCNHead(32, 3), FCNHead(32, 3))
+    return seg.DeepLabV3(Out(), DeepLabHead(32, 3), FCNHead(32, 3))
+
+
+# the same classes over the tiny backbone: every kind the issue names runs in every test run
+for _k in ("retinanet", "fcos", "ssd", "maskrcnn", "keypointrcnn"):
+    DETECTORS[f"small_{_k}"] = lambda k=_k: _small(k)
+    FAST.add(f"small_{_k}")
+for _k in ("fcn", "deeplabv3"):
+    SEGMENTERS[f"small_{_k}"] = lambda k=_k: _small_segmenter(k)
+    FAST.add(f"small_{_k}")
+
+
 def _params(name: str) -> list[Any]:
     marks = () if name in FAST else (pytest.mark.slow,)
     return [pytest.param(name, marks=marks, id=name)]
@@ -82,10 +168,10 @@ def _data(name: str) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
     targets = []
     for _ in images:
         t = {"boxes": torch.tensor([[8.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([1])}
-        if name.startswith("maskrcnn"):
+        if name.startswith(("maskrcnn", "small_maskrcnn")):
             t["masks"] = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
             t["masks"][0, 10:50, 8:40] = 1
-        if name.startswith("keypointrcnn"):
+        if name.startswith(("keypointrcnn", "small_keypointrcnn")):
             t["keypoints"] = torch.tensor([[[10.0, 12, 1], [20, 20, 1], [30, 40, 1], [38, 48, 1]]])
         targets.append(t)
     return images, targets
@@ -126,6 +212,27 @@ def _same(a: Any, b: Any) -> None:
             assert torch.equal(x, y)
 
 
+HEADS = ("head", "rpn.head", "roi_heads.box_predictor", "roi_heads.mask_predictor",
+         "roi_heads.keypoint_predictor")  # fmt: skip
+
+
+def _raw(model: nn.Module, images: list[torch.Tensor]) -> dict[str, Any]:
+    """The heads' raw outputs (class logits, box deltas, mask and keypoint logits), before
+    any top-k, threshold or NMS: what the merge must keep whatever the scores' ties."""
+    mods, seen, hooks = dict(model.named_modules()), {}, []
+    for name in (n for n in HEADS if n in mods):
+        hook = lambda m, i, o, name=name: seen.setdefault(name, o)  # noqa: E731
+        hooks.append(mods[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen, "no head found"
+    return seen
+
+
 def _every_group_accounted(pruner: csgd_cli.CSGD) -> None:
     for g in pruner.groups:
         assert (g.name in pruner.clusters) != bool(g.excluded), g.name
@@ -164,8 +271,13 @@ def test_detector_through_the_api(name: str, tmp_path: Path) -> None:
         before = model(images)
     scores = torch.cat([d["scores"] for d in before])
     assert len(scores) > 2 and scores.unique().numel() > 2  # boxes to compare, not ties
+    raw = _raw(model, images)
     thin = pruner.merge()
     assert pruner.merge_report["params_after"] < pruner.merge_report["params_before"]
+    thin_raw = _raw(thin, images)
+    assert thin_raw.keys() == raw.keys()
+    for k in raw:  # the dense outputs first: exact whatever post-processing selects
+        _same(raw[k], thin_raw[k])
     with torch.no_grad():
         _same(before, thin(images))
     losses = thin.train()(images, targets)  # the thin detector trains on (train-only parts)
@@ -207,16 +319,16 @@ class Cat(nn.Module):
 def test_a_tracing_surprise_is_an_exclusion_naming_the_node(monkeypatch: Any) -> None:
     """An op whose autograd record breaks the index maps: its group is excluded with a
     reason that names the op and the module that ran it, never a traceback."""
-    from csgd_cli.tracing import graph
+    from csgd_cli.tracing import maps
 
-    real = graph._map_node
+    real = maps._map_node
 
     def surprised(g: Any, node: Any) -> None:
         if "Cat" in node.grad_fn.name():
             raise IndexError("a record of an unexpected form")
         real(g, node)
 
-    monkeypatch.setattr(graph, "_map_node", surprised)
+    monkeypatch.setattr(maps, "_map_node", surprised)
     pruner = csgd_cli.CSGD(Cat(), torch.rand(1, 3, 8, 8), ratio=0.5)
     why = pruner.excluded()
     assert why["a"] == "op CatBackward0 in Cat.forward csgd cannot map (IndexError)"
