@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_cli.api.pruner import load_model, save
+from csgd_cli.api.pruner import CSGD, load_model, save
 from csgd_cli.core.chi import chi_report
 from csgd_cli.core.clustering import cluster_groups, num_clusters, target_widths
-from csgd_cli.core.surgery import merge
 from csgd_cli.rules.attention import _Heads, head_channels
-from csgd_cli.rules.groups import ChannelGroup, prunable
+from csgd_cli.rules.groups import ChannelGroup, select_groups
 from csgd_cli.tracing.trace import channel_groups
 from tests.test_any_cnn import collapse
 
@@ -36,11 +35,11 @@ def _randomise(model: nn.Module) -> nn.Module:
 def _merged(model: nn.Module, x: torch.Tensor, ratio: float = 0.5) -> tuple[nn.Module, list]:
     """Collapse every prunable group's clusters, merge; the outputs must not move."""
     groups = channel_groups(model, x)
-    chosen = prunable(groups)
+    chosen = select_groups(groups, ["*"])  # head channels: the heads yield to them
     clusters = cluster_groups(model, chosen, target_widths(chosen, ratio), "even", 0)
     collapse(model, groups, clusters)
     assert chi_report(model, chosen, clusters)["chi"] == 0.0
-    thin = merge(model, groups, clusters).eval()
+    thin = CSGD(model, x, clusters=clusters).merge(x, tolerance=1e-9).eval()  # widths kept
     with torch.no_grad():
         a, b = _logits(model(x)), _logits(thin(x))
     assert (a - b).abs().max() <= 1e-9 * a.abs().max()
@@ -217,8 +216,6 @@ def test_patch_embeddings_and_nhwc_blocks_keep_channels_apart() -> None:
 
 def test_adamw_wrapped_pulls_attention_clusters_together_and_merges_exactly() -> None:
     """Transformers train with AdamW: ``wrap`` makes it C-SGD over the head channels."""
-    from csgd_cli.api.pruner import CSGD
-
     model = _randomise(timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8,
                                          depth=1, embed_dim=24, num_heads=2,
                                          num_classes=4))  # fmt: skip

@@ -229,15 +229,17 @@ def model_from_checkpoint(ck: dict[str, Any], where: str = "the checkpoint") -> 
         check_shapes(
             model, ck, where, "the checkpoint is damaged or was edited; use one written by csgd"
         )
-    load_into(model, ck["state_dict"], where, resize=merged)
+    load_into(model, ck["state_dict"], where, resize=merged, widths=arch.get("group_widths"))
     if merged:
         model.arch = arch
     return model
 
 
-def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = True) -> nn.Module:
-    """Load ``sd`` into ``model``; ``resize``: first give its layers the shapes of a
-    merged (thinner) state dict, by their rules. Names the first key that does not fit."""
+def load_into(
+    model: nn.Module, sd: dict[str, Any], where: str, resize: bool = True, widths: Any = None
+) -> nn.Module:
+    """Load ``sd`` into ``model``; ``resize``: first give its layers a merged state dict's
+    shapes by their rules (``widths``: the groups', e.g. heads). Names the first misfit."""
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
@@ -259,7 +261,7 @@ def load_into(model: nn.Module, sd: dict[str, Any], where: str, resize: bool = T
         model.to(dtype=dtypes.pop())
     try:
         if resize:
-            fit_to_state_dict(model, sd)
+            fit_to_state_dict(model, sd, widths)
         else:
             model.load_state_dict(with_versions(sd, want))
     except (RuntimeError, TypeError) as e:

@@ -322,8 +322,9 @@ def load_model(
     ck = load_checkpoint(path, None)
     if model is not None:
         check_shapes(unwrap(model), ck, str(path))  # another class count: one line
-        net = load_into(unwrap(model), ck["state_dict"], str(path), resize=True)
-        if ck["arch"].get("group_widths"):  # a merged network: saved again, it keeps them
+        widths = ck["arch"].get("group_widths")  # a merged network's (``record.upgrade``)
+        net = load_into(unwrap(model), ck["state_dict"], str(path), resize=True, widths=widths)
+        if widths:  # saved again, it keeps them
             net.arch = dict(ck["arch"])
         return net.eval()
     from ..models.custom import trust as trust_targets

@@ -33,9 +33,7 @@ def chi_terms(
         chi = norm = mx = None
         for a, b, blocks in segment_rows(model, g, roles):
             n = b - a
-            k = torch.cat(
-                [r.tensor.detach().narrow(0, r.row, n).reshape(n, -1).double() for r in blocks], 1
-            )
+            k = torch.cat([r.rows(r.tensor.detach()).double() for r in blocks], 1)
             local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
             lab = torch.tensor(cluster_labels(local, n), device=k.device)
             size = torch.tensor([len(c) for c in local], device=k.device, dtype=k.dtype)

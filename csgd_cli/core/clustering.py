@@ -80,7 +80,7 @@ def segment_features(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor
     for _a, _b, blocks in segment_rows(model, group, ("kernel",)):
         cols = []
         for r in blocks:
-            w = r.tensor.detach().narrow(0, r.row, r.n).float().reshape(r.n, -1).cpu()
+            w = r.rows(r.tensor.detach()).float().cpu()
             cols.append(w / w.norm().clamp_min(1e-12))
         out.append(torch.cat(cols, dim=1))
     return out

@@ -34,6 +34,7 @@ from ..common.config import NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
 from ..rules.layers import segment_rows
+from ..rules.rows import RowBlock
 from .stats import StatSync
 
 
@@ -86,7 +87,7 @@ class CentripetalSGD(torch.optim.Optimizer):
         self._blocks: list[_Block] = []
         self._dst: list[torch.Tensor] = []  # gradient rows written back ...
         self._src: list[torch.Tensor] = []  # ... from these columns of the blocks' scratch
-        owned: set[tuple[int, int]] = set()
+        owned: set[tuple[int, int, int]] = set()
         role_eps = {"kernel": (epsilon, weight_decay), "affine": (norm_eps, norm_weight_decay)}
         for g in groups:
             if g.name not in clusters:
@@ -118,10 +119,14 @@ class CentripetalSGD(torch.optim.Optimizer):
             o = self._offset[id(p)]
             self._decay[o : o + p.numel()] = plain_wd if p.dim() == 1 else weight_decay
 
-    def _rows(self, buf: torch.Tensor, p: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
-        """Channel rows of ``p`` (channel ``start + i`` is row ``i``) in ``buf``."""
-        o = self._offset[id(p)] + start * (p.numel() // p.shape[0])
-        return buf[o : o + n * (p.numel() // p.shape[0])].view(n, -1)
+    def _rows(self, buf: torch.Tensor, r: RowBlock) -> torch.Tensor:
+        """The ``(n, D)`` rows of block ``r`` (one per group channel) in ``buf``: a view."""
+        p = r.tensor
+        if r.dim == 0:  # whole rows: a slice of the flat buffer (any memory format)
+            per = p.numel() // p.shape[0]
+            o = self._offset[id(p)] + r.row * per
+            return buf[o : o + r.n * r.block * per].view(r.n, -1)
+        return r.view(buf.as_strided(p.shape, p.stride(), self._offset[id(p)]))
 
     def _add_segment(
         self,
@@ -130,34 +135,34 @@ class CentripetalSGD(torch.optim.Optimizer):
         blocks: list[Any],
         local: list[list[int]],
         role_eps: dict[str, tuple[float, float]],
-        owned: set[tuple[int, int]],
+        owned: set[tuple[int, int, int]],
     ) -> None:
         """One segment (``n`` channels) of group ``name``: its rows' pull and decay, and
         the scratch that averages them over the clusters ``local``."""
         for r in blocks:
             p = r.tensor
-            if id(p) not in self._offset or r.row + n > p.shape[0]:
+            if id(p) not in self._offset or r.row + n * r.block > p.shape[r.dim]:
                 raise CsgdError(
                     f"group '{name}' does not fit its tensors (frozen or mis-sized)",
                     "check the model's channel_groups()",
                 )
-            for i in range(r.row, r.row + n):  # one owner per row
-                if (id(p), i) in owned:
+            for i in range(r.row, r.row + n * r.block):  # one owner per row
+                if (id(p), r.dim, i) in owned:
                     raise CsgdError(
                         f"group '{name}' shares {r.key} with another group",
-                        "check channel_groups()",
+                        "prune one of them (prune.exclude) or check channel_groups()",
                     )
-                owned.add((id(p), i))
+                owned.add((id(p), r.dim, i))
             e, wd = role_eps[r.role]
-            self._rows(self._neg_eps, p, n, r.row).fill_(-e)
-            self._rows(self._decay, p, n, r.row).fill_(e + wd)
+            self._rows(self._neg_eps, r).fill_(-e)
+            self._rows(self._decay, r).fill_(e + wd)
         dev, dtype = self._a.device, self._a.dtype
-        a_rows = [self._rows(self._a, r.tensor, n, r.row) for r in blocks]
+        a_rows = [self._rows(self._a, r) for r in blocks]
         d = sum(x.shape[1] for x in a_rows)
         tmp = torch.zeros(n, d, device=dev, dtype=dtype)
         col = 0
         for r, x in zip(blocks, a_rows, strict=True):
-            self._dst.append(self._rows(self._flat_g, r.tensor, n, r.row))
+            self._dst.append(self._rows(self._flat_g, r))
             self._src.append(tmp[:, col : col + x.shape[1]])
             col += x.shape[1]
         sizes = torch.tensor([len(c) for c in local], dtype=dtype, device=dev)

@@ -23,38 +23,39 @@ from torch import nn
 from ..common.errors import CsgdError
 from ..common.nets import count_macs, count_params, outputs_of, run_model
 from ..models import get_model
+from ..rules.attention import heads_merged
 from ..rules.groups import ChannelGroup, Clusters, check_clusters
 from ..rules.layers import fit_to_state_dict, member_tensors
 from .diagnose import cause
 from .stats import average_statistics
 
-Segment = tuple[int, int, list[list[int]], bool]  # (offset, width, local clusters, summed)
+# (offset, width, local clusters, summed, block): a cluster's entries are summed into the
+# kept one (an input, or a query row) or sliced; ``block`` entries per group channel
+Segment = tuple[int, int, list[list[int]], bool, int]
 
 
-def _reduce_dim(t: torch.Tensor, dim: int, segments: list[Segment], summed: bool) -> torch.Tensor:
+def _reduce_dim(t: torch.Tensor, dim: int, segments: list[Segment]) -> torch.Tensor:
     """Rebuild ``t`` along ``dim``: listed segments are merged by cluster, the rest copied."""
     pieces, pos = [], 0
-    for offset, width, clusters, add in sorted(segments, key=lambda s: s[0]):
+    for offset, width, clusters, add, block in sorted(segments, key=lambda s: s[0]):
         if offset > pos:
             pieces.append(t.narrow(dim, pos, offset - pos))
         for members in clusters:
-            idx = torch.tensor([offset + i for i in members], device=t.device)
-            sel = t.index_select(dim, idx)
-            keep = summed or add  # an input, or an output row summed (a query channel)
-            pieces.append(sel.sum(dim, keepdim=True) if keep else sel.narrow(dim, 0, 1))
-        pos = offset + width
+            parts = [t.narrow(dim, offset + i * block, block) for i in members]
+            pieces.append(torch.stack(parts).sum(0) if add else parts[0])
+        pos = offset + width * block
     if pos < t.shape[dim]:
         pieces.append(t.narrow(dim, pos, t.shape[dim] - pos))
     return torch.cat(pieces, dim)
 
 
 def _merge_tensor(t: torch.Tensor, dim: int, segs: list[Segment], repeat: int) -> torch.Tensor:
-    if dim == 0:
-        return _reduce_dim(t, 0, segs, summed=False)
+    if repeat == 1:
+        return _reduce_dim(t, dim, segs)
     # an input dimension: ``repeat`` columns per channel (a flatten of an HxW map)
     shape = t.shape
     w = t.reshape(shape[0], shape[1] // repeat, repeat, *shape[2:])
-    w = _reduce_dim(w, 1, segs, summed=True)
+    w = _reduce_dim(w, 1, segs)
     return w.reshape(shape[0], -1, *shape[2:])
 
 
@@ -89,7 +90,8 @@ def merge_state_dict(
             local = [[i - first for i in c] for c in cl if first <= c[0] < end]
             for name, dim, _role in member_tensors(mods[m.module], m.kind):
                 key = (f"{m.module}.{name}", dim, m.repeat)
-                edits.setdefault(key, []).append((m.offset, end - first, local, m.summed))
+                add = m.summed or m.kind == "in"
+                edits.setdefault(key, []).append((m.offset, end - first, local, add, m.block))
     for (key, dim, repeat), segs in edits.items():
         sd[key] = _merge_tensor(sd[key], dim, segs, repeat)
     return widths, sd
@@ -111,7 +113,7 @@ def merge(
         thin.load_state_dict(sd)
     else:
         thin = copy.deepcopy(model)
-        fit_to_state_dict(thin, sd)
+        fit_to_state_dict(thin, sd, by_name)  # widths: an attention's head count
         if arch is not None:  # load_model rebuilds it and resizes by these widths
             thin.arch = {**arch, "group_widths": by_name}
     p = next(model.parameters())
@@ -168,6 +170,7 @@ def merge_checked(
         "macs_after": count_macs(thin, x),
         "widths": list(widths.values()),
         "group_widths": widths,
+        "heads_merged": heads_merged(groups, {k: len(v) for k, v in clusters.items()}),
     }
     rep["flops_reduction"] = 1 - rep["macs_after"] / max(rep["macs_before"], 1)
     if not partial and rel > tolerance and not force:

@@ -35,6 +35,7 @@ from torch import nn
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
 from ..rules.layers import segment_rows
+from ..rules.rows import RowBlock
 from .stats import StatSync
 
 _ATTR = "_csgd_wrap"
@@ -42,9 +43,7 @@ _ATTR = "_csgd_wrap"
 
 @dataclass
 class _Rows:
-    param: torch.Tensor
-    row: int
-    n: int
+    blk: RowBlock  # the tensor's entries of one segment's channels (``blk.rows``: one a row)
     labels: torch.Tensor  # cluster index per row
     inv_size: torch.Tensor  # (k, 1): 1 / |H|
     eps: float
@@ -84,13 +83,13 @@ class CentripetalWrap:
                 local = [[i - a for i in c] for c in clusters[g.name] if a <= c[0] < b]
                 for blk in blocks:
                     p = blk.tensor
-                    if id(p) not in group_of or (id(p), blk.row) in seen:
+                    if id(p) not in group_of or (id(p), blk.dim, blk.row) in seen:
                         continue  # frozen, or owned by another optimizer
-                    seen.add((id(p), blk.row))
+                    seen.add((id(p), blk.dim, blk.row))
                     dev = p.device
                     sizes = torch.tensor([len(c) for c in local], dtype=p.dtype, device=dev)
                     rows = _Rows(
-                        p, blk.row, b - a,
+                        blk,
                         torch.tensor(cluster_labels(local, b - a), device=dev),
                         (1.0 / sizes).unsqueeze(1),
                         epsilon if blk.role == "kernel" else norm_eps,
@@ -117,10 +116,9 @@ class CentripetalWrap:
     def _average_state(self) -> None:
         """Members of a cluster start from the same optimizer state (a no-op when fresh)."""
         for r, _ in self._rows:
-            for v in self.optimizer.state.get(r.param, {}).values():
-                if isinstance(v, torch.Tensor) and v.shape == r.param.shape:
-                    sub = v.narrow(0, r.row, r.n)
-                    sub.copy_(_cluster_mean(sub.reshape(r.n, -1), r).view_as(sub))
+            for v in self.optimizer.state.get(r.blk.tensor, {}).values():
+                if isinstance(v, torch.Tensor) and v.shape == r.blk.tensor.shape:
+                    r.blk.put(_cluster_mean(r.blk.rows(v), r), v)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
@@ -134,18 +132,17 @@ class CentripetalWrap:
         # once per param group, not per row block: a tensor lr (capturable Adam) syncs
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         for r, gi in self._rows:
-            w = r.param.detach().narrow(0, r.row, r.n)
-            flat = w.reshape(r.n, -1)
+            w = r.blk.slab(r.blk.tensor.detach())  # a view, channel dimension first
+            flat = w.reshape(r.blk.n, -1)
             lr = lrs[gi]
             if r.eps and lr:
                 pulls.append((w, (flat - _cluster_mean(flat, r)).mul_(-lr * r.eps)))
-            g = r.param.grad
+            g = r.blk.tensor.grad
             if g is not None:
-                sub = g.narrow(0, r.row, r.n)
-                sub.copy_(_cluster_mean(sub.reshape(r.n, -1), r).view_as(sub))
+                r.blk.put(_cluster_mean(r.blk.rows(g), r), g)
         self._own_step(**kwargs)
         for w, d in pulls:
-            w.add_(d.view_as(w))
+            w.add_(d.view(w.shape))
         self._stats()  # BatchNorm running statistics: each cluster's set to their mean
         return loss
 

@@ -20,6 +20,20 @@ keeps the same width, so the module's reshapes into heads stay valid; ``refit`` 
 are members once per kv head. Per-head parameters (Swin's relative position bias table)
 do not depend on the head's width and stay as they are.
 
+**Heads** are a second group per module (named after the attention module), whose
+channels are whole heads: a head is ``head_dim`` rows of q, k and v and ``head_dim``
+input columns of the projection (``Member.block``), and its per-head parameters (Swin's
+relative position bias table: one column per head, inside the softmax, so pulled
+together like q, k and v). Two heads with identical q, k, v and per-head parameters
+give identical outputs, so the merge keeps one and sums the projection's column blocks;
+``num_heads`` (``num_attention_heads``) follows, the scale stays. The head group and the
+head-channel group share rows, so one is pruned at a time: the head group ``yields_to``
+the head channels (``select_groups`` leaves it out when both match); exclude the channel
+group (``prune.exclude=['*.qkv']``, BERT: ``'*.self.query'``) to prune heads. A head
+count is not in the tensors' shapes: ``fit_to_state_dict`` sets it from the merged
+widths (``set_head_counts``). Query heads that share key/value heads (GQA) keep their
+head group excluded: merging some would leave the kv groups uneven.
+
 Which attention forward passes are exact is a property of the class, so rules match
 classes by name (timm's ``Attention`` and Swin's ``WindowAttention``, transformers'
 BERT- and ViT-style attention); anything inside an attention that mixes the channels of
@@ -34,7 +48,7 @@ transformer that is the residual stream; MLP hidden units and head channels prun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -82,6 +96,7 @@ class _Heads:
     kv_heads: int
     head_dim: int
     why: str | None = None  # what in the forward pass mixes a head's channels
+    per_head: tuple[tuple[str, int], ...] = ()  # the module's own (tensor, head dimension)
 
 
 def _identity(m: nn.Module | None) -> bool:
@@ -97,8 +112,10 @@ def _timm_heads(m: nn.Module) -> _Heads:
         why = "a norm over the attention's output channels"
     elif getattr(m, "gate", None) is not None:
         why = "a gate on the attention's output channels"
+    table = getattr(m, "relative_position_bias_table", None)  # Swin: one column per head
+    per_head = (("relative_position_bias_table", 1),) if table is not None else ()
     return _Heads("qkv", "qkv", "qkv", "proj", (0, p, 2 * p), m.num_heads, m.num_heads,
-                  p // m.num_heads, why)  # fmt: skip
+                  p // m.num_heads, why, per_head)  # fmt: skip
 
 
 def _hf_heads(m: nn.Module) -> _Heads:
@@ -130,7 +147,28 @@ def head_channels(m: nn.Module, name: str, where: _Heads, why: str | None = None
     return ChannelGroup(pre + h.q, d, members, reason)
 
 
+def head_group(m: nn.Module, name: str, where: _Heads, why: str | None = None) -> ChannelGroup:
+    """The group of whole heads of attention ``m`` (named ``name``): each channel is a
+    head's q, k, v rows, its projection columns and its per-head parameters."""
+    pre = f"{name}." if name else ""
+    h, d = where, where.head_dim
+    qo, ko, vo = h.offsets
+    members = [Member(pre + h.q, "out", qo, block=d), Member(pre + h.k, "out", ko, block=d),
+               Member(pre + h.v, "out", vo, block=d)]  # fmt: skip
+    members += [Member(name, "channel") for _ in h.per_head[:1]]  # the module's own tensors
+    members.append(Member(pre + h.proj, "in", block=d))
+    reason = why or h.why
+    if reason is None and h.kv_heads != h.heads:
+        reason = "query heads share key/value heads (GQA): merging some leaves them uneven"
+    if reason:
+        reason = f"{reason} in '{name}' ({type(m).__name__})"
+    return ChannelGroup(name or "heads", h.heads, members, reason, yields_to=pre + h.q)
+
+
 def _refit_timm(m: nn.Module) -> None:
+    table = getattr(m, "relative_position_bias_table", None)
+    if table is not None:  # Swin: the heads are the table's columns
+        m.num_heads = table.shape[1]
     width = m.qkv.out_features // 3 // m.num_heads
     if hasattr(m, "head_dim"):
         m.head_dim = width
@@ -166,17 +204,26 @@ def _mha_kind(m: nn.Module, out: bool) -> str:
     del m, out
     return (
         "nn.MultiheadAttention {layer} ties its heads' width to its input's (embed_dim), so "
-        "its head channels cannot shrink inside the class"
+        "neither its head channels nor its heads can shrink inside the class"
     )
+
+
+def _both(m: nn.Module, name: str, where: _Heads) -> list[ChannelGroup]:
+    return [head_channels(m, name, where), head_group(m, name, where)]
 
 
 def _attention_rule(
     name: str, match: Callable[[nn.Module], bool], heads: Callable[[nn.Module], _Heads],
     refit: Callable[[nn.Module], None],
 ) -> LayerRule:  # fmt: skip
+    def tensors(m: nn.Module, kind: str) -> list[TensorSpec]:
+        # the per-head parameters: a ``channel`` member of its head group (inside the
+        # softmax, so pulled together and sliced like q and k)
+        return [(t, dim, "kernel") for t, dim in heads(m).per_head] if kind == "channel" else []
+
     return LayerRule(
-        name, match, _attention_kind, _no_tensors, _no_resize,
-        groups=lambda m, n: [head_channels(m, n, heads(m))], refit=refit,
+        name, match, _attention_kind, tensors, _no_resize,
+        groups=lambda m, n: _both(m, n, heads(m)), refit=refit,
     )  # fmt: skip
 
 
@@ -204,3 +251,25 @@ ATTENTION_RULES: list[LayerRule] = [
     ),
     LayerRule("layernorm", _is_norm, _norm_kind, _no_tensors, _no_resize),
 ]  # fmt: skip
+
+_is_timm, _is_hf = exact_class(*_TIMM), exact_class(*_HF)
+
+
+def set_head_counts(model: nn.Module, widths: dict[str, int]) -> None:
+    """Give each attention whose head group is in ``widths`` that many heads (before
+    ``refit``: the head width follows from the layers' sizes and the head count)."""
+    for name, heads in widths.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue  # a group named after a layer elsewhere, or one not of this model
+        if _is_timm(m):
+            m.num_heads = heads
+        elif _is_hf(m):
+            (m if hasattr(m, "q_proj") else m.self).num_attention_heads = heads
+
+
+def heads_merged(groups: Sequence[ChannelGroup], widths: dict[str, int]) -> int:
+    """Attention heads a merge to ``widths`` (group -> width) removes, over every head
+    group (``group.yields_to`` set) in ``groups``."""
+    return sum(g.width - widths.get(g.name, g.width) for g in groups if g.yields_to)

@@ -12,6 +12,13 @@ layers that touch those channels, each of one of three kinds:
   are summed into the kept one at merge. ``repeat`` > 1 is a linear layer after a
   ``flatten`` of a map larger than 1x1, where each channel owns ``repeat`` columns.
 
+A group channel may be a *block* of a member's rows or input channels (``block`` > 1):
+a whole attention head is ``head_dim`` rows of its q, k and v and ``head_dim`` input
+columns of the projection, so a group of heads clusters, pulls and merges heads as
+units through the same members. Two groups that share rows (an attention's heads and
+its head channels) cannot both be pruned at once: the one with ``yields_to`` set is
+left out by ``select_groups`` when the group it names is chosen too.
+
 This module is the vocabulary only (no layer is looked at here): which tensors a member
 touches, per layer kind, is ``csgd_cli.rules.layers``; finding a model's groups (declared or
 traced) is ``csgd_cli.tracing``.
@@ -42,6 +49,9 @@ class Member:
     # ``out`` only: a cluster's rows are summed into the kept one, not sliced (a query
     # channel of attention: q_i k_i + q_j k_j = 2 q_i k_i once q_j = q_i and k_j = k_i)
     summed: bool = False
+    # group channel i is rows (columns, for ``in``) [offset + (i - start) * block, + block)
+    # of the member's dimension: a whole attention head is ``head_dim`` rows
+    block: int = 1
 
     def span(self, width: int) -> tuple[int, int]:
         """(first, end) group channels this member covers."""
@@ -65,6 +75,9 @@ class ChannelGroup:
     width: int
     members: list[Member] = field(default_factory=list)
     excluded: str | None = None  # why this group cannot be merged exactly (never pruned)
+    # the name of a group sharing this one's rows (an attention's head channels, for its
+    # heads): when both are chosen, this one is left out (prune one at a time)
+    yields_to: str | None = None
 
     @property
     def producers(self) -> list[Producer]:
@@ -120,13 +133,16 @@ def prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
 def select_groups(
     groups: Sequence[ChannelGroup], include: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[ChannelGroup]:
-    """Prunable groups whose names match an ``include`` glob and no ``exclude`` glob."""
+    """Prunable groups whose names match an ``include`` glob and no ``exclude`` glob; a
+    group that ``yields_to`` another chosen group is left out (they share rows)."""
     chosen = [
         g
         for g in prunable(groups)
         if any(fnmatch.fnmatchcase(g.name, p) for p in include)
         and not any(fnmatch.fnmatchcase(g.name, p) for p in exclude)
     ]
+    names = {g.name for g in chosen}
+    chosen = [g for g in chosen if g.yields_to not in names]
     if not chosen and not prunable(groups):
         why = next((g.excluded for g in groups), None)
         raise CsgdError(
@@ -181,6 +197,13 @@ def check_clusters(groups: Sequence[ChannelGroup], clusters: object, where: str 
             raise CsgdError(
                 f"{pre}a cluster of group '{name}' spans channels written by different layers",
                 fix,
+            )
+        partner = by_name.get(g.yields_to or "")
+        other = clusters.get(partner.name) if partner is not None else None
+        if other is not None and len(cl) < g.width and len(other) < partner.width:
+            raise CsgdError(
+                f"{pre}groups '{name}' and '{g.yields_to}' share rows and cannot both be pruned",
+                f"prune one at a time (prune.exclude=['{g.yields_to}'] prunes '{name}')",
             )
 
 

@@ -26,17 +26,18 @@ Adding a layer kind is adding an entry to ``RULES``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..common.errors import CsgdError
-from .attention import ATTENTION_RULES
+from .attention import ATTENTION_RULES, set_head_counts
 from .base import LayerRule, Role, StateDict, TensorSpec, subclass_of, with_versions
 from .base import with_bias as _with_bias
 from .groups import ChannelGroup, Kind
+from .rows import RowBlock
 
 # -- convolutions ------------------------------------------------------------------------
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -248,6 +249,8 @@ def member_kind(m: nn.Module, out: bool, name: str = "") -> str:
 def member_tensors(m: nn.Module, kind: str) -> list[TensorSpec]:
     """The tensors a member of ``kind`` touches; refuses a module its rule does not accept."""
     rule = rule_for(m)
+    if rule is not None and rule.groups is not None:
+        return rule.tensors(m, kind)  # a module declaring its groups: its own tensors
     verdict = member_kind(m, kind != "in") if rule is not None else None
     if rule is None or verdict != kind:
         why = verdict or f"{type(m).__name__} has no per-channel merge rule"
@@ -256,19 +259,6 @@ def member_tensors(m: nn.Module, kind: str) -> list[TensorSpec]:
 
 
 # -- a group's rows: what the optimizer pulls together, chi measures, k-means reads ----------
-@dataclass(frozen=True)
-class RowBlock:
-    """Rows of one tensor that belong to group channels ``[start, start + n)``:
-    ``tensor.narrow(0, row, n)`` (a view), with its role (kernel, affine)."""
-
-    key: str  # state_dict key
-    tensor: torch.Tensor  # the parameter or buffer
-    row: int
-    start: int
-    n: int
-    role: Role
-
-
 def member_rows(model: nn.Module, group: ChannelGroup, roles: Sequence[Role]) -> list[RowBlock]:
     """Every centripetal row block of the group's ``out`` and ``channel`` members."""
     mods = dict(model.named_modules())
@@ -276,10 +266,11 @@ def member_rows(model: nn.Module, group: ChannelGroup, roles: Sequence[Role]) ->
     for m in group.of_kind("out", "channel"):
         mod = mods[m.module]
         first, end = m.span(group.width)
-        for name, _dim, role in member_tensors(mod, m.kind):
+        for name, dim, role in member_tensors(mod, m.kind):
             if role in roles:
                 t = getattr(mod, name)
-                out.append(RowBlock(f"{m.module}.{name}", t, m.offset, first, end - first, role))
+                key = f"{m.module}.{name}" if m.module else name
+                out.append(RowBlock(key, t, m.offset, first, end - first, role, m.block, dim))
     return out
 
 
@@ -292,7 +283,7 @@ def segment_rows(
     out = []
     for a, b in group.segments():
         part = [
-            replace(r, row=r.row + a - r.start, start=a, n=b - a)
+            replace(r, row=r.row + (a - r.start) * r.block, start=a, n=b - a)
             for r in blocks
             if r.start <= a and b <= r.start + r.n
         ]
@@ -301,9 +292,13 @@ def segment_rows(
 
 
 # -- giving a freshly built model a merged model's shapes ------------------------------------
-def fit_to_state_dict(model: nn.Module, sd: StateDict) -> nn.Module:
+def fit_to_state_dict(
+    model: nn.Module, sd: StateDict, widths: dict[str, int] | None = None
+) -> nn.Module:
     """Resize the layers of ``model`` to the tensors of ``sd`` (a thin model's) by their
-    rules, then load them. A layer no rule matches must keep its shapes."""
+    rules, then load them. A layer no rule matches must keep its shapes. ``widths``: the
+    merged groups' widths (a head count is not in the tensors' shapes)."""
+    set_head_counts(model, widths or {})
     for name, m in model.named_modules():
         p = f"{name}." if name else ""
         own = dict(m.named_parameters(recurse=False))

@@ -41,11 +41,12 @@ Widths = dict[str, int]
 @dataclass
 class Term:
     """One tensor: its shape at the current widths and the cuts groups make in it,
-    ``(dim, group, first, end, repeat)`` (``repeat`` columns per channel)."""
+    ``(dim, group, first, end, repeat, offset)`` (``repeat`` entries per channel), one
+    per member."""
 
     module: str
     shape: tuple[int, ...]
-    cuts: set[tuple[int, str, int, int, int]] = field(default_factory=set)
+    cuts: set[tuple[int, str, int, int, int, int]] = field(default_factory=set)
 
 
 class Shapes:
@@ -67,7 +68,9 @@ class Shapes:
                     t = self.terms.setdefault(
                         key, Term(m.module, tuple(getattr(mods[m.module], attr).shape))
                     )
-                    t.cuts.add((dim, g.name, first, end, m.repeat))
+                    # per member (its offset: q, k and v of one fused layer are three cuts);
+                    # a channel is ``repeat`` columns after a flatten, ``block`` for a head
+                    t.cuts.add((dim, g.name, first, end, m.repeat * m.block, m.offset))
         self.by_group: dict[str, list[str]] = {n: [] for n in self.width}
         self.term_groups: dict[str, tuple[str, ...]] = {}
         for key, t in self.terms.items():
@@ -90,7 +93,7 @@ class Shapes:
     def shape(self, key: str, ks: Widths) -> list[int]:
         t = self.terms[key]
         dims = list(t.shape)
-        for dim, g, first, end, rep in t.cuts:
+        for dim, g, first, end, rep, _at in t.cuts:
             k = ks.get(g, self.width[g])
             if k != self.width[g]:
                 dims[dim] -= rep * (end - first - self.kept(g, first, end, k))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def _frozen(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
             key = next((b.key for b in rows if not b.tensor.requires_grad), None)
             if key is not None:
                 why = f"parameter '{key}' is frozen (requires_grad=False)"
-        out.append(ChannelGroup(g.name, g.width, list(g.members), why))
+        out.append(replace(g, members=list(g.members), excluded=why))  # yields_to kept
     return out
 
 
@@ -111,7 +111,7 @@ def traced_groups(model: nn.Module, x: torch.Tensor | None = None) -> list[Chann
             _BY_ARCH.clear()  # the last architecture only: groups are small, models not
             _BY_ARCH[key] = cached
     model.__dict__[_CACHE_ATTR] = cached
-    return [ChannelGroup(g.name, g.width, list(g.members), g.excluded) for g in cached[1]]
+    return [replace(g, members=list(g.members)) for g in cached[1]]  # copies, yields_to kept
 
 
 def trace_seconds(model: nn.Module) -> float:
