@@ -256,3 +256,26 @@ def test_csgd_run_prunes_vit_heads_end_to_end_and_reloads(tmp_path: Path) -> Non
     assert attn.num_heads == 2 and attn.head_dim == 64 and attn.qkv.out_features == 3 * 128
     with torch.no_grad():
         assert thin(torch.randn(1, 3, 32, 32)).shape == (1, thin.head.out_features)
+
+
+def test_heads_then_head_channels_in_a_second_round_merge_exactly_and_reload(
+    tmp_path: Path,
+) -> None:
+    """Both prune one after the other: heads first, then the kept heads' channels."""
+    model = _randomise(_vit())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    first, _ = _heads_merged(model, x, ["*.qkv"])  # 4 heads of 48 -> 2 heads of 48
+    groups = channel_groups(first, x)
+    chosen = select_groups(groups, ["*.qkv"])  # round 2: the head channels, 48 -> 24
+    clusters = cluster_groups(first, chosen, target_widths(chosen, 0.5), "kmeans", 0)
+    _collapse(first, chosen, clusters)
+    second = CSGD(first, x, clusters=clusters).merge(x, tolerance=1e-9).eval()
+    with torch.no_grad():  # against the collapsed round-1 network
+        a, b = first.eval()(x), second(x)
+    assert (a - b).abs().max() <= 1e-9 * a.abs().max()
+    attn = second.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.qkv.out_features) == (2, 24, 3 * 48)
+    again = load_model(save(second, tmp_path / "vit.pt"), model=_vit()).double()
+    assert (again.blocks[0].attn.num_heads, again.blocks[0].attn.head_dim) == (2, 24)
+    with torch.no_grad():
+        assert torch.allclose(again(x), b, rtol=0, atol=1e-12)
