@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..common.config import EPSILON
+from ..common.config import EPSILON, NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
+from ..core.forecast import forecast
 from .pruner import CSGD
 
 EXTRAS = {"lightning": "lightning", "transformers": "hf"}
@@ -77,6 +79,40 @@ class Settings:
         if clusters is not None:
             return CSGD(net, x, clusters=clusters, clustering=self.kwargs["clustering"])
         return CSGD(net, x, **self.kwargs)
+
+
+def check_schedule(
+    optimizers: Sequence[torch.optim.Optimizer],
+    steps: float,
+    epsilon: float,
+    norm_epsilon: float | None,
+    tolerance: float = 1e-4,
+) -> str | None:
+    """Before training: warn (and return the line) when even the optimizers' first
+    learning rate on every one of ``steps`` steps cannot pull the clusters to
+    ``tolerance``. The wrapped pull shrinks a cluster's differences by ``1 - lr (weight
+    decay + epsilon)`` a step whatever the optimizer (``core.wrap``), and a schedule only
+    lowers the rate, so this is the best case: what it misses, no schedule reaches."""
+    groups = [g for opt in optimizers for g in opt.param_groups]
+    if not groups or not steps or not math.isfinite(steps):
+        return None
+    lr = max(float(g.get("initial_lr", g["lr"])) for g in groups)
+    wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
+    neps = NORM_EPSILON_SHARE * epsilon if norm_epsilon is None else norm_epsilon
+    f = forecast(
+        [lr] * int(steps), 0.0, False, wd, epsilon, norm_epsilon=neps, norm_weight_decay=wd
+    )
+    if lr <= 0 or f.worst <= tolerance:
+        return None
+    need = (1 - tolerance ** (1 / int(steps))) / lr - wd  # (1 - lr c)^steps = tolerance
+    line = (
+        f"csgd: C-SGD cannot reach the merge tolerance {tolerance:g} in {int(steps)} steps, "
+        f"even at lr {lr:g} throughout: within-cluster differences fall to {f.kernel:.1e} "
+        f"(kernels) and {f.affine:.1e} (norms) at best; epsilon={need:.3g} "
+        f"norm_epsilon={need:.3g} or more steps would"
+    )
+    warnings.warn(line, stacklevel=3)
+    return line
 
 
 class ChiLog:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CsgdError
-from .callbacks import PrunerCallback
+from .callbacks import PrunerCallback, check_schedule
 
 try:
     import transformers as _tf
@@ -69,6 +69,9 @@ class CSGDCallback(PrunerCallback, *_Bases):  # type: ignore[misc]
         else:
             self.pruner = self.settings.build(model, clusters)
         self._wrap(_innermost(optimizer))
+        if clusters is None and state.is_world_process_zero:  # a fresh start: the whole schedule
+            s = self.settings
+            check_schedule([_innermost(optimizer)], state.max_steps, s.epsilon, s.norm_epsilon)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         every = max(int(getattr(args, "logging_steps", 1) or 1), 1)

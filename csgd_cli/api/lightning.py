@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..common.errors import CsgdError
-from .callbacks import PrunerCallback
+from .callbacks import PrunerCallback, check_schedule
 
 try:
     import lightning.pytorch as _pl
@@ -49,6 +49,11 @@ class CSGDCallback(PrunerCallback, _Base):  # type: ignore[misc]
             self.pruner = self.settings.build(pl_module, clusters)
         for opt in trainer.optimizers:
             self._wrap(opt)
+        if clusters is None and trainer.is_global_zero:  # a fresh start: the whole schedule
+            s = self.settings
+            check_schedule(
+                trainer.optimizers, trainer.estimated_stepping_batches, s.epsilon, s.norm_epsilon
+            )
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
