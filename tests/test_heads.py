@@ -19,7 +19,7 @@ from csgd_cli.core.chi import chi_report
 from csgd_cli.core.clustering import cluster_groups, target_widths
 from csgd_cli.core.surgery import merge_checked
 from csgd_cli.rules.attention import head_group, heads_merged
-from csgd_cli.rules.groups import ChannelGroup, check_clusters, select_groups
+from csgd_cli.rules.groups import ChannelGroup, check_clusters, describe, select_groups
 from csgd_cli.rules.layers import segment_rows
 from csgd_cli.tracing.trace import channel_groups
 from tests.test_attention import GQA
@@ -186,6 +186,8 @@ def test_heads_and_head_channels_are_pruned_one_at_a_time() -> None:
     assert "blocks.0.attn.qkv" in names and "blocks.0.attn" not in names  # heads yield
     names = [g.name for g in select_groups(groups, ["blocks.0.attn*"], ["*.qkv"])]
     assert names == ["blocks.0.attn"]
+    said = "blocks.0.attn  width 4  prunable when 'blocks.0.attn.qkv' is excluded"
+    assert said in describe(groups)  # what `csgd groups` prints
     clusters = {"blocks.0.attn": [[0, 1], [2], [3]], "blocks.0.attn.qkv": [[0, 1]]
                 + [[i] for i in range(2, 48)]}  # fmt: skip
     with pytest.raises(CsgdError, match="share rows and cannot both be pruned"):

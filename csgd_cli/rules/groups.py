@@ -231,6 +231,8 @@ def describe(groups: Sequence[ChannelGroup]) -> str:
     for g in groups:
         kinds = {k: [m.module for m in g.of_kind(k)] for k in ("out", "channel", "in")}
         state = f"EXCLUDED: {g.excluded}" if g.excluded else "prunable"
+        if g.yields_to and not g.excluded:  # heads: chosen when their head channels are not
+            state += f" when '{g.yields_to}' is excluded (they share rows)"
         lines.append(f"{g.name}  width {g.width}  {state}")
         for k, label in (("out", "producers"), ("channel", "per-channel"), ("in", "readers")):
             if kinds[k]:
