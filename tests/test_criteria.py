@@ -228,3 +228,28 @@ def test_l1_same_widths_keeps_largest_norms(ratio: float, one_thread: None) -> N
     assert torch.equal(thin_mods["conv1"].weight, mods["conv1"].weight[kept])  # reads the image
     x = torch.randn(4, 1, 8, 8)
     assert thin_l1(x).shape == (4, 10)
+
+
+def test_a_criterion_scores_a_whole_head_over_all_its_rows() -> None:
+    """A head group's channel is a head (``Member.block`` rows of q, k, v): a criterion
+    scores it by all those rows, and the partial merge keeps the chosen heads."""
+    timm = pytest.importorskip("timm")
+    from csgd_cli.core.surgery import merge_checked
+    from csgd_cli.rules.groups import select_groups
+    from csgd_cli.tracing.trace import channel_groups
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_heads=4,
+                              num_classes=10).eval()  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    qkv = model.blocks[0].attn.qkv
+    d = qkv.out_features // 12  # head_dim
+    with torch.no_grad():  # heads 1 and 3 stand out only in the last q row of each
+        for h in (1, 3):
+            qkv.weight[h * d + d - 1] *= 100
+    groups = select_groups(channel_groups(model, x), ["blocks.0.attn"], ["*.qkv"])
+    assert [g.name for g in groups] == ["blocks.0.attn"] and groups[0].width == 4
+    chosen = select("l1", model, groups, {"blocks.0.attn": 2})
+    assert kept(chosen, "blocks.0.attn") == [1, 3]
+    thin, _ = merge_checked(model, groups, chosen, x, tolerance=1.0, partial=True)
+    assert thin.blocks[0].attn.num_heads == 2 and thin(x).shape == (2, 10)

@@ -109,7 +109,9 @@ def _prune_fn(m: nn.Module) -> Callable | None:
 
 def group_items(model: nn.Module, group: ChannelGroup) -> list[tuple[int, int, list[_Item]]]:
     """Per producer segment ``(a, b)``: one TP item per member module writing or scaling
-    its channels (producers' kernels, depthwise kernels, norms), root indices ``0..b-a``."""
+    its channels (producers' kernels, depthwise kernels, norms). A group channel of
+    ``block`` rows (a whole attention head) gives ``(b - a) * block`` indices, each its
+    own root: ``channel_scores`` sums them per channel."""
     mods = dict(model.named_modules())
     out = []
     for a, b, blocks in segment_rows(model, group, ("kernel", "affine")):
@@ -117,11 +119,11 @@ def group_items(model: nn.Module, group: ChannelGroup) -> list[tuple[int, int, l
         for r in blocks:
             name = r.key.rpartition(".")[0]
             fn = _prune_fn(mods[name])
-            if fn is None or (name, r.row) in seen:
+            if fn is None or r.dim != 0 or (name, r.row) in seen:
                 continue  # a BN's gamma and beta are one item (TP reads the gamma)
             seen.add((name, r.row))
-            rows = list(range(r.row, r.row + b - a))
-            items.append(_Item(_Dep(mods[name], fn), rows, list(range(b - a))))
+            n = (b - a) * r.block
+            items.append(_Item(_Dep(mods[name], fn), list(range(r.row, r.row + n)), list(range(n))))
         out.append((a, b, items))
     return out
 
@@ -146,7 +148,7 @@ def channel_scores(
 
     def add() -> None:
         for g, segs in plan:
-            for i, (_a, _b, items) in enumerate(segs):
+            for i, (a, b, items) in enumerate(segs):
                 if crit.grads:  # a frozen layer has no gradient: not scored
                     items = [it for it in items if it.dep.layer.weight.grad is not None]
                 s = imp(items) if items else None
@@ -157,7 +159,8 @@ def channel_scores(
                         "exclude the group (prune.exclude=...) or choose another prune.method",
                     )
                 prev = acc[g.name][i]
-                if s is not None:
+                if s is not None:  # a channel of several rows (a head): its rows' sum
+                    s = s.reshape(b - a, -1).sum(1)
                     acc[g.name][i] = s.float().cpu() if prev is None else prev + s.float().cpu()
 
     if not crit.grads:
