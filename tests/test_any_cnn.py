@@ -259,10 +259,10 @@ def test_mnasnet_merges_saves_and_loads_through_the_api(tmp_path) -> None:
 
     torch.manual_seed(0)
     model = torchvision.models.mnasnet0_5(num_classes=10)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 64, 64)  # at 32 x 32 its last maps are 1 x 1 (batch statistics of 4)
     pruner = CSGD(model, x, ratio=0.5)
     opt = pruner.optimizer(0.05, epsilon=10.0, norm_epsilon=10.0, momentum=0.0)
-    for _ in range(20):  # each step halves the differences inside a cluster
+    for _ in range(30):  # each step halves the differences inside a cluster
         opt.zero_grad()
         model(x).logsumexp(1).mean().backward()
         opt.step()
