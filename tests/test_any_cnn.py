@@ -281,3 +281,59 @@ def test_mnasnet_merges_saves_and_loads_through_the_api(tmp_path) -> None:
     old = load_model(tmp_path / "old.pt", model=torchvision.models.mnasnet0_5(num_classes=10))
     with torch.no_grad():
         assert torch.equal(old(x), thin(x))
+
+
+class _UNet(nn.Module):
+    """A small U-Net: a transposed conv upsamples, its output is concatenated with the
+    encoder's skip (the decoders of segmentation networks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.enc2 = nn.Sequential(
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(8)
+        self.dec = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.enc1(x)
+        u = torch.relu(self.up_bn(self.up(self.enc2(a))))
+        return self.head(self.dec(torch.cat([u, a], 1)))
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["csgd_optimizer", "wrapped_adamw"])
+def test_a_transposed_conv_decoder_prunes_exactly(wrapped: bool, tmp_path) -> None:
+    """ConvTranspose2d's inputs (weight dim 0) and outputs (dim 1) are group members:
+    traced, pulled together by C-SGD (its optimizer or a wrapped AdamW), merged exactly,
+    saved and loaded into a fresh instance."""
+    from csgd_cli import CSGD
+    from csgd_cli.api.pruner import save
+
+    torch.manual_seed(0)
+    model, x = _UNet(), torch.randn(4, 3, 16, 16)
+    pruner = CSGD(model, x, ratio=0.5)
+    kinds = {(m.module, m.kind) for g in pruner.groups for m in g.members}
+    assert {("up", "in"), ("up", "out"), ("up_bn", "channel")} <= kinds
+    assert {"enc1.0", "enc2.0", "up", "dec.0"} <= set(pruner.clusters)
+    if wrapped:
+        opt = pruner.wrap(torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0),
+                          epsilon=10.0, norm_epsilon=10.0)  # fmt: skip
+    else:
+        opt = pruner.optimizer(0.05, epsilon=10.0, norm_epsilon=10.0, momentum=0.0)
+    for _ in range(30):  # differences inside a cluster halve every step
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    thin = pruner.merge()  # no force: exact
+    assert (thin.up.in_channels, thin.up.out_channels) == (8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(thin(x), before, rtol=1e-4, atol=1e-5)
+    back = load_model(save(thin, tmp_path / "unet.pt"), model=_UNet())
+    with torch.no_grad():
+        assert torch.equal(back(x), thin(x))

@@ -37,6 +37,7 @@ def _zoo() -> list[tuple[nn.Module, tuple[int, ...]]]:
         (nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True), img),  # depthwise
         (nn.Conv1d(6, 4, 3), (2, 6, 7)),
         (nn.Conv3d(6, 4, 1), (2, 6, 3, 3, 3)),
+        (nn.ConvTranspose2d(6, 4, 2, stride=2), img),  # outputs: dim 1 of its weight
         (nn.Linear(6, 4), (2, 6)),
         (nn.BatchNorm2d(6), img),
         (nn.BatchNorm1d(6), (2, 6)),
@@ -116,6 +117,9 @@ def test_the_rule_table_covers_its_zoo_and_refuses_what_it_cannot_merge() -> Non
     assert {rule_for(m).name for m, _ in _zoo()} == covered  # type: ignore[union-attr]
     assert member_kind(nn.Conv2d(4, 8, 3, groups=2), False, "c") == (
         "input of grouped conv 'c' (groups=2)"
+    )
+    assert member_kind(nn.ConvTranspose2d(4, 8, 2, groups=2), True, "t") == (
+        "output of grouped transposed conv 't'"
     )
     assert member_kind(nn.GroupNorm(2, 8), True, "gn") == (
         "GroupNorm 'gn' has no per-channel merge rule"

@@ -33,7 +33,7 @@ from torch import nn
 from ..common.config import NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
 from ..rules.groups import ChannelGroup, Clusters, cluster_labels
-from ..rules.layers import segment_rows
+from ..rules.layers import member_rows, segment_rows
 from ..rules.rows import RowBlock
 from .stats import StatSync
 
@@ -48,9 +48,26 @@ class _Block:
 
 
 def _is_dense(p: torch.Tensor) -> bool:
-    return p.is_contiguous() or (
-        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
-    )
+    """Its entries fill ``numel`` consecutive places in some order of its dims
+    (contiguous, channels-last, a transposed conv's channels outermost)."""
+    step = 1
+    for stride, size in sorted((s, n) for s, n in zip(p.stride(), p.shape, strict=True) if n > 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _channels_outermost(
+    model: nn.Module, groups: Sequence[ChannelGroup], clusters: Clusters
+) -> None:
+    """A tensor whose channels are another dim (a transposed conv's outputs, dim 1) is
+    laid out with that dim outermost, so each channel's entries are one row of a view."""
+    for g in (g for g in groups if g.name in clusters):
+        for r in member_rows(model, g, ("kernel", "affine")):
+            d, t = getattr(r, "dim", 0), r.tensor
+            if d and t.dim() > 2 and t.stride(d) != max(t.stride()):
+                t.data = t.data.movedim(d, 0).contiguous().movedim(0, d)
 
 
 class CentripetalSGD(torch.optim.Optimizer):
@@ -83,6 +100,7 @@ class CentripetalSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         norm_eps = NORM_EPSILON_SHARE * epsilon if norm_epsilon is None else norm_epsilon
         plain_wd = weight_decay if plain_norm_weight_decay is None else plain_norm_weight_decay
+        _channels_outermost(model, groups, clusters)
         self._allocate(params, weight_decay, plain_wd)
         self._blocks: list[_Block] = []
         self._dst: list[torch.Tensor] = []  # gradient rows written back ...

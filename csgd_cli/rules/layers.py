@@ -71,6 +71,20 @@ def _conv_resize(m: nn.Module, sd: StateDict, p: str) -> None:
     m.in_channels = w.shape[1] * m.groups
 
 
+# transposed convs: weight (in, out / groups, *k): output channels are dim 1, inputs dim 0
+_TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _tconv_kind(m: nn.Module, out: bool) -> str:
+    if m.groups != 1:
+        return f"{'output' if out else 'input'} of grouped transposed conv {{layer}}"
+    return "out" if out else "in"
+
+
+def _tconv_resize(m: nn.Module, sd: StateDict, p: str) -> None:
+    m.in_channels, m.out_channels = sd[p + "weight"].shape[:2]
+
+
 # timm's weight-standardised convs: each filter is standardised over its own fan-in, so
 # output rows slice exactly, but summing input columns changes every filter's statistics
 _is_std_conv = subclass_of(
@@ -167,6 +181,11 @@ RULES: list[LayerRule] = [
     LayerRule(
         "conv", lambda m: isinstance(m, _CONVS), _conv_kind, _conv_tensors, _conv_resize,
         frozenset({"ConvolutionBackward"}), weighted=True, scored_by="prune_conv_out_channels",
+    ),
+    LayerRule(  # its multiply-adds scale with input positions: cost not modelled here
+        "transposed conv", lambda m: isinstance(m, _TCONVS), _tconv_kind,
+        lambda m, k: [("weight", 0, "kernel")] if k == "in" else _with_bias(m, ("weight", 1, "kernel")),
+        _tconv_resize, frozenset({"ConvolutionBackward"}),
     ),
     LayerRule(
         "linear", lambda m: isinstance(m, nn.Linear), lambda m, o: "out" if o else "in",
