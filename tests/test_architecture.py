@@ -106,3 +106,65 @@ def test_stages_import_no_stage() -> None:
     for path in (PKG / "runner" / "stages").glob("*.py"):
         for target, line in imports(path):
             assert target[:2] != ["runner", "stages"] or len(target) == 2, (path, line, target)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+_WRAPPERS = ("torch.nn.modules.container", "torch.nn.parallel")  # hold layers, are none
+
+
+def _torch_layer_classes(path: Path) -> list[tuple[str, int]]:
+    """(class, line) of every ``isinstance``/``issubclass`` in ``path`` against a torch.nn
+    layer class (an ``nn.Module`` subclass; ``nn.Module`` itself, containers, DDP and
+    ``nn.Parameter`` are no layers)."""
+    import importlib
+
+    import torch.nn
+
+    tree = ast.parse(path.read_text())
+    alias = {}  # local name -> dotted path, from the module's imports
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            alias.update({a.asname or a.name.split(".")[0]: a.name for a in node.names if a.asname})
+            alias.update({a.name.split(".")[0]: a.name.split(".")[0] for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            alias.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    found = []
+    for node in ast.walk(tree):
+        is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        if not (is_call and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+            continue
+        arg = node.args[1]
+        for cls in arg.elts if isinstance(arg, ast.Tuple) else [arg]:
+            name = _dotted(cls)
+            head, _, rest = (name or "").partition(".")
+            full = ".".join(p for p in (alias.get(head, head), rest) if p)
+            if not full.startswith("torch.nn."):
+                continue
+            obj: object = importlib.import_module("torch")
+            for part in full.split(".")[1:]:
+                obj = getattr(obj, part, None)
+            layer = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+            wrapper = obj is torch.nn.Module or obj.__module__.startswith(_WRAPPERS)  # type: ignore[union-attr]
+            if layer and not wrapper:
+                found.append((full, node.lineno))
+    return found
+
+
+def test_only_rules_and_models_test_torch_layer_classes() -> None:
+    """Every fact about a layer kind comes from its rule (``rules/``); a new layer kind
+    is one rule plus its test (``models/`` builds networks and may know their layers)."""
+    bad = [
+        f"{p.relative_to(PKG)}:{line} isinstance of {cls}"
+        for p in sorted(PKG.rglob("*.py"))
+        if _module(p)[0] not in ("rules", "models")
+        for cls, line in _torch_layer_classes(p)
+    ]
+    assert not bad, "ask the layer's rule (rules/queries.py) instead:\n" + "\n".join(bad)

@@ -8,6 +8,7 @@ import torch
 
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.models import get_model
+from csgd_cli.rules.base import LayerRule
 from csgd_cli.rules.groups import Member
 from csgd_cli.tracing.trace import channel_groups, traced_groups
 from tests.tracing_models import Grouped, Mixed, Shuffle, Untraceable
@@ -138,3 +139,65 @@ def test_torchvision_fallback_and_prefix() -> None:
     sq = get_model("squeezenet1_1", in_channels=1, num_classes=5, image_size=64)
     assert sq.features[0].in_channels == 1
     assert sq(torch.randn(2, 1, 64, 64)).shape == (2, 5)
+
+
+# -- a new layer kind needs only its rule ---------------------------------------------------
+class Dense(torch.nn.Module):
+    """A layer kind csgd has never seen (no torch layer class): y = x W^T + b."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.bias = torch.nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _dense_rule() -> LayerRule:
+    def tensors(m: torch.nn.Module, kind: str) -> list:
+        if kind == "in":
+            return [("weight", 1, "kernel")]
+        return [("weight", 0, "kernel"), ("bias", 0, "affine")]
+
+    return LayerRule(
+        "dense", lambda m: isinstance(m, Dense), lambda m, out: "out" if out else "in",
+        tensors, lambda m, sd, p: None, frozenset({"AddmmBackward"}), weighted=True,
+        channel_dim=-1,
+    )  # fmt: skip
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        Dense(6, 16), torch.nn.ReLU(), Dense(16, 12), torch.nn.BatchNorm1d(12), Dense(12, 3)
+    )
+
+
+def test_a_new_layer_kind_is_traced_trained_and_merged_by_its_rule_alone(monkeypatch) -> None:
+    """One rule in the table, no other change: the tracer finds its groups (producer,
+    per-channel and reader members), C-SGD trains them, and the merge is exact."""
+    import csgd_cli as csgd
+    from csgd_cli.rules import layers
+
+    x = torch.randn(32, 6)
+    assert traced_groups(_mlp(), x[:1]) == []  # without a rule: no layer csgd knows
+    monkeypatch.setattr(layers, "RULES", [_dense_rule(), *layers.RULES])
+    model = _mlp()
+    gs = by_name(traced_groups(model, x[:1]))
+    assert members(gs["0"]) == {("0", "out", 0), ("2", "in", 0)}
+    assert members(gs["2"]) == {("2", "out", 0), ("3", "channel", 0), ("4", "in", 0)}
+    assert all(g.excluded is None for g in gs.values()) and set(gs) == {"0", "2"}
+    pruner = csgd.CSGD(model, x[:4], ratio=0.5, clustering="even")
+    opt = pruner.optimizer(lr=0.05, epsilon=10.0, norm_epsilon=10.0, momentum=0.0, weight_decay=0.0)
+    y = torch.randint(0, 3, (32,))
+    for _ in range(80):  # each step halves the members' differences
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    thin = pruner.merge(x, tolerance=1e-5)
+    assert pruner.merge_report["top1_agreement"] == 1.0
+    assert [tuple(thin[i].weight.shape) for i in (0, 2, 4)] == [(8, 6), (6, 8), (3, 6)]
+    torch.testing.assert_close(thin(x), model(x), rtol=1e-5, atol=1e-5)

@@ -43,6 +43,10 @@ class LayerRule:
     # Torch-Pruning's function for its output channels: the branch of an importance
     # that scores them (None: no criterion reads this layer)
     scored_by: str | None = None
+    # a producer (a layer writing channels of its own: conv, linear) writes them, and
+    # reads its input's, in this dim: 1 (NCHW) or -1 (the last: tokens, NHWC maps);
+    # None: not a producer (a per-channel layer keeps its input's dim)
+    channel_dim: int | None = None
 
 
 def subclass_of(*paths: str) -> Callable[[nn.Module], bool]:

@@ -176,21 +176,22 @@ RULES: list[LayerRule] = [
     LayerRule(
         "weight-standardised conv", _is_std_conv, _std_conv_kind, _std_conv_tensors,
         _conv_resize, frozenset({"ConvolutionBackward"}), weighted=True,
-        scored_by="prune_conv_out_channels",
+        scored_by="prune_conv_out_channels", channel_dim=1,
     ),
     LayerRule(
         "conv", lambda m: isinstance(m, _CONVS), _conv_kind, _conv_tensors, _conv_resize,
         frozenset({"ConvolutionBackward"}), weighted=True, scored_by="prune_conv_out_channels",
+        channel_dim=1,
     ),
     LayerRule(  # its multiply-adds scale with input positions: cost not modelled here
         "transposed conv", lambda m: isinstance(m, _TCONVS), _tconv_kind,
         lambda m, k: [("weight", 0, "kernel")] if k == "in" else _with_bias(m, ("weight", 1, "kernel")),
-        _tconv_resize, frozenset({"ConvolutionBackward"}),
+        _tconv_resize, frozenset({"ConvolutionBackward"}), channel_dim=1,
     ),
     LayerRule(
         "linear", lambda m: isinstance(m, nn.Linear), lambda m, o: "out" if o else "in",
         _linear_tensors, _linear_resize, _LINEAR_OPS, weighted=True,
-        scored_by="prune_linear_out_channels",
+        scored_by="prune_linear_out_channels", channel_dim=-1,
     ),
     # BatchNorm + activation in one module (timm): its batch_norm op runs before the act
     LayerRule(

@@ -20,6 +20,40 @@ def scored_by(m: nn.Module) -> str | None:
     return None if r is None else r.scored_by
 
 
+def channel_dim(m: nn.Module) -> int | None:
+    """For a producer (a layer writing channels of its own: conv, linear): the dim it
+    writes them in and reads its input's, 1 (NCHW) or -1 (the last); else None."""
+    r = rule_for(m)
+    return None if r is None else r.channel_dim
+
+
+def channels_last(m: nn.Module) -> bool:
+    """A producer that writes its channels in the last dim (a linear layer, token-wise)."""
+    return channel_dim(m) == -1
+
+
+def out_width(m: nn.Module) -> int:
+    """A producer's number of output channels (the size of its ``out`` kernel)."""
+    name, dim, _ = rule_for(m).tensors(m, "out")[0]  # type: ignore[union-attr]
+    return int(getattr(m, name).shape[dim])
+
+
+def in_width(m: nn.Module) -> int:
+    """A producer's number of input channels (its ``in`` kernel's size, times its
+    groups where they split that dim, as a conv's do)."""
+    name, dim, _ = rule_for(m).tensors(m, "in")[0]  # type: ignore[union-attr]
+    n = int(getattr(m, name).shape[dim])
+    return n * getattr(m, "groups", 1) if dim == 1 else n
+
+
+def image_channels(m: nn.Module) -> int | None:
+    """The channels of the images (N, C, H, W) a 2-D producer reads, else None."""
+    r = rule_for(m)
+    if r is None or r.channel_dim != 1 or getattr(m, r.tensors(m, "in")[0][0]).dim() != 4:
+        return None
+    return in_width(m)
+
+
 def timed_conv(m: nn.Module) -> bool | None:
     """For a 2-d conv the latency model times: whether it is depthwise; else None."""
     if not (weighted(m) and isinstance(m, nn.Conv2d)):

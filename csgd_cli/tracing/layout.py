@@ -21,10 +21,12 @@ from typing import Any
 
 from torch import nn
 
-_RESHAPES = {
-    "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "SqueezeBackward",
-    "UnsqueezeBackward", "SelectBackward", "AliasBackward", "CloneBackward",
-}  # fmt: skip
+from ..rules.queries import channel_dim
+
+_RESHAPES = set(
+    "ViewBackward UnsafeViewBackward ReshapeAliasBackward SqueezeBackward UnsqueezeBackward"
+    " SelectBackward AliasBackward CloneBackward".split()
+)
 _REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "AminBackward"}
 MOVES = {"PermuteBackward", "TransposeBackward"}  # channels moved, never mixed
 
@@ -74,11 +76,10 @@ def _of(cdim: dict[Any, int | None], node: Any, names: dict[Any, str]) -> int | 
     if out is None:
         return None
     nd, mod = len(out), node.module
-    if mod in names:  # a layer
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return 1 if nd >= 2 else None
-        if isinstance(mod, nn.Linear):
-            return nd - 1
+    if mod in names:  # a layer: a producer writes the dim its rule names
+        d = channel_dim(mod)
+        if d is not None:
+            return nd - 1 if d == -1 else (d if nd > d else None)
         return _from_inputs(cdim, node, nd)
     name = _name(node)
     src = node.inputs[0] if len(node.inputs) == 1 else None
@@ -144,7 +145,7 @@ def reads_channels(graph: Any, node: Any) -> str | None:
         c, shape = graph.cdim.get(n), out_shape(n)
         if c is None or shape is None:
             continue
-        want = len(shape) - 1 if isinstance(mod, nn.Linear) else 1
+        want = len(shape) - 1 if channel_dim(mod) == -1 else 1
         if c != want:
             return (
                 f"'{graph.names[mod]}' reads dim {want} of a tensor whose channels are in dim {c}"

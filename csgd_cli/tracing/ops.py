@@ -13,25 +13,25 @@ import torch
 from torch import nn
 
 from ..rules.layers import KINDS, member_kind, rule_for, split_rule_for
+from ..rules.queries import channels_last
 
-PER_CHANNEL_OPS = {
-    "AddBackward", "SubBackward", "MulBackward", "DivBackward", "NegBackward",
-    "ReluBackward", "HardtanhBackward", "SigmoidBackward", "SiluBackward", "TanhBackward",
-    "HardswishBackward", "HardsigmoidBackward", "GeluBackward", "LeakyReluBackward",
-    "EluBackward", "SoftplusBackward", "MishBackward", "ExpBackward", "PowBackward",
-    "CloneBackward", "MaxPool2DWithIndicesBackward", "MaxPool2DBackward",
-    "AvgPool2DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveMaxPool2DBackward",
-    "MaxPool1DWithIndicesBackward", "AvgPool1DBackward", "AdaptiveAvgPool1DBackward",
-    "UpsampleNearest2DBackward", "UpsampleBilinear2DBackward", "ConstantPadNdBackward",
-    "ReflectionPad2DBackward", "ReplicationPad2DBackward", "ToCopyBackward",
-    "AliasBackward", "ContiguousBackward",
-}  # fmt: skip
+PER_CHANNEL_OPS = set(
+    "AddBackward SubBackward MulBackward DivBackward NegBackward ReluBackward"
+    " HardtanhBackward SigmoidBackward SiluBackward TanhBackward HardswishBackward"
+    " HardsigmoidBackward GeluBackward LeakyReluBackward EluBackward SoftplusBackward"
+    " MishBackward ExpBackward PowBackward CloneBackward MaxPool2DWithIndicesBackward"
+    " MaxPool2DBackward AvgPool2DBackward AdaptiveAvgPool2DBackward AdaptiveMaxPool2DBackward"
+    " MaxPool1DWithIndicesBackward AvgPool1DBackward AdaptiveAvgPool1DBackward"
+    " UpsampleNearest2DBackward UpsampleBilinear2DBackward ConstantPadNdBackward"
+    " ReflectionPad2DBackward ReplicationPad2DBackward ToCopyBackward AliasBackward"
+    " ContiguousBackward".split()
+)
 # ops that pool or place whole rows of a map (RoIs, samples) whatever their other,
 # graph-less operands (boxes, a fresh output buffer) are: channels stay apart
-ROW_OPS = {"GeneratedBackwardFor_torchvision_roi_align_defaultBackward",
-           "GeneratedBackwardFor_torchvision_roi_pool_defaultBackward"}  # fmt: skip
-REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "SqueezeBackward",
-              "UnsqueezeBackward"}  # fmt: skip
+ROW_OPS = {
+    f"GeneratedBackwardFor_torchvision_{op}_defaultBackward" for op in ("roi_align", "roi_pool")
+}
+REDUCTIONS = set("MeanBackward SumBackward AmaxBackward SqueezeBackward UnsqueezeBackward".split())
 
 
 def op_name(grad_fn: Any) -> str:
@@ -66,7 +66,7 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
             return None  # its sizes are refit after the merge (layers.SPLIT_RULES)
         return f"channels split at sizes fixed in the forward code{where}"
     if isinstance(mod, ops._ReshapeOp):
-        if node in graph.flatten and outs and all(isinstance(o, nn.Linear) for o in outs):
+        if node in graph.flatten and outs and all(channels_last(o) for o in outs):
             return None  # a flatten into a linear layer: ``repeat`` columns per channel
         return f"a reshape/view of the channels{where} (not a flatten into a linear layer)"
     if name in ROW_OPS or (name == "IndexPutBackward" and _rows_only(node.grad_fn)):

@@ -27,21 +27,25 @@ one-line reason naming the layer. Groups of the network's logits are not groups.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..common.errors import CsgdError
-from ..rules.groups import ChannelGroup, Member
+from ..rules import queries
+from ..rules.groups import ChannelGroup
 from ..rules.layers import member_kind, member_rows, rule_for
 from .graph import Graph, build_graph, channels_last
 from .inputs import where
 from .layout import reads_channels
+from .members import Raw, overlaps, to_group, unique_names
 from .ops import OUTPUT, op_problem
 from .walk import TRACE_SECONDS, walk
 
@@ -56,8 +60,8 @@ def example_input(model: nn.Module) -> torch.Tensor:
     shape = getattr(model, "input_shape", None)
     if shape is None:
         kw = (getattr(model, "arch", None) or {}).get("kwargs", {})
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        c = kw.get("in_channels") or (first.in_channels if first is not None else 3)
+        first = next((c for m in model.modules() if (c := queries.image_channels(m))), None)
+        c = kw.get("in_channels") or (first if first is not None else 3)
         s = kw.get("image_size") or 64
         shape = (c, s, s)
     kw = {"dtype": p.dtype, "device": p.device} if p is not None else {}
@@ -123,20 +127,6 @@ def trace_seconds(model: nn.Module) -> float:
     return time.perf_counter() - t
 
 
-@dataclass
-class _Raw:
-    """One Torch-Pruning group: per (module, kind) the (local index, root index) pairs."""
-
-    root: str
-    pairs: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    logits: bool = False
-    output: bool = False
-
-    def slots(self) -> set[tuple[str, str, int]]:
-        return {(m, k, i) for (m, k), ps in self.pairs.items() for i, _ in ps}
-
-
 def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | None]:
     """(kind or None, problem or None) of one node of a group, reached with ``handler``."""
     mod = node.module
@@ -158,8 +148,8 @@ def _classify(graph: Graph, node: Any, handler: Any) -> tuple[str | None, str | 
     return ("output", None) if problem == OUTPUT else (None, problem)
 
 
-def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
-    raw = _Raw(graph.names[module])
+def _raw_group(graph: Graph, module: nn.Module) -> Raw:
+    raw = Raw(graph.names[module])
     judged = [(n, h, pairs, *_classify(graph, n, h)) for n, h, pairs in walk(graph, module)]
     # an NCHW flatten's map is wrong for channels a linear layer wrote last (NHWC, tokens)
     nhwc = any(kind == "out" and channels_last(n) for n, _, _, kind, _ in judged)
@@ -174,119 +164,51 @@ def _raw_group(graph: Graph, module: nn.Module) -> _Raw:
         if kind is not None and kind != "output":
             raw.pairs.setdefault((graph.names[node.module], kind), []).extend(pairs)
     raw.problems[:0] = layer_problems
-    raw.logits = raw.output and all(
-        isinstance(graph.dg.model.get_submodule(m), nn.Linear) for (m, k) in raw.pairs if k == "out"
+    raw.logits = raw.output and all(  # written by linear layers: the logits
+        queries.channels_last(graph.dg.model.get_submodule(m)) for m, k in raw.pairs if k == "out"
     )
     return raw
 
 
-def _runs(pairs: Iterable[tuple[int, int]], kind: str, order: list[int]) -> list[Member] | None:
-    """Members for one (module, kind): runs of group channels stored contiguously in the
-    module (``repeat`` columns each for ``in`` after a flatten; a module that holds the
-    channels several times, as a conv over ``cat([x, f(x)])`` with ``f`` per-channel, has
-    members per copy); None when the layout is not mappable."""
-    by_root: dict[int, list[int]] = {}
-    for local, root in set(pairs):
-        by_root.setdefault(root, []).append(local)
-    rank = {r: i for i, r in enumerate(order)}
-    counts = {len(v) for v in by_root.values()}
-    if len(counts) != 1:
-        return None
-    n = counts.pop()
-    for locs in by_root.values():
-        locs.sort()
-    blocked = all(v == list(range(v[0], v[0] + n)) and v[0] % n == 0 for v in by_root.values())
-    if kind == "in" and blocked:  # a flatten: ``n`` columns per channel
-        return _contiguous([(rank[r], v[0] // n) for r, v in by_root.items()], kind, n)
-    out = []  # copy j: the j-th place where each channel is held
-    for j in range(n):
-        out += _contiguous([(rank[r], v[j]) for r, v in by_root.items()], kind, 1)
-    return out
-
-
-def _contiguous(blocks: list[tuple[int, int]], kind: str, rep: int) -> list[Member]:
-    """(group channel, local index) pairs cut into runs contiguous in both."""
-    blocks.sort()
-    out, run = [], [blocks[0]]
-    for g, lo in blocks[1:]:
-        if g == run[-1][0] + 1 and lo == run[-1][1] + 1:
-            run.append((g, lo))
-        else:
-            out.append(run)
-            run = [(g, lo)]
-    out.append(run)
-    return [Member("", kind, r[0][1], r[0][0], len(r), rep) for r in out]
-
-
-def _tie(raw: _Raw) -> None:
-    """Root channels held by one slot of a layer are one channel (GhostNet adds the stem's
-    8 channels to ``cat([x, dw(x)])`` of a 4-channel conv: stem channels i and i + 4 are
-    both that conv's channel i): each is renamed to the smallest root of its class."""
-    parent: dict[int, int] = {}
-
-    def find(r: int) -> int:
-        while parent.get(r, r) != r:
-            r = parent[r]
-        return r
-
-    for pairs in raw.pairs.values():
-        first: dict[int, int] = {}
-        for local, root in pairs:
-            a, b = find(first.setdefault(local, root)), find(root)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    if parent:
-        for key, pairs in raw.pairs.items():
-            raw.pairs[key] = [(local, find(root)) for local, root in pairs]
-
-
-def _to_group(raw: _Raw, index: dict[str, int]) -> ChannelGroup:
-    _tie(raw)
-    order = sorted({r for ps in raw.pairs.values() for _, r in ps})
-    width = len(order)
-    members: list[Member] = []
-    problems = list(raw.problems)
-    kind_rank = {"out": 0, "channel": 1, "in": 2}
-    for (module, kind), pairs in sorted(
-        raw.pairs.items(), key=lambda kv: (index[kv[0][0]], kind_rank[kv[0][1]])
-    ):
-        runs = _runs(pairs, kind, order)
-        if runs is None:
-            problems.append(f"'{module}' holds the channels in a layout csgd cannot map")
-            continue
-        for m in runs:
-            length = None if (m.start == 0 and m.length == width) else m.length
-            members.append(Member(module, kind, m.offset, m.start, length, m.repeat))
-    outs = [m.module for m in members if m.kind == "out"]
-    name = outs[0] if outs else raw.root
-    if not outs:
-        problems.append("no conv or linear layer produces these channels (network input?)")
-    if raw.output:
-        problems.append("the channels are an output of the network")
-    excluded = problems[0] if problems else None
-    return ChannelGroup(name, width, members, excluded)
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while tracing: the walk makes millions of
+    small tuples, and each collection scans the whole graph again (a third of coat's
+    trace time). Nothing the trace makes is garbage before it ends."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
+    with _no_gc():
+        return _trace_groups(model, x)
+
+
+def _trace_groups(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
     label = (getattr(model, "arch", None) or {}).get("name", type(model).__name__)
     graph = build_graph(model, x, label)
     graph.deadline = time.perf_counter() + TRACE_SECONDS
     names = graph.names
     index = {n: i for i, n in enumerate(names.values())}
     declared, inner = _declared(model, graph)
-    roots = [  # layers whose outputs are channels: convs and linear layers (any rule)
+    roots = [  # producers, whose outputs are channels: convs and linear layers (by rule)
         m
         for m in model.modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-        and rule_for(m) is not None
+        if queries.channel_dim(m) is not None
         and m in graph.dg.module2node
         and names[m] not in inner
     ]
-    raws: list[_Raw] = []
+    raws: list[Raw] = []
+    slots: list[set[tuple[str, str, int]]] = []
     covered: set[tuple[str, int]] = set()
     for m in roots:
         n = names[m]
-        width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        width = queries.out_width(m)
         if all((n, i) in covered for i in range(width)):
             continue
         try:
@@ -294,30 +216,26 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
         except CsgdError:
             raise
         except Exception as e:  # a surprise in the walk: this group excluded, named
-            raw = _Raw(n, {(n, "out"): [(i, i) for i in range(width)]})
+            raw = Raw(n, {(n, "out"): [(i, i) for i in range(width)]})
             raw.problems.append(f"tracing the channels of '{n}' failed ({type(e).__name__})")
-        covered |= {(mod, i) for mod, k, i in raw.slots() if k in ("out", "channel")}
+        slots.append(raw.slots())
+        covered |= {(mod, i) for mod, k, i in slots[-1] if k in ("out", "channel")}
         raws.append(raw)
     # a later root may span earlier ones (a depthwise conv over a concatenation): keep the
     # widest; two groups that overlap without one holding the other cannot be mapped
-    slots = [r.slots() for r in raws]
-    holders: dict[tuple[str, str, int], list[int]] = {}
-    for i, s in enumerate(slots):
-        for slot in s:
-            holders.setdefault(slot, []).append(i)
-    near = [{j for slot in s for j in holders[slot]} - {i} for i, s in enumerate(slots)]
+    near = overlaps(raws, slots)
     keep = [i for i in range(len(raws)) if not any(slots[i] < slots[j] for j in near[i])]
     groups = []
     for i in keep:
         if raws[i].logits:
             continue
-        g = _to_group(raws[i], index)
+        g = to_group(raws[i], index)
         clash = next((j for j in keep if j in near[i]), None)
         if clash is not None and g.excluded is None:
             g.excluded = f"channels also coupled with the group of '{raws[clash].root}'"
         groups.append(g)
     groups += declared
-    _unique_names(groups)
+    unique_names(groups)
     return sorted(groups, key=lambda g: index.get(g.name.split("@")[0], 0))
 
 
@@ -336,13 +254,3 @@ def _declared(model: nn.Module, graph: Graph) -> tuple[list[ChannelGroup], set[s
                 groups.append(g)
                 inner |= outs
     return groups, inner
-
-
-def _unique_names(groups: list[ChannelGroup]) -> None:
-    seen: dict[str, int] = {}
-    for g in groups:
-        seen[g.name] = seen.get(g.name, 0) + 1
-    for g in groups:
-        if seen[g.name] > 1:
-            first = next(m for m in g.members if m.module == g.name)
-            g.name = f"{g.name}@{first.offset}"

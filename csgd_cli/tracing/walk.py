@@ -80,13 +80,9 @@ def walk(graph: Any, module: nn.Module) -> list[tuple[Any, Any, list[tuple[int, 
     """(node, handler, (index, root index) pairs) for every node reached from
     ``module``'s output channels in ``graph`` (a ``trace_graph.Graph``). Stops with one
     line once ``graph.deadline`` has passed."""
-    from torch_pruning.pruner import function
-
     dg = graph.dg
     pruner = dg.get_pruner_of_module(module)
-    fn = pruner.prune_out_channels
-    if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1:
-        fn = function.prune_depthwise_conv_out_channels  # as TP's get_pruning_group does
+    fn = pruner.prune_out_channels  # a depthwise conv's: TP's depthwise pruner (in == out)
     root = dg.module2node[module]
     rows = np.repeat(np.arange(pruner.get_out_channels(module), dtype=np.int64)[:, None], 2, 1)
     # rows that reach a node wait there until it is visited (a FIFO of nodes), so rows
@@ -117,11 +113,15 @@ def walk(graph: Any, module: nn.Module) -> list[tuple[Any, Any, list[tuple[int, 
                 continue
             to = (dep.target, dep.handler)
             codes, first = np.unique(_codes(new), return_index=True)
-            have = seen.get(to)
-            fresh = first if have is None else first[~np.isin(codes, have, assume_unique=True)]
-            if not len(fresh):
-                continue
-            seen[to] = codes if have is None else np.union1d(have, codes)
+            have = seen.get(to)  # sorted: a binary search tells the rows it has
+            if have is None:
+                fresh, seen[to] = first, codes
+            else:
+                known = have[np.minimum(np.searchsorted(have, codes), len(have) - 1)] == codes
+                fresh = first[~known]
+                if not len(fresh):
+                    continue
+                seen[to] = np.sort(np.concatenate((have, codes[~known])))
             found.setdefault(to, []).append(new[fresh])
             if to in pending:
                 pending[to].append(new[fresh])
@@ -129,7 +129,7 @@ def walk(graph: Any, module: nn.Module) -> list[tuple[Any, Any, list[tuple[int, 
                 pending[to] = [new[fresh]]
                 queue.append(to)
     return [
-        (node, handler, [tuple(r) for r in np.concatenate(parts).tolist()])
+        (node, handler, list(map(tuple, np.concatenate(parts).tolist())))
         for (node, handler), parts in found.items()
     ]
 
