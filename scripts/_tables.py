@@ -70,8 +70,8 @@ def short_reason(why: str) -> str:
 def select(rows: Sequence[tuple], argv: list[str], quick: Sequence[str]) -> list[tuple]:
     """The rows named in ``argv``; else the ``quick`` ones under ``--quick``; else all."""
     names = [a for a in argv if not a.startswith("-")]
-    if names:
-        return [r for r in rows if r[0] in names]
+    if names:  # in the order named
+        return [r for n in names for r in rows if r[0] == n]
     return [r for r in rows if "--quick" not in argv or r[0] in quick]
 
 
@@ -159,7 +159,8 @@ def merge_cell(tol: float) -> Column:
 
 
 def _time(r: Row) -> str:
-    load = f" (load {r['load']:.1f})" if "load" in r else ""
+    cpu = f", CPU {r['cpu_total_s']:.0f} s" if "cpu_total_s" in r else ""
+    load = f" (load {r['load']:.1f}{cpu})" if "load" in r else ""
     return f"{r['time_s']:.0f} s{load}"
 
 
