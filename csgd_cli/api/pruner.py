@@ -217,7 +217,7 @@ class CSGD:
         x = example_input if example_input is not None else self._input()
         _, rep = merge_checked(self.model, self.groups, self.clusters, x, tolerance=tolerance,
                                force=True)  # fmt: skip
-        return rep["relative_logit_diff"] <= tolerance
+        return rep["passed"]
 
     def sync_statistics(self) -> None:
         """Set every cluster's BatchNorm running statistics to their mean, in the model
