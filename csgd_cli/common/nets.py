@@ -97,7 +97,12 @@ def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
         x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as fc:
-        run_model(model, x)
-    model.train(was_training)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            run_model(model, x)
+    except AssertionError:  # the counter's module hooks meet a tensor that requires grad
+        with torch.enable_grad(), FlopCounterMode(display=False) as fc:  # but has no grad_fn
+            run_model(model, x)  # under no_grad (timm's PiT): counted with grad on
+    finally:
+        model.train(was_training)
     return fc.get_total_flops() // 2
