@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from csgd_cli.common.errors import CsgdError
 from csgd_cli.models import get_model
@@ -201,3 +202,14 @@ def test_a_new_layer_kind_is_traced_trained_and_merged_by_its_rule_alone(monkeyp
     assert pruner.merge_report["top1_agreement"] == 1.0
     assert [tuple(thin[i].weight.shape) for i in (0, 2, 4)] == [(8, 6), (6, 8), (3, 6)]
     torch.testing.assert_close(thin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_walk_past_the_cpu_time_deadline_stops_in_one_line(monkeypatch) -> None:
+    """The deadline counts the tracer's CPU time (a busy machine is no cause): past it,
+    one line that names the group and the fix."""
+    import csgd_cli.tracing.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "TRACE_SECONDS", -1.0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.raises(CsgdError, match=r"tracing stopped after .* of CPU time in the group"):
+        trace_mod.channel_groups(model, torch.randn(1, 3, 8, 8))
