@@ -121,7 +121,7 @@ _WRAPPERS = ("torch.nn.modules.container", "torch.nn.parallel")  # hold layers, 
 
 
 def _torch_layer_classes(path: Path) -> list[tuple[str, int]]:
-    """(class, line) of every ``isinstance``/``issubclass`` in ``path`` against a torch.nn
+    """(class, line) of every ``isinstance``/``issubclass``/``type(x) is`` in ``path`` against a torch.nn
     layer class (an ``nn.Module`` subclass; ``nn.Module`` itself, containers, DDP and
     ``nn.Parameter`` are no layers)."""
     import importlib
@@ -136,25 +136,31 @@ def _torch_layer_classes(path: Path) -> list[tuple[str, int]]:
             alias.update({a.name.split(".")[0]: a.name.split(".")[0] for a in node.names})
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             alias.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
-    found = []
+    found, tested = [], []  # tested: (class expression, line)
     for node in ast.walk(tree):
         is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-        if not (is_call and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+        if is_call and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
+            arg = node.args[1]
+            tested += [
+                (c, node.lineno) for c in (arg.elts if isinstance(arg, ast.Tuple) else [arg])
+            ]
+        elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Call):
+            f = node.left.func  # type(m) is nn.X, type(m) == nn.X
+            if isinstance(f, ast.Name) and f.id == "type":
+                tested += [(c, node.lineno) for c in node.comparators]
+    for cls, lineno in tested:
+        name = _dotted(cls)
+        head, _, rest = (name or "").partition(".")
+        full = ".".join(p for p in (alias.get(head, head), rest) if p)
+        if not full.startswith("torch.nn."):
             continue
-        arg = node.args[1]
-        for cls in arg.elts if isinstance(arg, ast.Tuple) else [arg]:
-            name = _dotted(cls)
-            head, _, rest = (name or "").partition(".")
-            full = ".".join(p for p in (alias.get(head, head), rest) if p)
-            if not full.startswith("torch.nn."):
-                continue
-            obj: object = importlib.import_module("torch")
-            for part in full.split(".")[1:]:
-                obj = getattr(obj, part, None)
-            layer = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-            wrapper = obj is torch.nn.Module or obj.__module__.startswith(_WRAPPERS)  # type: ignore[union-attr]
-            if layer and not wrapper:
-                found.append((full, node.lineno))
+        obj: object = importlib.import_module("torch")
+        for part in full.split(".")[1:]:
+            obj = getattr(obj, part, None)
+        layer = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+        wrapper = obj is torch.nn.Module or obj.__module__.startswith(_WRAPPERS)  # type: ignore[union-attr]
+        if layer and not wrapper:
+            found.append((full, lineno))
     return found
 
 

@@ -67,6 +67,12 @@ def is_batchnorm(m: nn.Module) -> bool:
     return r is not None and r.name in ("batchnorm", "batchnorm+act")
 
 
+def plain_batchnorm2d(m: nn.Module) -> bool:
+    """Exactly torch's BatchNorm2d (a subclass may compute otherwise): what a DDP job's
+    global-batch BatchNorm (``runner.distributed.SyncBatchNorm2d``) can stand in for."""
+    return type(m) is nn.BatchNorm2d and is_batchnorm(m)
+
+
 def is_plain_conv(m: nn.Module) -> bool:
     """A plain (not weight-standardised, not transposed) conv: BN folds into it."""
     r = rule_for(m)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..common.errors import CsgdError
+from ..rules.queries import plain_batchnorm2d
 
 T = TypeVar("T")
 _FAIL_KEY = "csgd/failed"  # "<rank>|<exit code>|<message>" of the first rank that failed
@@ -291,7 +292,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     if _settings["sync_bn"]:
         for m in model.modules():
-            if type(m) is nn.BatchNorm2d:
+            if plain_batchnorm2d(m):
                 m.__class__ = SyncBatchNorm2d
     from torch.nn.parallel import DistributedDataParallel as DDP
 
