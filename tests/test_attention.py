@@ -92,18 +92,13 @@ def test_swin_window_attention_with_its_bias_table_merges_exactly() -> None:
 
 def test_transformers_separate_qkv_bert_and_vit_merge_exactly() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=48)  # fmt: skip
-    bert = transformers.BertForSequenceClassification(
-        transformers.BertConfig(vocab_size=50, max_position_embeddings=16, num_labels=3, **cfg)
-    )
-    ids = torch.randint(0, 50, (3, 9))
+    bert, ids = tiny_bert()
     thin, chosen = _merged(_randomise(bert), ids)
     assert "bert.encoder.layer.0.attention.self.query" in {g.name for g in chosen}
     own = thin.bert.encoder.layer[0].attention.self
     assert own.attention_head_size == 4 and own.query.out_features == 16
     vit = transformers.ViTForImageClassification(
-        transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **cfg)
+        transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **TINY_TRANSFORMER)
     )
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     thin, chosen = _merged(_randomise(vit), x)
@@ -235,17 +230,35 @@ def test_adamw_wrapped_pulls_attention_clusters_together_and_merges_exactly() ->
     assert thin.blocks[0].attn.head_dim == 6 and pruner.merge_report["top1_agreement"] == 1.0
 
 
+TINY_TRANSFORMER = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+)
+
+
+def tiny_bert() -> tuple[nn.Module, torch.Tensor]:
+    """A two-layer BERT classifier (4 heads of 8) and a batch of token ids."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=50, max_position_embeddings=16, num_labels=3, **TINY_TRANSFORMER
+    )
+    return transformers.BertForSequenceClassification(cfg), torch.randint(0, 50, (3, 9))
+
+
+VIT_RUN = (  # csgd run on a one-block ViT and a few synthetic images
+    "run", "model=timm", "model.name=vit_tiny_patch16_224", "+model.kwargs.depth=1",
+    "+model.kwargs.patch_size=8", "dataset=synthetic", "dataset.num_train=32",
+    "dataset.num_test=16", "dataset.batch_size=16", "device=cpu", "eval.latency_iters=1",
+    "eval.latency_batch=4", "schedule.epochs=1", "finetune.epochs=0", "prune.force=true",
+    "prune.export=false", "clustering=even", "ratio=0.5",
+)  # fmt: skip
+
+
 def test_csgd_run_a_timm_vision_transformer_end_to_end(tmp_path: Path) -> None:
     from csgd_cli.runner import cli
 
     run = tmp_path / "run"
-    cli.main([
-        "run", "model=timm", "model.name=vit_tiny_patch16_224", "+model.kwargs.depth=1",
-        "+model.kwargs.patch_size=8", "dataset=synthetic", "dataset.num_train=32",
-        "dataset.num_test=16", "dataset.batch_size=16", "device=cpu", "eval.latency_iters=1",
-        "eval.latency_batch=4", "schedule.epochs=1", "finetune.epochs=0", "prune.force=true",
-        "prune.export=false", "clustering=even", "ratio=0.5", f"hydra.run.dir={run}",
-    ])  # fmt: skip
+    cli.main([*VIT_RUN, f"hydra.run.dir={run}"])
     thin = load_model(run / "pruned.pt")
     attn = thin.blocks[0].attn
     assert type(thin).__name__ == "VisionTransformer" and attn.head_dim == 32

@@ -22,17 +22,9 @@ from csgd_cli.rules.attention import head_group, heads_merged
 from csgd_cli.rules.groups import ChannelGroup, check_clusters, describe, select_groups
 from csgd_cli.rules.layers import segment_rows
 from csgd_cli.tracing.trace import channel_groups
-from tests.test_attention import GQA
+from tests.test_attention import GQA, TINY_TRANSFORMER, VIT_RUN, _randomise, tiny_bert
 
 timm = pytest.importorskip("timm")
-
-
-def _randomise(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.double().eval()
 
 
 def _collapse(model: nn.Module, groups: list[ChannelGroup], clusters: dict) -> None:
@@ -96,12 +88,7 @@ def test_timm_fused_qkv_heads_merge_exactly_and_reload(tmp_path: Path) -> None:
 
 def test_transformers_bert_and_vit_heads_merge_exactly() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=48)  # fmt: skip
-    bert = transformers.BertForSequenceClassification(
-        transformers.BertConfig(vocab_size=50, max_position_embeddings=16, num_labels=3, **cfg)
-    )
-    ids = torch.randint(0, 50, (3, 9))
+    bert, ids = tiny_bert()
     thin, chosen = _heads_merged(_randomise(bert), ids, ["*.self.query"])
     assert "bert.encoder.layer.0.attention" in {g.name for g in chosen}
     own = thin.bert.encoder.layer[0].attention.self
@@ -109,7 +96,7 @@ def test_transformers_bert_and_vit_heads_merge_exactly() -> None:
     assert own.all_head_size == 16 and own.scaling == 8**-0.5
     assert thin.config.num_attention_heads == 4  # the shared config is not the layer's
     vit = transformers.ViTForImageClassification(
-        transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **cfg)
+        transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **TINY_TRANSFORMER)
     )
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     thin, _ = _heads_merged(_randomise(vit), x, ["*.q_proj"])
@@ -244,15 +231,7 @@ def test_csgd_run_prunes_vit_heads_end_to_end_and_reloads(tmp_path: Path) -> Non
     from csgd_cli.runner import cli
 
     run = tmp_path / "run"
-    cli.main([
-        "run", "model=timm", "model.name=vit_tiny_patch16_224", "+model.kwargs.depth=1",
-        "+model.kwargs.patch_size=8", "dataset=synthetic", "dataset.num_train=32",
-        "dataset.num_test=16", "dataset.batch_size=16", "device=cpu", "eval.latency_iters=1",
-        "eval.latency_batch=4", "schedule.epochs=1", "finetune.epochs=0", "prune.force=true",
-        "prune.export=false", "clustering=even", "ratio=0.5", "prune.exclude=[*.qkv]",
-        "pretrain.epochs=1",
-        f"hydra.run.dir={run}",
-    ])  # fmt: skip
+    cli.main([*VIT_RUN, "prune.exclude=[*.qkv]", "pretrain.epochs=1", f"hydra.run.dir={run}"])
     thin = load_model(run / "pruned.pt")  # rebuilt from the registry: 3 heads -> 2
     attn = thin.blocks[0].attn
     assert attn.num_heads == 2 and attn.head_dim == 64 and attn.qkv.out_features == 3 * 128
