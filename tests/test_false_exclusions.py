@@ -112,3 +112,15 @@ def test_timm_fastvit_keeps_its_stem_group() -> None:
     # channels) and a free layer-scale parameter: true reasons, never a Python number
     assert why["stem.0.conv_kxk.0.conv"] is not None
     assert why["stages.0.blocks.0.mlp.fc1"] is None
+
+
+def test_timm_fastvit_lists_each_group_once_and_merges() -> None:
+    """Two roots of one excluded group (fastvit's large and small grouped convs) give one
+    group, not two of the same name that the merge cannot tell apart."""
+    model = timm.create_model("fastvit_t8", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pruner = csgd_cli.CSGD(model, x, ratio=0.5, clustering="even")
+    names = [g.name for g in pruner.groups]
+    assert len(names) == len(set(names)) and not any("@" in n for n in names)
+    thin = pruner.merge(x, force=True)  # the widths of every group, by name
+    assert thin(x).shape == (2, 10)

@@ -222,9 +222,14 @@ def _trace_groups(model: nn.Module, x: torch.Tensor) -> list[ChannelGroup]:
         covered |= {(mod, i) for mod, k, i in slots[-1] if k in ("out", "channel")}
         raws.append(raw)
     # a later root may span earlier ones (a depthwise conv over a concatenation): keep the
-    # widest; two groups that overlap without one holding the other cannot be mapped
+    # widest, and one of equal ones (roots of one excluded group: fastvit's grouped convs);
+    # two groups that overlap without one holding the other cannot be mapped
     near = overlaps(raws, slots)
-    keep = [i for i in range(len(raws)) if not any(slots[i] < slots[j] for j in near[i])]
+    keep = [
+        i
+        for i in range(len(raws))
+        if not any(slots[i] < slots[j] or (slots[i] == slots[j] and j < i) for j in near[i])
+    ]
     groups = []
     for i in keep:
         if raws[i].logits:
