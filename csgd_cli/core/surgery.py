@@ -157,6 +157,28 @@ def inner_difference(model: nn.Module, thin: nn.Module, x: Any) -> tuple[float, 
     return worst, n
 
 
+def output_difference(
+    outs_a: list[torch.Tensor], outs_b: list[torch.Tensor]
+) -> tuple[float, float, float]:
+    """Largest absolute and relative difference over every output of two networks, and
+    the top-1 agreement of the first output that has classes (logits or a score map)."""
+    diff = rel = 0.0
+    for a, b in zip(outs_a, outs_b, strict=True):
+        if a.shape != b.shape:  # a detector that keeps another number of boxes
+            diff = rel = float("inf")
+            continue
+        if not a.numel():  # no boxes found, by both
+            continue
+        a, b = a.double(), b.double()
+        d = (a - b).abs().max().item()
+        diff, rel = max(diff, d), max(rel, d / max(a.abs().max().item(), 1e-30))
+    first = next((a for a in outs_a if a.dim() >= 2), outs_a[0])
+    other = outs_b[next(i for i, a in enumerate(outs_a) if a is first)]
+    same = first.dim() >= 2 and first.numel() and first.shape == other.shape
+    agree = (first.argmax(1) == other.argmax(1)).double().mean().item() if same else 1.0
+    return diff, rel, agree
+
+
 @torch.no_grad()
 def merge_checked(
     model: nn.Module,
@@ -182,25 +204,12 @@ def merge_checked(
         outs_a, outs_b = outputs_of(run_model(model, x)), outputs_of(run_model(thin, x))
     finally:
         model.train(was_training)
-    diff = rel = 0.0
-    for a, b in zip(outs_a, outs_b, strict=True):  # every output of the network
-        if a.shape != b.shape:  # a detector that keeps another number of boxes
-            diff = rel = float("inf")
-            continue
-        if not a.numel():  # no boxes found, by both
-            continue
-        a, b = a.double(), b.double()
-        d = (a - b).abs().max().item()
-        diff, rel = max(diff, d), max(rel, d / max(a.abs().max().item(), 1e-30))
-    first = next((a for a in outs_a if a.dim() >= 2), outs_a[0])  # logits or a score map
-    other = outs_b[next(i for i, a in enumerate(outs_a) if a is first)]
-    same = first.dim() >= 2 and first.numel() and first.shape == other.shape
-    agree = first.argmax(1) == other.argmax(1) if same else None
+    diff, rel, agree = output_difference(outs_a, outs_b)
     rep = {
         "method": "l1" if partial else "csgd",
         "max_abs_logit_diff": diff,
         "relative_logit_diff": rel,
-        "top1_agreement": agree.double().mean().item() if agree is not None else 1.0,
+        "top1_agreement": agree,
         "outputs": len(outs_a),
         "check_samples": int(outs_a[0].shape[0]) if outs_a[0].dim() else 1,
         "params_before": count_params(model),
