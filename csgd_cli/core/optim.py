@@ -65,7 +65,7 @@ def _channels_outermost(
     laid out with that dim outermost, so each channel's entries are one row of a view."""
     for g in (g for g in groups if g.name in clusters):
         for r in member_rows(model, g, ("kernel", "affine")):
-            d, t = getattr(r, "dim", 0), r.tensor
+            d, t = r.dim, r.tensor
             if d and t.dim() > 2 and t.stride(d) != max(t.stride()):
                 t.data = t.data.movedim(d, 0).contiguous().movedim(0, d)
 
