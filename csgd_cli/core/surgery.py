@@ -227,8 +227,10 @@ def merge_checked(
     pairs = zip(outs_a, outs_b, strict=True)
     chose = any(not a.is_floating_point() or a.shape != b.shape for a, b in pairs)
     if not partial and not rep["passed"] and chose:
-        inner, n = inner_difference(model.eval(), thin, x)
-        model.train(was_training)
+        try:
+            inner, n = inner_difference(model.eval(), thin, x)
+        finally:
+            model.train(was_training)
         if n and inner <= tolerance:
             rep.update(inner_relative_diff=inner, inner_outputs=n, outputs_after_ties=True)
             rep["passed"] = True
