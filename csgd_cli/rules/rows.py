@@ -58,5 +58,6 @@ class RowBlock:
         except RuntimeError:
             raise CsgdError(
                 f"the rows of {self.key} are not contiguous per channel",
-                "call model.contiguous() first, or exclude its group",
+                # nn.Module has no contiguous(): name the call that exists
+                "call model.to(memory_format=torch.contiguous_format) first, or exclude its group",
             ) from None
