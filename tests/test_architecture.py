@@ -102,6 +102,22 @@ def test_no_module_is_over_350_lines() -> None:
     assert not long, long
 
 
+def test_no_function_is_over_60_lines() -> None:
+    """Counted from ``def`` to its last line, the docstring left out (a long signature
+    of keyword arguments counts: it is what a reader reads)."""
+    long = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if ast.get_docstring(node) is not None:
+                    doc = node.body[0]
+                    n -= doc.end_lineno - doc.lineno + 1  # type: ignore[operator]
+                if n > 60:
+                    long.append(f"{p.relative_to(PKG)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "split these where a reader gains:\n" + "\n".join(sorted(long))
+
+
 def test_stages_import_no_stage() -> None:
     for path in (PKG / "runner" / "stages").glob("*.py"):
         for target, line in imports(path):

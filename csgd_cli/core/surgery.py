@@ -180,6 +180,30 @@ def output_difference(
 
 
 @torch.no_grad()
+def _after_ties(
+    model: nn.Module,
+    thin: nn.Module,
+    x: Any,
+    outs_a: Sequence[torch.Tensor],
+    outs_b: Sequence[torch.Tensor],
+    tolerance: float,
+) -> dict[str, Any]:
+    """Integer outputs (labels, indices: a detector's) or another count of them mean a
+    discrete choice; then a flipped tie after layers that all agree is no failure: the
+    report's additions (``passed`` among them) when every inner output agrees."""
+    pairs = zip(outs_a, outs_b, strict=True)
+    if not any(not a.is_floating_point() or a.shape != b.shape for a, b in pairs):
+        return {}
+    was_training = model.training
+    try:
+        inner, n = inner_difference(model.eval(), thin, x)
+    finally:
+        model.train(was_training)
+    if not n or inner > tolerance:
+        return {}
+    return dict(inner_relative_diff=inner, inner_outputs=n, outputs_after_ties=True, passed=True)
+
+
 def merge_checked(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
@@ -222,18 +246,8 @@ def merge_checked(
     }
     rep["flops_reduction"] = 1 - rep["macs_after"] / max(rep["macs_before"], 1)
     rep["passed"] = rel <= tolerance
-    # integer outputs (labels, indices: a detector's) or another count of them mean a
-    # discrete choice; then a flipped tie after layers that all agree is no failure
-    pairs = zip(outs_a, outs_b, strict=True)
-    chose = any(not a.is_floating_point() or a.shape != b.shape for a, b in pairs)
-    if not partial and not rep["passed"] and chose:
-        try:
-            inner, n = inner_difference(model.eval(), thin, x)
-        finally:
-            model.train(was_training)
-        if n and inner <= tolerance:
-            rep.update(inner_relative_diff=inner, inner_outputs=n, outputs_after_ties=True)
-            rep["passed"] = True
+    if not partial and not rep["passed"]:
+        rep.update(_after_ties(model, thin, x, outs_a, outs_b, tolerance))
     if not partial and not rep["passed"] and not force:
         why, fix = cause(model, groups, clusters)
         raise CsgdError(

@@ -134,6 +134,41 @@ def _optimizer(
     return opt, pruner
 
 
+def _trainer(
+    ctx: Ctx,
+    model: nn.Module,
+    sched: DictConfig,
+    opt: torch.optim.Optimizer,
+    out: Path,
+    phase: str,
+    info: dict[str, Any],
+    clusters: Clusters | None,
+    hyper: dict[str, Any],
+    chi: Callable[[], Any] | None,
+) -> Trainer:
+    """The phase's training loop; every checkpoint it writes carries the clusters and the
+    hyper-parameters a resume reads back."""
+    cfg = ctx.cfg
+    record = PruneRecord.from_checkpoint(info).replace(clusters=clusters)
+    return Trainer(
+        model,
+        ctx.data,
+        sched,
+        opt,
+        device=ctx.device,
+        out=out,
+        phase=phase,
+        payload=dict(
+            record.into(info), hyper=hyper, **{k: hyper[k] for k in hyper if k != "schedule"}
+        ),
+        amp=cfg.amp,
+        compile=cfg.compile,
+        channels_last=cfg.channels_last,
+        every_steps=cfg.checkpoint.every_steps,
+        chi_fn=chi,
+    )
+
+
 def train_phase(
     ctx: Ctx,
     model: nn.Module,
@@ -166,25 +201,7 @@ def train_phase(
     chi = chi_fn(model, pruner.groups, pruner.clusters) if pruner else None
     if chi is not None:  # the forecast logged beside it; the checkpoint keeps its start
         info = {**info, **chi_logging(chi, sched, hyper, ctx.data.steps_per_epoch(), ck)}
-    trainer = Trainer(
-        model,
-        ctx.data,
-        sched,
-        opt,
-        device=ctx.device,
-        out=out,
-        phase=phase,
-        payload=dict(
-            PruneRecord.from_checkpoint(info).replace(clusters=clusters).into(info),
-            hyper=hyper,
-            **{k: hyper[k] for k in hyper if k != "schedule"},
-        ),
-        amp=cfg.amp,
-        compile=cfg.compile,
-        channels_last=cfg.channels_last,
-        every_steps=cfg.checkpoint.every_steps,
-        chi_fn=chi,
-    )
+    trainer = _trainer(ctx, model, sched, opt, out, phase, info, clusters, hyper, chi)
     if ck is not None:
         trainer.restore(ck)
         log.info("resuming %s at epoch %d step %d", phase, trainer.epoch, trainer.step_in_epoch)

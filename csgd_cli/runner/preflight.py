@@ -16,7 +16,7 @@ from torch import nn
 
 from ..api.checkpoint import check_arch, check_fits, need_clusters
 from ..api.record import PruneRecord
-from ..common.config import STAGES, default_min_width
+from ..common.config import STAGES, Stage, default_min_width
 from ..common.device import pick_device
 from ..common.errors import CsgdError
 from ..common.target import Target
@@ -101,29 +101,8 @@ def preflight(
     keeps data sets and checkpoints shared by the points of a sweep."""
     cache = {} if cache is None else cache
     need = STAGES[cfg.stage]
-    trust_named_model(cfg)
-    check_model_name(cfg)
-    if need.weights == "ckpt" and cfg.ckpt is None:
-        raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
-    if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
-        raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
-    if need.onnx or (need.data and cfg.backend != "eager"):
-        require_runtime("onnxruntime" if need.onnx else cfg.backend)
-    if cfg.stage == "run" and cfg.deploy.int8:
-        require_runtime("onnxruntime-int8")
-    if need.target and cfg.prune.target is not None:  # before any file is read
-        if Target.parse(cfg.prune.target).kind == "latency":
-            require_runtime(cfg.backend)
-    loaded = []
-    for key in ("init", "ckpt"):  # files first: a bad file is the likelier mistake
-        path = cfg[key]
-        if path is not None:
-            if (key, path) not in cache:
-                cache[(key, path)] = load(path, key)
-            model, ck = cache[(key, path)]
-            if "model" in explicit:
-                check_arch(ck, path, key, registry_name(cfg.model.name, cfg.model.kwargs))
-            loaded.append((key, path, model, ck))
+    _check_needs(cfg, need)
+    loaded = _load_files(cfg, explicit, cache)
     info = None
     if need.data:
         pick_device(cfg.device)
@@ -154,3 +133,39 @@ def preflight(
         check_target(cfg, model, ck, explicit)
     if cfg.stage in ("train", "run") and need.data:  # the schedule against the merge
         check_forecast(cfg, cache[dkey].steps_per_epoch())
+
+
+def _check_needs(cfg: DictConfig, need: Stage) -> None:
+    """What the stage needs before any file is read: the model's name, the weights it
+    starts from, the runtimes it will use."""
+    trust_named_model(cfg)
+    check_model_name(cfg)
+    if need.weights == "ckpt" and cfg.ckpt is None:
+        raise CsgdError(f"csgd {cfg.stage} needs a checkpoint", f"pass {need.hint}")
+    if need.weights == "ckpt|init" and cfg.ckpt is None and cfg.init is None:
+        raise CsgdError(f"csgd {cfg.stage} needs weights", f"pass {need.hint}")
+    if need.onnx or (need.data and cfg.backend != "eager"):
+        require_runtime("onnxruntime" if need.onnx else cfg.backend)
+    if cfg.stage == "run" and cfg.deploy.int8:
+        require_runtime("onnxruntime-int8")
+    if need.target and cfg.prune.target is not None:
+        if Target.parse(cfg.prune.target).kind == "latency":
+            require_runtime(cfg.backend)
+
+
+def _load_files(
+    cfg: DictConfig, explicit: Sequence[str], cache: dict[Any, Any]
+) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(key, path, model, checkpoint) for ``init`` and ``ckpt`` (files first: a bad file is
+    the likelier mistake); ``model`` given on the command line must agree with each."""
+    loaded = []
+    for key in ("init", "ckpt"):
+        path = cfg[key]
+        if path is not None:
+            if (key, path) not in cache:
+                cache[(key, path)] = load(path, key)
+            model, ck = cache[(key, path)]
+            if "model" in explicit:
+                check_arch(ck, path, key, registry_name(cfg.model.name, cfg.model.kwargs))
+            loaded.append((key, path, model, ck))
+    return loaded

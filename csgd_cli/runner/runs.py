@@ -242,6 +242,15 @@ def _read_run(run: Run) -> Run:
                 keys = [k for k in run.rows if k == col or k.startswith(f"{col}_r")]
                 run.acc[col] = run.rows[keys[-1]]["acc"] if keys else None
     run.curve = csgd_curve(metrics)
+    _read_status(run, metrics, damage)
+    run.message = "; ".join(m for m in (run.message, *run.notes) if m)
+    return run
+
+
+def _read_status(run: Run, metrics: dict[str, list[dict[str, Any]]], damage: str | None) -> None:
+    """The run's status and message: from status.json (damaged files said), else whether
+    its phases are complete; a failure without a message takes error.txt's last line."""
+    path = run.path
     status, bad_status = read_json_checked(path / "status.json")
     if damage or bad_status or (status is not None and not isinstance(status, dict)):
         run.status = "damaged"
@@ -257,8 +266,6 @@ def _read_run(run: Run) -> Run:
     if run.status == "failed" and not run.message and (path / "error.txt").is_file():
         lines = (path / "error.txt").read_text(errors="replace").strip().splitlines()
         run.message = lines[-1] if lines else ""
-    run.message = "; ".join(m for m in (run.message, *run.notes) if m)
-    return run
 
 
 def read_runs(root: Path) -> list[Run]:

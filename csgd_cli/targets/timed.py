@@ -72,6 +72,48 @@ def _promised(model: list[tuple[float, float]], x: float) -> float:
     return y1 if x2 == x1 else y1 + (x - x1) * (y2 - y1) / (x2 - x1)
 
 
+@dataclass
+class _Search:
+    """What one latency search has timed so far (``seen``: key -> (ratio, widths)) and the
+    points the interpolation reads (modelled time, ratio)."""
+
+    cost: Any
+    pick: Callable[[float], Widths]
+    measure: Callable[[Widths, bool], float]
+    key: Callable[[Widths], str]
+    points: list[tuple[float, float]]
+    seen: dict[str, tuple[float, Widths]]
+
+    def time(self, ks: Widths, what: str) -> float:
+        r = self.measure(ks, False)
+        self.seen[self.key(ks)] = (r, ks)
+        self.points.append((self.cost.cost(ks), r))
+        log.info("latency: %s, modelled %.3g ms: timed %.3f", what, self.cost.cost(ks), r)
+        return r
+
+    def calibrate(self, n: int, floor_ms: float, base_ms: float) -> None:
+        """Times the rule's widths at ``n`` modelled times evenly between floor and now."""
+        for i in range(1, n + 1):
+            ks = self.pick(floor_ms + (base_ms - floor_ms) * i / (n + 1))
+            if self.key(ks) not in self.seen and self.key(ks) != self.key({}):
+                self.time(ks, "calibration")  # (not the current network again)
+
+    def candidate(self, want: float, floor_ms: float, hit: Callable[[float], bool]) -> Widths:
+        """The rule's widths at the time the points interpolate to ``want``; a step narrower
+        while that was timed already and not within the target's last 5%."""
+        budget = _interp(self.points, want)
+        ks = self.pick(budget)
+        while self.key(ks) in self.seen and not hit(self.seen[self.key(ks)][0]):
+            if budget <= floor_ms:
+                break
+            budget = self.cost.cost(ks) * (1 - 1e-9)
+            narrower = self.pick(budget)
+            if self.key(narrower) == self.key(ks):  # noisy timings: no step lowers the
+                break  # modelled time, and asking again would loop forever
+            ks = narrower
+        return ks
+
+
 def choose_timed(
     cost: Any,
     cands: dict[str, list[int]],
@@ -88,58 +130,57 @@ def choose_timed(
     more, the slower kept); ``key(ks)``: what identifies a candidate; ``calibrate``:
     whole networks timed first (``CALIBRATE`` in a ``WHOLE_NETWORK`` runtime)."""
     lowest = {g: c[0] for g, c in cands.items()}
-    anchors = [(cost.cost({}), 1.0), (cost.cost(lowest), floor)]
-    points, seen = list(anchors), {key(lowest): (floor, lowest)}
-    for i in range(1, calibrate + 1):  # the rule's widths evenly between floor and now
-        ks = pick(anchors[1][0] + (anchors[0][0] - anchors[1][0]) * i / (calibrate + 1))
-        if key(ks) not in seen and key(ks) != key({}):  # not the current network again
-            r = measure(ks, False)
-            seen[key(ks)] = (r, ks)
-            points.append((cost.cost(ks), r))
-            log.info("latency: calibration, modelled %.3g ms: timed %.3f", cost.cost(ks), r)
-    model = list(points)  # what the modelled ratio of a choice is read from
+    base_ms, floor_ms = cost.cost({}), cost.cost(lowest)
+    search = _Search(
+        cost,
+        pick,
+        measure,
+        key,
+        [(base_ms, 1.0), (floor_ms, floor)],
+        {key(lowest): (floor, lowest)},
+    )
+    search.calibrate(calibrate, floor_ms, base_ms)
+    model = list(search.points)  # what the modelled ratio of a choice is read from
+    n_cal = len(model) - 2
     hit = lambda r: 0.95 * want <= r <= want  # noqa: E731 - close enough: stop searching
-    n_cal = len(points) - 2
     modelled: tuple[Widths, float] | None = None
     for _ in range(confirms):
-        budget = _interp(points, want)
-        ks = pick(budget)
-        while key(ks) in seen and not hit(seen[key(ks)][0]) and budget > anchors[1][0]:
-            # timed already, and not within the target's last 5%: a step narrower
-            budget = cost.cost(ks) * (1 - 1e-9)
-            narrower = pick(budget)
-            if key(narrower) == key(ks):  # noisy timings: no step lowers the modelled
-                break  # time, and asking again would loop forever
-            ks = narrower
+        ks = search.candidate(want, floor_ms, hit)
         if modelled is None:
             modelled = (ks, _promised(model, cost.cost(ks)))
-        if key(ks) in seen:
-            break
-        r = measure(ks, False)
-        seen[key(ks)] = (r, ks)
-        log.info(
-            "latency: modelled %.3g ms, timed %.3f of the base (want <= %.3f)",
-            cost.cost(ks),
-            r,
-            want,
-        )
-        points.append((cost.cost(ks), r))
-        if hit(r):
+        if key(ks) in search.seen or hit(search.time(ks, f"want <= {want:.3f}")):
             break
     assert modelled is not None
-    model_key = key(modelled[0])
-    passed = [
-        (r, ks) for k, (r, ks) in seen.items() if r <= want and (k != key(lowest) or model_key == k)
-    ]  # the floor only when the model lands there
+    return _confirm(search, modelled, want, key(lowest), model, n_cal)
+
+
+def _confirm(
+    search: _Search,
+    modelled: tuple[Widths, float],
+    want: float,
+    floor_key: str,
+    model: list[tuple[float, float]],
+    n_cal: int,
+) -> TimedChoice:
+    """Re-checks the candidates timed within the target, widest first; the first that
+    holds wins, else the modelled choice is kept and reported as not met."""
+    cost, model_key = search.cost, search.key(modelled[0])
+    passed = [  # the floor only when the model lands there
+        (r, ks)
+        for k, (r, ks) in search.seen.items()
+        if r <= want and (k != floor_key or model_key == k)
+    ]
     for r, ks in sorted(passed, key=lambda p: -cost.cost(p[1])):  # widest first
-        again = measure(ks, True)
+        again = search.measure(ks, True)
         if again <= want:
-            return TimedChoice(ks, again, True, _promised(model, cost.cost(ks)), points, n_cal)
+            promised = _promised(model, cost.cost(ks))
+            return TimedChoice(ks, again, True, promised, search.points, n_cal)
         log.info(
             "latency: re-check of a candidate timed %.3f, then %.3f (want <= %.3f)", r, again, want
         )
     ks, promised = modelled
-    timed = seen[model_key][0] if model_key in seen else measure(ks, False)
+    seen = search.seen
+    timed = seen[model_key][0] if model_key in seen else search.measure(ks, False)
     log.warning(
         "latency target %.3g not confirmed: the modelled choice (%.3f of the base as "
         "modelled) timed %.3f; kept it, reported as not met",
@@ -147,7 +188,7 @@ def choose_timed(
         promised,
         timed,
     )
-    return TimedChoice(ks, timed, False, promised, points, n_cal)
+    return TimedChoice(ks, timed, False, promised, search.points, n_cal)
 
 
 def floor_note(

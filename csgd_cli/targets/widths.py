@@ -149,35 +149,60 @@ def choose(
     if floor > target.value:
         raise unreachable(target, floor, problem)
     budget = target.value * (base_cost or now)  # absolute: MACs, parameters or ms
-    pick, count = RULES[rule], TARGETS[target.kind].count
     search = Search(problem, cost, cands, seed, base)
-    timed: TimedChoice | None = None
+    ks, reached, timed = _pick(search, target, RULES[rule], budget, now, floor * (base_cost or now))
+    report = _report(search, target, rule, ks, reached, now, base_cost or now, timed)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return Choice(ks, report)
+
+
+def _pick(
+    s: Search, target: Target, pick: Rule, budget: float, now: float, floor: float
+) -> tuple[Widths, float, TimedChoice | None]:
+    """The rule's widths within ``budget`` (``floor``: the narrowest's absolute cost), what
+    they reach, and the timed search behind a latency choice."""
+    problem, cost, cands, count = s.problem, s.cost, s.cands, TARGETS[target.kind].count
     if budget >= now:  # an iterative round that is there already
-        ks, reached = {n: c[-1] for n, c in cands.items()}, now
-    elif count is not None:
-        ks = pick(search, budget)
-        reached = cost.cost(ks) if cost.exact else count(thin_at(problem, ks), problem.x)
-        for _ in range(3):  # exact for every layer a rule knows; should another layer's
-            if reached <= budget:  # cost change too, shrink by the gap
-                break
-            ks = pick(search, 2 * budget - reached)
-            reached = count(thin_at(problem, ks), problem.x)
-    else:
-        timed = _choose_timed(search, budget / now, floor * (base_cost or now) / now, pick)
-        ks, reached = timed.widths, timed.ratio * now
+        return {n: c[-1] for n, c in cands.items()}, now, None
+    if count is None:
+        timed = _choose_timed(s, budget / now, floor / now, pick)
+        return timed.widths, timed.ratio * now, timed
+    ks = pick(s, budget)
+    reached = cost.cost(ks) if cost.exact else count(thin_at(problem, ks), problem.x)
+    for _ in range(3):  # exact for every layer a rule knows; should another layer's
+        if reached <= budget:  # cost change too, shrink by the gap
+            break
+        ks = pick(s, 2 * budget - reached)
+        reached = count(thin_at(problem, ks), problem.x)
+    return ks, reached, None
+
+
+def _report(
+    s: Search,
+    target: Target,
+    rule: str,
+    ks: Widths,
+    reached: float,
+    now: float,
+    base: float,
+    timed: TimedChoice | None,
+) -> dict[str, Any]:
+    """What a choice says: the target, the costs, the widths before and after, the timed
+    networks of a latency choice and the timings' runtime."""
+    problem = s.problem
     report: dict[str, Any] = {
         "target": target.spec,
         "kind": target.kind,
         "value": target.value,
         "rule": rule,
         "label": TARGETS[target.kind].label,
-        "base": base_cost or now,
+        "base": base,
         "now": now,
         "reached": reached,
-        "ratio": reached / (base_cost or now),
+        "ratio": reached / base,
         "round_to": problem.round_to,
         "min_width": problem.min_width,
-        "before": {n: base[n] for n in problem.names},
+        "before": {n: s.base[n] for n in problem.names},
         "widths": dict(ks),
         "resolution": resolution_of(problem.x),  # what the counts and times are per image
     }
@@ -186,7 +211,7 @@ def choose(
         report["met"] = report["met"] and timed.confirmed
         report.update(
             confirmed=timed.confirmed,
-            modelled_ratio=timed.modelled * now / report["base"],
+            modelled_ratio=timed.modelled * now / base,
             calibrated=timed.calibrated,  # whole networks the model was calibrated on
             networks_timed=[[round(m / timed.timed[0][0], 4), round(r, 4)] for m, r in timed.timed],
         )  # networks_timed: (modelled time / the current's, measured ratio) per network
@@ -201,8 +226,7 @@ def choose(
             layers_timed=len(t.data["layers"]),
             cache=str(t.path) if t.path else None,
         )
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    return Choice(ks, report)
+    return report
 
 
 def _choose_timed(s: Search, want: float, floor: float, pick: Rule) -> TimedChoice:
