@@ -153,9 +153,7 @@ def schedule_lrs(sched: Any, steps_per_epoch: int, epochs: int | None = None) ->
     schedule's milestones then scale with it, so its shape is kept)."""
     s = _plain(sched)
     if epochs is not None and epochs != s.epochs:
-        scale = epochs / max(s.epochs, 1)
-        s.milestones = [max(1, round(m * scale)) for m in s.milestones]
-        s.epochs = epochs
+        s.milestones, s.epochs = scaled_milestones(sched, epochs), epochs
     total, warm = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
     t = np.arange(total, dtype=np.float64)
     if s.kind == "cosine":
@@ -165,6 +163,13 @@ def schedule_lrs(sched: Any, steps_per_epoch: int, epochs: int | None = None) ->
         f = float(s.gamma) ** (t[:, None] >= ms[None]).sum(1) if len(ms) else np.ones(total)
     f = np.where(t < warm, (t + 1) / max(warm, 1), f)
     return s.lr * f
+
+
+def scaled_milestones(sched: Any, epochs: int) -> list[int]:
+    """The milestones of ``sched`` stretched to ``epochs`` (its shape kept), as the
+    forecast of that many epochs (``schedule_lrs``) takes them."""
+    scale = epochs / max(int(sched.epochs), 1)
+    return [max(1, round(int(m) * scale)) for m in sched.milestones]
 
 
 def _plain(sched: Any) -> Any:

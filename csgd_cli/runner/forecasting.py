@@ -5,6 +5,7 @@ check`` prints."""
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +14,36 @@ import torch
 from omegaconf import DictConfig
 
 from ..common.errors import CsgdError
-from ..core.forecast import Forecast, epoch_curve, schedule_forecast, sufficient
+from ..core.forecast import (
+    Forecast,
+    epoch_curve,
+    scaled_milestones,
+    schedule_forecast,
+    sufficient,
+)
 
 log = logging.getLogger("csgd")
+
+
+def _at_least(x: float) -> str:
+    """``x`` to 3 significant digits, rounded up: the advice, passed as printed, must
+    itself reach the tolerance (rounded down it may fall just short)."""
+    s = f"{x:.3g}"
+    if float(s) < x:
+        s = f"{float(s) + 10 ** (math.floor(math.log10(x)) - 2):.3g}"
+    return s
+
+
+def _milestones(sched: Any, epochs: int) -> str:
+    """The milestones to pass with ``schedule.epochs=epochs``: the forecast stretched
+    them along (``scaled_milestones``); said when those within the schedule differ from
+    the given ones there (one shell word)."""
+    if sched.kind != "multistep":
+        return ""
+    want = [m for m in scaled_milestones(sched, epochs) if m < epochs]
+    if want == [m for m in sched.milestones if m < epochs]:
+        return ""
+    return f" schedule.milestones=[{','.join(map(str, want))}]"
 
 
 def _schedule_text(f: Forecast, sched: Any, steps: int) -> str:
@@ -45,11 +73,13 @@ def check_forecast(cfg: DictConfig, steps_per_epoch: int) -> Forecast | None:
     )
     ok = sufficient(cfg.schedule, steps_per_epoch, cfg.epsilon, cfg.norm_epsilon, tol)
     fixes = []
-    if ok["epsilon"] is not None:
-        e = f"epsilon={ok['epsilon']:.3g}"
-        fixes.append(e + (f" norm_epsilon={ok['norm_epsilon']:.3g}" if ok["norm_epsilon"] else ""))
-    if ok["epochs"] is not None:
-        fixes.append(f"schedule.epochs={ok['epochs']}")
+    if (eps := ok["epsilon"]) is not None:
+        ne = ok["norm_epsilon"]
+        if ne is None and cfg.norm_epsilon is not None:  # a given one keeps its share, said
+            ne = cfg.norm_epsilon / max(cfg.epsilon, 1e-30) * eps
+        fixes.append(f"epsilon={_at_least(eps)}" + (f" norm_epsilon={_at_least(ne)}" if ne else ""))
+    if (n := ok["epochs"]) is not None:
+        fixes.append(f"schedule.epochs={n}{_milestones(cfg.schedule, n)}")
     fix = " or ".join(fixes) if fixes else "a longer schedule or a larger schedule.lr"
     if cfg.prune.force:  # the user's override: said once, then trained as asked
         print(f"csgd {cfg.stage}: warning: {what}; {fix} would reach it", file=sys.stderr)
