@@ -33,9 +33,11 @@ def channels_last(m: nn.Module) -> bool:
 
 
 def out_width(m: nn.Module) -> int:
-    """A producer's number of output channels (the size of its ``out`` kernel)."""
+    """A producer's number of output channels (its ``out`` kernel's size, times its
+    groups where they split that dim, as a transposed conv's do)."""
     name, dim, _ = rule_for(m).tensors(m, "out")[0]  # type: ignore[union-attr]
-    return int(getattr(m, name).shape[dim])
+    n = int(getattr(m, name).shape[dim])
+    return n * getattr(m, "groups", 1) if dim == 1 else n
 
 
 def in_width(m: nn.Module) -> int:
