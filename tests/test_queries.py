@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from csgd_cli.rules.layers import rule_for
 from csgd_cli.rules.queries import (
     WEIGHTED_TYPES,
     channel_dim,
@@ -26,10 +27,36 @@ class SubBN(nn.BatchNorm2d):
     """A BatchNorm2d subclass (it may compute otherwise: not a plain one)."""
 
 
-def _frozen_bn(n: int) -> nn.Module:
-    from torchvision.ops.misc import FrozenBatchNorm2d
+# Stand-ins named as optional packages' classes: their rules match by that name
+# (``rules.base.subclass_of``), so these tests import neither torchvision nor timm;
+# tests/test_layers.py checks the real classes against the same rules.
+class FrozenBN(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(k, torch.ones(n))
 
-    return FrozenBatchNorm2d(n)
+
+class BatchNormAct(nn.BatchNorm2d):
+    pass
+
+
+class StdConv(nn.Conv2d):
+    pass
+
+
+for cls, module, name in (
+    (FrozenBN, "torchvision.ops.misc", "FrozenBatchNorm2d"),
+    (BatchNormAct, "timm.layers.norm_act", "BatchNormAct2d"),
+    (StdConv, "timm.layers.std_conv", "StdConv2d"),
+):
+    cls.__module__, cls.__qualname__ = module, name
+
+
+def test_the_stand_ins_meet_the_rules_they_are_named_for() -> None:
+    stand_ins = (FrozenBN(2), BatchNormAct(2), StdConv(2, 2, 1))
+    names = [r.name if (r := rule_for(m)) else None for m in stand_ins]
+    assert names == ["frozen batchnorm", "batchnorm+act", "weight-standardised conv"]
 
 
 def test_weighted_layers_are_convs_and_linears_only() -> None:
@@ -125,10 +152,10 @@ def test_is_batchnorm_and_plain_batchnorm2d() -> None:
     for m in (nn.BatchNorm2d(4), nn.BatchNorm1d(4), nn.SyncBatchNorm(4), SubBN(4)):
         assert is_batchnorm(m), type(m)
     # frozen BN has no trained gammas; the other norms are not BatchNorms
-    for m in (_frozen_bn(4), nn.InstanceNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4)):
+    for m in (FrozenBN(4), nn.InstanceNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4)):
         assert not is_batchnorm(m), type(m)
     assert plain_batchnorm2d(nn.BatchNorm2d(4))
-    for m in (SubBN(4), nn.BatchNorm1d(4), nn.SyncBatchNorm(4), _frozen_bn(4)):
+    for m in (SubBN(4), nn.BatchNorm1d(4), nn.SyncBatchNorm(4), FrozenBN(4)):
         assert not plain_batchnorm2d(m), type(m)
 
 
@@ -139,13 +166,14 @@ def test_is_plain_conv() -> None:
         assert not is_plain_conv(m), m
 
 
-def test_timm_layers_answer_through_their_rules() -> None:
-    layers = pytest.importorskip("timm.layers")
-    std = layers.StdConv2d(3, 8, 3)
+def test_optional_packages_layers_answer_through_their_rules() -> None:
+    std = StdConv(3, 8, 3)
     assert weighted(std) and channel_dim(std) == 1 and isinstance(std, WEIGHTED_TYPES)
     assert not is_plain_conv(std)  # weight-standardised: BN does not fold into it
     assert timed_conv(std) is False and image_channels(std) == 3
     assert (out_width(std), in_width(std)) == (8, 3)
-    bn_act = layers.BatchNormAct2d(4)
+    bn_act = BatchNormAct(4)
     assert is_batchnorm(bn_act) and not plain_batchnorm2d(bn_act)  # a subclass, with an act
     assert scored_by(bn_act) == "prune_batchnorm_out_channels"
+    frozen = FrozenBN(4)  # no trained gammas: not scored, not a producer
+    assert scored_by(frozen) is None and channel_dim(frozen) is None and not weighted(frozen)
