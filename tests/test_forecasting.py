@@ -64,25 +64,32 @@ def test_a_schedule_that_reaches_the_tolerance_passes_with_its_forecast() -> Non
 
 
 @pytest.mark.parametrize(
-    ("overrides", "steps"),
+    ("overrides", "steps", "milestones"),
     [
-        (("schedule.epochs=2",), 10),  # the user's norm share fails; milestones at 200, 400
-        (("schedule.epochs=4", "schedule.milestones=[]", "schedule.lr=0.1"), 20),
-        (("schedule.epochs=5", "schedule.milestones=[3]"), 7),
-        (("schedule.epochs=3", "schedule.milestones=[]", "norm_epsilon=0.003"), 30),
+        # the user's norm share cannot do it; the default milestones (200, 400) would cut
+        # the longer schedule's rate where the forecast's stretched ones do not
+        (("schedule.epochs=2",), 10, "schedule.milestones=[]"),
+        (("schedule.epochs=4", "schedule.milestones=[]", "schedule.lr=0.1"), 20, None),
+        (("schedule.epochs=5", "schedule.milestones=[3]"), 7, "schedule.milestones=["),
+        (("schedule.epochs=3", "schedule.milestones=[]", "norm_epsilon=0.003"), 30, None),
+        (("schedule.epochs=2", "schedule.kind=cosine"), 10, None),  # cosine: no milestones
     ],
 )
-def test_the_refusal_names_values_that_pass_the_check(overrides: tuple, steps: int) -> None:
+def test_the_refusal_names_values_that_pass_the_check(
+    overrides: tuple, steps: int, milestones: str | None
+) -> None:
     """One line naming the shortfall, the epsilon and the epochs that would reach the
     tolerance, and the override; each advice, applied as written, passes the check."""
     cfg = composed("train", *overrides)
     with pytest.raises(CsgdError) as e:
         check_forecast(cfg, steps)
     msg = str(e.value)
+    assert milestones in msg if milestones else "milestones" not in msg
     assert "\n" not in msg and msg.startswith("the C-SGD schedule cannot reach the merge tol")
     assert f"({cfg.schedule.epochs} epochs x {steps})" in msg and "prune.force=true" in msg
     advice = msg.split("; pass ", 1)[1].split(" (or prune.force")[0].split(" or ")
-    assert len(advice) == 2 and advice[1].startswith("schedule.epochs=")
+    assert advice[-1].startswith("schedule.epochs=")  # and before it an epsilon, if one does
+    assert all(a.startswith("epsilon=") for a in advice[:-1]) and len(advice) <= 2
     for fix in advice:
         check_forecast(composed("train", *overrides, *fix.split()), steps)  # no refusal
 
