@@ -149,6 +149,12 @@ def test_count_macs_by_hand() -> None:
     assert count_macs(conv, torch.randn(1, 2, 10, 10)) == 4 * 100 * 2 * 9
 
 
+def test_count_macs_of_a_network_without_parameters_by_shape() -> None:
+    # no parameter to take the device and dtype from: the defaults; pooling does no
+    # multiply-add torch's counter counts
+    assert count_macs(nn.Sequential(nn.AvgPool2d(2), nn.Flatten()), (2, 4, 4)) == 0
+
+
 def test_count_macs_of_several_inputs_and_keywords() -> None:
     class Mul(nn.Module):
         def __init__(self) -> None:

@@ -173,6 +173,21 @@ def test_runtime_runner_leaves_the_callers_model_alone() -> None:
         assert torch.equal(r.run(r.prepare(x)), _torch_logits(_net(), x))
 
 
+@pytest.mark.parametrize("backend", ["eager", "channels_last"])
+def test_runner_metrics_of_a_torch_runtime(backend: str) -> None:
+    """A torch runtime returns tensors that would require grad outside no_grad."""
+    data = FakeData()
+    r = runtime_runner(_net(), backend, data, calib_batches=2)
+    got = runner_metrics(r, data, CPU)
+    with torch.no_grad():
+        outs = [(_torch_logits(_net(), x), y) for x, y in data.test]
+    right = sum(int((o.argmax(1) == y).sum()) for o, y in outs)
+    loss = sum(float(F.cross_entropy(o, y, reduction="sum")) for o, y in outs)
+    n = sum(len(y) for _, y in outs)
+    assert got["acc"] == pytest.approx(100 * right / n)
+    assert got["loss"] == pytest.approx(loss / n, rel=1e-5)
+
+
 def test_runtime_runner_int8_calibrates_on_training_batches() -> None:
     pytest.importorskip("onnxruntime")
     model, data = _net(), FakeData()

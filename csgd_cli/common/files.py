@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,28 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     if not _WRITES[0]:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     blob = data.encode() if isinstance(data, str) else data
+    with atomic_path(path, len(blob)) as tmp:
+        tmp.write_bytes(blob)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
+    """The same write for a writer that takes a file name (an ONNX exporter, a
+    quantizer): the block writes the temporary path it is given, which is fsynced and
+    renamed onto ``path`` when the block ends, and removed whatever happens. ``need``:
+    the bytes the write takes, named if the disk is full."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
@@ -46,11 +61,10 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             os.close(dir_fd)
     except OSError as e:
         if is_disk_full(e):
-            raise disk_full(path, e, len(blob)) from e  # the old file is untouched
+            raise disk_full(path, e, need) from e  # the old file is untouched
         raise
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def append_line(path: str | Path, line: str) -> None:

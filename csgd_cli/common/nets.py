@@ -93,8 +93,13 @@ def count_macs(model: nn.Module, example: Sequence[int] | Any) -> int:
     ):
         x = first_input(model, example)
     else:
-        p = next(model.parameters())
-        x = torch.zeros(1, *example, device=p.device, dtype=p.dtype)
+        p = next(model.parameters(), None)  # a network of no parameters: the defaults
+        x = torch.zeros(
+            1,
+            *example,
+            device=p.device if p is not None else None,
+            dtype=p.dtype if p is not None else None,
+        )
     was_training = model.training
     model.eval()
     try:

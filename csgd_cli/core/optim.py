@@ -124,7 +124,10 @@ class CentripetalSGD(torch.optim.Optimizer):
         pos = 0
         for p in params:
             if not _is_dense(p):
-                raise CsgdError("a parameter is not dense", "call model.contiguous() first")
+                raise CsgdError(
+                    "a parameter is not dense",
+                    "call model.to(memory_format=torch.contiguous_format) first",
+                )
             self._offset[id(p)] = pos
             pos += p.numel()
         dev, dtype = params[0].device, params[0].dtype

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common.errors import CsgdError, disk_full, is_disk_full
+from ..common.errors import CsgdError
+from ..common.files import atomic_path, atomic_write
 from ..rules.queries import is_batchnorm, is_plain_conv
 from .timer import interleaved
 
@@ -128,28 +129,19 @@ def export_onnx(
     except Exception:  # not fx-traceable (data-dependent control flow): the TorchScript
         # exporter's own eval-mode pass still folds every conv->BN pair it can see
         folded = copy.deepcopy(model).cpu().float().eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            torch.onnx.export(
-                folded,
-                (sample.detach().cpu().float(),),
-                tmp,
-                dynamo=False,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and is_disk_full(e):  # one line, not the exporter's traceback
-            raise disk_full(path, e) from e
-        raise
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            folded,
+            (sample.detach().cpu().float(),),
+            tmp,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )  # a full disk: the one-line error, not the exporter's traceback
     return path
 
 
@@ -334,13 +326,5 @@ def export_pt2(thin: nn.Module, x: torch.Tensor, path: Path) -> Path:
     ep = torch.export.export(thin.eval(), (x[:2],), dynamic_shapes=({0: batch},))
     buf = io.BytesIO()  # in memory first: a full disk then names the size it needed
     torch.export.save(ep, buf)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(path, e, buf.getbuffer().nbytes) from e
-        raise
+    atomic_write(path, buf.getvalue())
     return path

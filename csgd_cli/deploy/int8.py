@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..common.errors import CsgdError
+from ..common.files import atomic_path
 
 
 def _quantization() -> Any:
@@ -84,14 +85,9 @@ def quantize_onnx(
             )
         finally:
             root.setLevel(level)
-        _copy(tmp, dst)  # atomically: a temporary name beside dst, then renamed
+        with atomic_path(dst) as out:  # every rank: each times its own copy
+            out.write_bytes(tmp.read_bytes())
     return dst
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
 
 
 def random_calibration(sample: torch.Tensor, batches: int = 4) -> list[torch.Tensor]:

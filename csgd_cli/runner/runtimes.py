@@ -85,7 +85,8 @@ def runner_metrics(runner: Runner, data: Any, device: torch.device) -> dict[str,
     right = n = 0
     loss = 0.0
     for x, y in data.test_batches():
-        out = torch.from_numpy(np.asarray(runner.run(runner.prepare(x.cpu())))).float()
+        with torch.no_grad():  # a torch runtime returns tensors
+            out = torch.as_tensor(np.asarray(runner.run(runner.prepare(x.cpu())))).float()
         y = y.cpu()
         right += int((out.argmax(1) == y).sum())
         loss += float(F.cross_entropy(out, y, reduction="sum"))
