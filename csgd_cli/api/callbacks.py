@@ -16,7 +16,7 @@ from torch import nn
 
 from ..common.config import EPSILON, NORM_EPSILON_SHARE
 from ..common.errors import CsgdError
-from ..core.forecast import forecast
+from ..core.forecast import forecast, round_up
 from .pruner import CSGD
 
 EXTRAS = {"lightning": "lightning", "transformers": "hf"}
@@ -108,8 +108,8 @@ def check_schedule(
     line = (
         f"csgd: C-SGD cannot reach the merge tolerance {tolerance:g} in {int(steps)} steps, "
         f"even at lr {lr:g} throughout: within-cluster differences fall to {f.kernel:.1e} "
-        f"(kernels) and {f.affine:.1e} (norms) at best; epsilon={need:.3g} "
-        f"norm_epsilon={need:.3g} or more steps would"
+        f"(kernels) and {f.affine:.1e} (norms) at best; epsilon={round_up(need)} "
+        f"norm_epsilon={round_up(need)} or more steps would"
     )
     warnings.warn(line, stacklevel=3)
     return line

@@ -27,6 +27,15 @@ from typing import Any
 import numpy as np
 
 
+def round_up(x: float) -> str:
+    """``x`` to 3 significant digits, rounded up: advice passed as printed must itself
+    reach the tolerance (rounded down it may fall just short)."""
+    s = f"{x:.3g}"
+    if float(s) < x:
+        s = f"{float(s) + 10 ** (math.floor(math.log10(x)) - 2):.3g}"
+    return s
+
+
 def _matrix(lr: float, mu: float, nesterov: bool, c: float) -> np.ndarray:
     """One step on the state (d, v) (v: the momentum buffer's difference)."""
     if nesterov:

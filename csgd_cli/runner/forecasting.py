@@ -5,7 +5,6 @@ check`` prints."""
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,21 +16,13 @@ from ..common.errors import CsgdError
 from ..core.forecast import (
     Forecast,
     epoch_curve,
+    round_up,
     scaled_milestones,
     schedule_forecast,
     sufficient,
 )
 
 log = logging.getLogger("csgd")
-
-
-def _at_least(x: float) -> str:
-    """``x`` to 3 significant digits, rounded up: the advice, passed as printed, must
-    itself reach the tolerance (rounded down it may fall just short)."""
-    s = f"{x:.3g}"
-    if float(s) < x:
-        s = f"{float(s) + 10 ** (math.floor(math.log10(x)) - 2):.3g}"
-    return s
 
 
 def _milestones(sched: Any, epochs: int) -> str:
@@ -77,7 +68,7 @@ def check_forecast(cfg: DictConfig, steps_per_epoch: int) -> Forecast | None:
         ne = ok["norm_epsilon"]
         if ne is None and cfg.norm_epsilon is not None:  # a given one keeps its share, said
             ne = cfg.norm_epsilon / max(cfg.epsilon, 1e-30) * eps
-        fixes.append(f"epsilon={_at_least(eps)}" + (f" norm_epsilon={_at_least(ne)}" if ne else ""))
+        fixes.append(f"epsilon={round_up(eps)}" + (f" norm_epsilon={round_up(ne)}" if ne else ""))
     if (n := ok["epochs"]) is not None:
         fixes.append(f"schedule.epochs={n}{_milestones(cfg.schedule, n)}")
     fix = " or ".join(fixes) if fixes else "a longer schedule or a larger schedule.lr"
