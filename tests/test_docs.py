@@ -194,7 +194,8 @@ def test_documented_scripts_exist() -> None:
 
 def test_the_architecture_page_names_every_module_with_its_floor() -> None:
     """docs/ARCHITECTURE.md's module table: every module of the package, at the floor
-    ``tests/test_architecture.py`` gives its subpackage, and no module that is gone."""
+    ``tests/test_architecture.py`` gives its subpackage, no module that is gone, and for
+    each the test files that test it, which exist."""
     from test_architecture import FLOORS
 
     pkg = ROOT / "csgd_cli"
@@ -211,3 +212,8 @@ def test_the_architecture_page_names_every_module_with_its_floor() -> None:
     assert sorted(set(named) - modules) == [], "docs/ARCHITECTURE.md names modules that are gone"
     wrong = {m: f for m, f in named.items() if FLOORS[m.split("/")[0]] != f}
     assert not wrong, f"floors in docs/ARCHITECTURE.md differ from FLOORS: {wrong}"
+    for modules_cell, tests_cell in re.findall(r"^\| \d+ \| (.+?) \| .+? \| (.+) \|$", text, re.M):
+        tests = re.findall(r"`(test_\w+\.py)`", tests_cell)
+        assert tests, f"no test file named for {modules_cell}"
+        gone = [t for t in tests if not (ROOT / "tests" / t).is_file()]
+        assert not gone, f"{modules_cell}: {gone} are not in tests/"
