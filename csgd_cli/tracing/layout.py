@@ -31,6 +31,13 @@ _REDUCTIONS = {"MeanBackward", "SumBackward", "AmaxBackward", "AminBackward"}
 MOVES = {"PermuteBackward", "TransposeBackward"}  # channels moved, never mixed
 
 
+def dim_at(d: int, nd: int) -> int:
+    """Dim ``d`` of an ``nd``-D tensor as autograd saved it, counted from 0: a negative
+    dim is saved as an unsigned 64-bit integer (-1 as ``2**64 - 1``), whose remainder
+    is wrong for a 3-D tensor (tokens: ``chunk(2, dim=-1)``)."""
+    return (d - 2**64 if d >= 2**63 else d) % nd
+
+
 def out_shape(node: Any) -> tuple[int, ...] | None:
     g = node.grad_fn
     if g is None:
@@ -90,15 +97,15 @@ def _of(cdim: dict[Any, int | None], node: Any, names: dict[Any, str]) -> int | 
             return None
         g = node.grad_fn
         if name == "PermuteBackward":
-            return list(g._saved_dims).index(c)
+            return [dim_at(d, len(a)) for d in g._saved_dims].index(c)
         if name == "TransposeBackward":
-            d0, d1 = g._saved_dim0 % len(a), g._saved_dim1 % len(a)
+            d0, d1 = dim_at(g._saved_dim0, len(a)), dim_at(g._saved_dim1, len(a))
             return d1 if c == d0 else d0 if c == d1 else c
         if name in _REDUCTIONS:
             dims = getattr(g, "_saved_dim", None)
             if dims is None:
                 return None
-            dims = [d % len(a) for d in ([dims] if isinstance(dims, int) else dims)]
+            dims = [dim_at(d, len(a)) for d in ([dims] if isinstance(dims, int) else dims)]
             if c in dims:
                 return None
             return c if getattr(g, "_saved_keepdim", False) else c - sum(d < c for d in dims)
@@ -122,10 +129,9 @@ def channel_dims(graph: Any) -> dict[Any, int | None]:
 def along(graph: Any, node: Any, dim: int, nd: int) -> bool | None:
     """Whether ``dim`` holds the channels of ``node``'s tensor; unknown: the NCHW guess
     (dim 1 of a 2-, 4- or 5-D tensor; None for 3-D: channels first or tokens last)."""
-    c = graph.cdim.get(node)
+    c, dim = graph.cdim.get(node), dim_at(dim, nd)
     if c is not None:
-        return dim % nd == c
-    dim %= nd
+        return dim == c
     return False if dim == 0 else (True if dim == 1 and nd in (2, 4, 5) else None)
 
 

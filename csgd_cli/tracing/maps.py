@@ -15,7 +15,7 @@ from typing import Any
 
 from ..rules.layers import rule_for
 from .inputs import where
-from .layout import MOVES, channel_dims, intact
+from .layout import MOVES, channel_dims, dim_at, intact
 from .layout import along as on_channels
 from .ops import ROW_OPS
 from .walk import Flatten, Put, Take
@@ -94,9 +94,9 @@ def _map_rows(graph: Any, node: Any) -> None:
 def _map_concat(graph: Any, node: Any) -> None:
     g = node.grad_fn
     nd = len(shape(g, 0))
-    along, cd = on_channels(graph, node, g._saved_dim, nd), g._saved_dim % nd
+    along, cd = on_channels(graph, node, g._saved_dim, nd), dim_at(g._saved_dim, nd)
     if along is None:
-        graph.bad[node] = f"a concatenation along dim {g._saved_dim} of a {nd}-D tensor"
+        graph.bad[node] = f"a concatenation along dim {cd} of a {nd}-D tensor"
     if not along:
         return
     ins = list(g.next_functions)
@@ -127,9 +127,9 @@ def _map_split(graph: Any, node: Any) -> None:
     sizes = [tuple(m.shape) for m in g._input_metadata]
     src = node.inputs[0] if node.inputs else node
     nd = len(sizes[0])
-    along, cd = on_channels(graph, src, g._saved_dim, nd), g._saved_dim % nd
+    along, cd = on_channels(graph, src, g._saved_dim, nd), dim_at(g._saved_dim, nd)
     if along is None:
-        graph.bad[node] = f"a split along dim {g._saved_dim} of a {nd}-D tensor"
+        graph.bad[node] = f"a split along dim {cd} of a {nd}-D tensor"
     if not along:
         return
     offsets = _offsets([s[cd] for s in sizes])
@@ -152,9 +152,10 @@ def _map_slice(graph: Any, node: Any) -> None:
     g = node.grad_fn
     size = tuple(g._saved_self_sym_sizes)
     src = node.inputs[0] if node.inputs else node
-    along, cd = on_channels(graph, src, g._saved_dim, len(size)), g._saved_dim % len(size)
+    cd = dim_at(g._saved_dim, len(size))
+    along = on_channels(graph, src, cd, len(size))
     if along is None:
-        graph.bad[node] = f"a slice along dim {g._saved_dim} of a {len(size)}-D tensor"
+        graph.bad[node] = f"a slice along dim {cd} of a {len(size)}-D tensor"
     elif along:
         a, b, step = g._saved_start, g._saved_end, g._saved_step
         out_of = Put(a, step, len(range(a, min(b, size[cd]), step)))

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..rules.glu import chunk_pieces
 from ..rules.layers import KINDS, member_kind, rule_for, split_rule_for
 from ..rules.queries import channels_last
+from .layout import dim_at
 
 PER_CHANNEL_OPS = set(
     "AddBackward SubBackward MulBackward DivBackward NegBackward ReluBackward"
@@ -64,6 +66,8 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
     if isinstance(mod, (ops._SplitOp, ops._SliceOp)):
         if owner is not None and split_rule_for(owner) is not None:
             return None  # its sizes are refit after the merge (layers.SPLIT_RULES)
+        if owner is not None and _even_chunk(graph, node, chunk_pieces(owner)):
+            return None  # a declared chunk in equal pieces follows the width (rules.glu)
         return f"channels split at sizes fixed in the forward code{where}"
     if isinstance(mod, ops._ReshapeOp):
         if node in graph.flatten and outs and all(channels_last(o) for o in outs):
@@ -83,7 +87,7 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
                 dims = [dims] if isinstance(dims, int) else list(dims)
                 nd = len(sizes) if sizes is not None else 4
                 c = graph.cdim.get(node.inputs[0]) if len(node.inputs) == 1 else None
-                if all(d % nd != (1 if c is None else c) for d in dims):
+                if all(dim_at(d, nd) != (1 if c is None else c) for d in dims):
                     return None
         return f"op {name}{where} is not known to keep channels apart"
     return f"op {type(mod).__name__.strip('_')}{where} is not supported by the merge"
@@ -112,6 +116,15 @@ def _constant_operand(
     ):
         return None
     return f"{op} applies a constant tensor to the channels (a buffer?)"
+
+
+def _even_chunk(graph: Any, node: Any, pieces: int | None) -> bool:
+    """A split of the channels into ``pieces`` equal parts (a declared module's chunk)."""
+    if pieces is None or not isinstance(node.module, graph.dg.ops._SplitOp) or not node.inputs:
+        return False
+    c = graph.cdim.get(node.inputs[0])
+    sizes = [tuple(m.shape) for m in node.grad_fn._input_metadata]
+    return c is not None and len(sizes) == pieces and len({s[c] for s in sizes}) == 1
 
 
 def _rows_only(g: Any) -> bool:
