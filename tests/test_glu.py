@@ -1,7 +1,8 @@
 """Gated MLPs that pack the gate and the value in one layer (``rules/glu.py``): timm's
 ``GluMlp`` (``SwiGLUPacked``) and transformers' ``gate_up_proj`` MLPs chunk the layer's
 output in two halves, so group channel ``i`` is rows ``i`` and ``i + h`` of the packed
-layer; C-SGD pulls both together and the merge keeps ``k`` rows of each half, exactly. A
+layer; C-SGD pulls both together and the merge keeps ``k`` rows of each half, exactly (the
+l1 criterion scores both rows, the cost model counts ``2 k``). A
 split at a size fixed in the code, an undeclared subclass and a LayerNorm over the hidden
 channels stay excluded with their reasons."""
 
@@ -12,9 +13,13 @@ import torch
 from torch import nn
 
 from csgd_cli.api.pruner import CSGD
+from csgd_cli.baselines.criteria import select
+from csgd_cli.common.nets import count_macs, count_params
 from csgd_cli.core.clustering import num_clusters
+from csgd_cli.core.surgery import merge
 from csgd_cli.rules.glu import chunk_pieces
 from csgd_cli.rules.groups import ChannelGroup, Member
+from csgd_cli.targets.costs import Shapes, macs_cost, params_cost
 from csgd_cli.tracing.trace import channel_groups
 
 timm = pytest.importorskip("timm")
@@ -98,6 +103,22 @@ def test_csgd_merges_a_glu_mlp_exactly_keeping_k_rows_of_each_half(gate_last: bo
     thin = _pulled_and_merged(net, x, "mlp.fc1")
     k = num_clusters(16, 0.5)
     assert (thin.mlp.fc1.out_features, thin.mlp.fc2.in_features) == (2 * k, k)
+
+
+def test_l1_scores_both_halves_of_a_channel_and_the_cost_model_counts_2k_rows() -> None:
+    net = _net(GluMlp(16, 32, act_layer=nn.SiLU))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    groups = channel_groups(net, x)
+    clusters = select("l1", net, groups, {"mlp.fc1": 5})
+    keep = [c[0] for c in clusters["mlp.fc1"]]
+    w = net.mlp.fc1.weight.detach()
+    norms = w[:16].abs().sum(1) + w[16:].abs().sum(1)  # a channel's rows in both halves
+    assert keep == sorted(norms.topk(5).indices.tolist())
+    thin = merge(net, groups, clusters, partial=True)
+    assert torch.equal(thin.mlp.fc1.weight, torch.cat([w[keep], w[[16 + i for i in keep]]]))
+    shapes = Shapes(net, groups, {g.name for g in groups})
+    assert params_cost(net, shapes, x).cost({"mlp.fc1": 5}) == count_params(thin)
+    assert macs_cost(net, shapes, x).cost({"mlp.fc1": 5}) == count_macs(thin, x)
 
 
 def test_a_conv_glu_mlp_chunks_along_dim_1_and_merges_exactly() -> None:
