@@ -45,7 +45,7 @@ def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
     the bytes the write takes, named if the disk is full."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: a stray one is known
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
