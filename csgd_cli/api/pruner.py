@@ -103,9 +103,15 @@ class CSGD:
             return
         if widths is None:
             self.plan = plan_widths(
-                self.model, example_input, ratio=ratio, target=target, include=include,
-                exclude=exclude, seed=seed, groups=self.groups,
-            )  # fmt: skip
+                self.model,
+                example_input,
+                ratio=ratio,
+                target=target,
+                include=include,
+                exclude=exclude,
+                seed=seed,
+                groups=self.groups,
+            )
         elif isinstance(widths, WidthPlan):
             self.plan = widths
         else:
@@ -215,8 +221,9 @@ class CSGD:
         ``example_input``, default the pruner's), without keeping the thin network.
         Kernels, norm gamma/beta and running statistics all count (``core.stats``)."""
         x = example_input if example_input is not None else self._input()
-        _, rep = merge_checked(self.model, self.groups, self.clusters, x, tolerance=tolerance,
-                               force=True)  # fmt: skip
+        _, rep = merge_checked(
+            self.model, self.groups, self.clusters, x, tolerance=tolerance, force=True
+        )
         return rep["passed"]
 
     def sync_statistics(self) -> None:
@@ -226,9 +233,15 @@ class CSGD:
         average_statistics(self.model, self.groups, self.clusters)
 
     def forecast(
-        self, lrs: Sequence[float], *, epsilon: float = EPSILON, norm_epsilon: float | None = None,
-        momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
-    ) -> Forecast:  # fmt: skip
+        self,
+        lrs: Sequence[float],
+        *,
+        epsilon: float = EPSILON,
+        norm_epsilon: float | None = None,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+    ) -> Forecast:
         """How far the within-cluster differences fall over a schedule (``lrs``: the
         learning rate of every step), before training (``core.forecast``): kernels and
         norm gamma/beta as fractions of their start; about ``tolerance`` is needed."""

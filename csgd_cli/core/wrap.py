@@ -93,7 +93,7 @@ class CentripetalWrap:
                         torch.tensor(cluster_labels(local, b - a), device=dev),
                         (1.0 / sizes).unsqueeze(1),
                         epsilon if blk.role == "kernel" else norm_eps,
-                    )  # fmt: skip
+                    )
                     self._rows.append((rows, group_of[id(p)]))
         self._average_state()
         self._stats = StatSync(model, groups, clusters)  # running statistics, as CentripetalSGD

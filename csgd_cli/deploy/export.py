@@ -283,11 +283,16 @@ def measure_latencies(
     one = dev.type == "cpu" and torch.get_num_threads() == 1  # its CPU time (``timer``)
     t = interleaved(calls, rounds=rounds, warmup=warmup, min_calls=1, cpu=one)
     return [
-        {"latency_ms": t.ms[0] * r, "latency_spread": None if s is None else round(s, 4),
-         "latency_clock": t.clock, "throughput": batch / (t.ms[0] * r / 1e3),
-         "batch_size": batch, "backend": backend}
+        {
+            "latency_ms": t.ms[0] * r,
+            "latency_spread": None if s is None else round(s, 4),
+            "latency_clock": t.clock,
+            "throughput": batch / (t.ms[0] * r / 1e3),
+            "batch_size": batch,
+            "backend": backend,
+        }
         for r, s in zip(t.ratios, t.spread, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def measure_latency(

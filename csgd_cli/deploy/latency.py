@@ -81,9 +81,15 @@ def _onnx_layer(sig: LayerSig, batch: int, threads: int, tmp: Path) -> Runner:
     wt = rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float32) * 0.1
     inits = [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(np.zeros(cout, "f4"), "b")]
     conv = helper.make_node(
-        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[kh, kw], strides=[stride] * 2,
-        pads=[pad] * 4, dilations=[dil] * 2, group=groups,
-    )  # fmt: skip
+        "Conv",
+        ["x", "w", "b"],
+        ["c"],
+        kernel_shape=[kh, kw],
+        strides=[stride] * 2,
+        pads=[pad] * 4,
+        dilations=[dil] * 2,
+        group=groups,
+    )
     graph = helper.make_graph(
         [conv, helper.make_node("Relu", ["c"], ["y"])],
         "layer",

@@ -101,7 +101,10 @@ def plain_checkpoint(sd: dict[str, Any], label: str) -> dict[str, Any] | None:
         return None
     name, kw = _PLAIN["name"], dict(_PLAIN["kwargs"])
     cfg = build(name, **kw).pretrained_cfg
-    for key, arg, dim in ((cfg.get("classifier"), "num_classes", 0), (cfg.get("first_conv"), "in_channels", 1)):  # fmt: skip
+    for key, arg, dim in (
+        (cfg.get("classifier"), "num_classes", 0),
+        (cfg.get("first_conv"), "in_channels", 1),
+    ):
         w = sd.get(f"{key}.weight") if isinstance(key, str) else None
         if w is not None and w.dim() > dim:
             kw[arg] = int(w.shape[dim])

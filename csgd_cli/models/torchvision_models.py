@@ -39,9 +39,15 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             new = nn.Conv2d(
-                in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                m.dilation, m.groups if m.groups == 1 else in_channels, m.bias is not None,
-            )  # fmt: skip
+                in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups if m.groups == 1 else in_channels,
+                m.bias is not None,
+            )
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
             return

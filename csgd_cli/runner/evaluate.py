@@ -47,8 +47,14 @@ def latencies(
     measure_latencies``): ``eager`` on the training device, the others on the CPU."""
     from ..deploy.export import measure_latencies
 
-    res = measure_latencies(list(models.values()), backend, shape, eval_cfg.latency_batch,
-                            eval_cfg.latency_iters, device=device)  # fmt: skip
+    res = measure_latencies(
+        list(models.values()),
+        backend,
+        shape,
+        eval_cfg.latency_batch,
+        eval_cfg.latency_iters,
+        device=device,
+    )
     dev = str(device) if backend == "eager" else "cpu"
     return {name: {**r, "device": dev} for name, r in zip(models, res, strict=True)}
 

@@ -83,11 +83,15 @@ def check_target(
     groups = channel_groups(model)
     chosen = select_groups(groups, p.include, p.exclude)
     problem = Problem(
-        model, groups, [g.name for g in chosen],
-        at_resolution(example_input(model), p.resolution), p.round_to,
+        model,
+        groups,
+        [g.name for g in chosen],
+        at_resolution(example_input(model), p.resolution),
+        p.round_to,
         p.min_width or default_min_width(p.round_to),
-        Runtime(cfg.backend, p.latency_batch, p.latency_threads), None,
-    )  # fmt: skip
+        Runtime(cfg.backend, p.latency_batch, p.latency_threads),
+        None,
+    )
     base_cost = (PruneRecord.from_checkpoint(ck).target_base or {}).get(target.kind)
     check_reachable(problem, target, base_cost)
 

@@ -101,9 +101,14 @@ def runner_top1(runner: Runner, data: Any, device: torch.device) -> float:
 
 
 def runtime_accuracy(
-    model: nn.Module, backend: str, data: Any, device: torch.device, calib_batches: int,
-    float32_acc: float, float32_loss: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    model: nn.Module,
+    backend: str,
+    data: Any,
+    device: torch.device,
+    calib_batches: int,
+    float32_acc: float,
+    float32_loss: float | None = None,
+) -> dict[str, Any]:
     """``acc`` and ``loss`` in ``backend`` (from its logits), ``acc_float32`` (the eager
     network's), the drop, and ``loss_float32`` when given."""
     got = runner_metrics(runtime_runner(model, backend, data, calib_batches), data, device)
@@ -118,8 +123,9 @@ def file_top1(path: Path, data: Any, device: torch.device, backend: str = "onnxr
     return runner_top1(file_runner(path, backend), data, device)
 
 
-def int8_row(model: nn.Module, data: Any, device: torch.device, cfg: Any,
-             float32: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def int8_row(
+    model: nn.Module, data: Any, device: torch.device, cfg: Any, float32: dict[str, Any]
+) -> dict[str, Any]:
     """``csgd run``'s INT8 row (``deploy.int8=true``): the fine-tuned network statically
     quantized in onnxruntime, its top-1 beside ``float32``'s (that row's), its latency
     timed in ``onnxruntime-int8``."""
@@ -128,8 +134,17 @@ def int8_row(model: nn.Module, data: Any, device: torch.device, cfg: Any,
     i = data.info
     shape = (i.in_channels, i.image_size, i.image_size)
     row = {k: float32[k] for k in ("params", "macs", "resolution") if k in float32}
-    row.update(runtime_accuracy(model, "onnxruntime-int8", data, device, cfg.deploy.calib_batches,
-                                float32["acc"], float32.get("loss")))  # fmt: skip
+    row.update(
+        runtime_accuracy(
+            model,
+            "onnxruntime-int8",
+            data,
+            device,
+            cfg.deploy.calib_batches,
+            float32["acc"],
+            float32.get("loss"),
+        )
+    )
     lat = latencies({"int8": model}, shape, device, cfg.eval, "onnxruntime-int8")["int8"]
     row.update({k: v for k, v in lat.items() if k != "latency_spread"})
     return row

@@ -28,15 +28,26 @@ def target_rows(
     out = {
         "flops": {"base": count_macs(base, shape), "reached": count_macs(thin, shape)},
         "params": {"base": count_params(base), "reached": count_params(thin)},
-        "latency": {"base": base_ms, "reached": base_ms * r, "backend": rt.backend,
-                    "batch": rt.batch, "threads": rt.nthreads},
-    }  # fmt: skip
+        "latency": {
+            "base": base_ms,
+            "reached": base_ms * r,
+            "backend": rt.backend,
+            "batch": rt.batch,
+            "threads": rt.nthreads,
+        },
+    }
     for v in out.values():
         v["ratio"] = v["reached"] / v["base"]
     met = out[kind]["ratio"] <= value
     res = [int(s) for s in shape[1:]]  # the per-image resolution counted and timed at
-    return {"target": target, "kind": kind, "value": value, "met": met, "rows": out,
-            "resolution": res}  # fmt: skip
+    return {
+        "target": target,
+        "kind": kind,
+        "value": value,
+        "met": met,
+        "rows": out,
+        "resolution": res,
+    }
 
 
 def summary_table(

@@ -19,8 +19,17 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model, _ = load(cfg.ckpt, "ckpt", ctx.data.info)
     res = measure(model, ctx.data, ctx.device, cfg.eval, cfg.amp, cfg.backend)
     if cfg.backend in RUNTIME_TOP1:  # top-1 and loss from the runtime's logits, float32's beside
-        res.update(runtime_accuracy(model, cfg.backend, ctx.data, ctx.device,
-                                    cfg.deploy.calib_batches, res["acc"], res["loss"]))  # fmt: skip
+        res.update(
+            runtime_accuracy(
+                model,
+                cfg.backend,
+                ctx.data,
+                ctx.device,
+                cfg.deploy.calib_batches,
+                res["acc"],
+                res["loss"],
+            )
+        )
     res = {"ckpt": str(cfg.ckpt), "dataset": ctx.data.info.name, **res}
     write_json(out / "eval.json", res)
     if is_main():

@@ -40,11 +40,20 @@ def _int8(cfg: DictConfig, ctx: Any, model: Any, out: Path) -> dict[str, Any]:
     model = model.eval().cpu().float()
     path = export_int8(model, calib[0], out / f"{Path(cfg.ckpt).stem}.int8.onnx", calib)
     acc = file_top1(path, ctx.data, ctx.device)
-    res = {"path": str(path), "format": cfg.format, "acc": acc, "acc_float32": fp32,
-           "acc_drop": fp32 - acc, "calib_batches": len(calib), "bytes": path.stat().st_size}  # fmt: skip
+    res = {
+        "path": str(path),
+        "format": cfg.format,
+        "acc": acc,
+        "acc_float32": fp32,
+        "acc_drop": fp32 - acc,
+        "calib_batches": len(calib),
+        "bytes": path.stat().st_size,
+    }
     write_json(out / "export.json", res)
-    print(f"wrote {path} ({res['bytes'] / 1e6:.2f} MB, {len(calib)} calibration batches): "
-          f"top-1 {acc:.2f}% in onnxruntime INT8, float32 {fp32:.2f}%")  # fmt: skip
+    print(
+        f"wrote {path} ({res['bytes'] / 1e6:.2f} MB, {len(calib)} calibration batches): "
+        f"top-1 {acc:.2f}% in onnxruntime INT8, float32 {fp32:.2f}%"
+    )
     return res
 
 

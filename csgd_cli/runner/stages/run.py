@@ -64,8 +64,12 @@ def main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         rows[name].update(lat)  # one timer, every network side by side
     if cfg.deploy.int8:  # the fine-tuned network in INT8: top-1 against float32's
         rows["finetuned-int8"] = r8 = int8_row(model, ctx.data, ctx.device, cfg, rows["finetuned"])
-        log.info("INT8 (onnxruntime, %d calibration batches): top-1 %.2f%%, float32 %.2f%%",
-                 cfg.deploy.calib_batches, r8["acc"], r8["acc_float32"])  # fmt: skip
+        log.info(
+            "INT8 (onnxruntime, %d calibration batches): top-1 %.2f%%, float32 %.2f%%",
+            cfg.deploy.calib_batches,
+            r8["acc"],
+            r8["acc_float32"],
+        )
     summary = {"model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.prune.method}
     summary.update(ratio=ratios[-1], ratios=ratios, epsilon=cfg.epsilon, seed=cfg.seed, rows=rows)
     if is_main():  # widths before and after; a target against what was reached
