@@ -7,7 +7,6 @@ and before any run directory is created.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -26,8 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..common.config import STAGES, cli_words, register_schema, validate
 from ..common.errors import CsgdError, Preempted, disk_full, is_disk_full, raise_preempted
-from ..common.files import in_main_thread, set_writes, write_json
-from . import lock
+from ..common.files import in_main_thread, set_writes
+from . import lock, outcome
 
 _HYDRA_FLAGS = (
     "-h",
@@ -164,18 +163,18 @@ def _run(stage: str, cfg: DictConfig) -> Any:
         result = _stage_main(module, cfg, out)
         distributed.shutdown()
     except Preempted as e:  # exit 143 with the command that continues the run
-        _preempted(stage, e, out, multirun)
+        outcome.preempted(stage, e, out, multirun)
     except CsgdError as e:
-        _failed(stage, e, out, multirun)
+        outcome.failed(stage, e, out, multirun)
         return None
     except Exception as e:
         if not multirun:
-            _stop_others(1, f"{type(e).__name__}: {e}")
+            outcome.stop_others(1, f"{type(e).__name__}: {e}")
             if distributed.active():  # leave before the process group can hold us
                 traceback.print_exc()
-                _leave(1)
+                outcome.leave(1)
             raise
-        _point_crashed(stage, e, out)
+        outcome.point_crashed(stage, e, out)
         return None
     finally:
         if held is not None:
@@ -183,7 +182,7 @@ def _run(stage: str, cfg: DictConfig) -> Any:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     if multirun and distributed.is_main():
-        _status(out, "ok", "")
+        outcome.status(out, "ok", "")
     return result
 
 
@@ -208,68 +207,6 @@ def _stage_main(module: Any, cfg: DictConfig, out: Path) -> Any:
         if not is_disk_full(e):
             raise
         raise disk_full(e.filename or out, e) from e
-
-
-def _stop_others(code: int, message: str) -> None:
-    """Under torchrun: stop every rank; only the first rank to fail reports."""
-    from . import distributed
-
-    first = distributed.fail(code, message)
-    if first is not None:  # another rank failed first and said why
-        distributed.exit_now(first)
-
-
-def _leave(code: int) -> None:
-    """Let go of every lock, then exit (``os._exit`` in a job skips every ``finally``)."""
-    from . import distributed
-
-    lock.release_all()
-    distributed.exit_now(code)
-
-
-def _preempted(stage: str, e: Preempted, out: Path, multirun: bool) -> None:
-    _stop_others(e.exit_code, str(e))
-    print(
-        f"csgd {stage}: preempted: {e}; continue with `csgd {stage} <the same overrides> "
-        f"resume=true hydra.run.dir={out}`",
-        file=sys.stderr,
-    )
-    if multirun:  # a preempted sweep stops: the scheduler wants the machine back
-        _status(out, "preempted", str(e))
-    _leave(e.exit_code)
-
-
-def _failed(stage: str, e: CsgdError, out: Path, multirun: bool) -> None:
-    _stop_others(e.exit_code, str(e))
-    print(f"csgd {stage}: error: {cli_words(e)}", file=sys.stderr)
-    if not multirun:
-        _leave(e.exit_code)
-    if not isinstance(e, lock.DirLocked):  # the directory is another process's
-        _status(out, "failed", cli_words(e))
-    _record_failure(out)
-
-
-def _point_crashed(stage: str, e: Exception, out: Path) -> None:
-    """One failed sweep point must not stop the others; keep its traceback."""
-    with contextlib.suppress(OSError):
-        (out / "error.txt").write_text(traceback.format_exc())
-    print(f"csgd {stage}: run {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    _status(out, "failed", f"{type(e).__name__}: {e}")
-    _record_failure(out)
-
-
-def _record_failure(out: Path) -> None:
-    log = os.environ.get("CSGD_FAIL_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{out}\n")
-
-
-def _status(out: Path, status: str, message: str) -> None:
-    try:
-        write_json(out / "status.json", {"status": status, "message": message})
-    except CsgdError as e:  # a full disk: the failure is on stderr already
-        print(f"csgd: warning: {e}", file=sys.stderr)
 
 
 def _hold(stage: str, run_dir: str | Path) -> lock.Lock:
