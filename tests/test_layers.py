@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from csgd_cli.rules.attention import ATTENTION_RULES
+from csgd_cli.rules.decoder_attention import DECODER_RULES
 from csgd_cli.rules.groups import ChannelGroup, Member
 from csgd_cli.rules.layers import (
     KINDS,
@@ -112,8 +113,8 @@ def test_every_accepted_kind_has_tensors_rows_and_a_resize(idx: int) -> None:
 
 def test_the_rule_table_covers_its_zoo_and_refuses_what_it_cannot_merge() -> None:
     pytest.importorskip("timm")  # the table has rules for timm's layers
-    # attention and norms over the channels: tests/test_attention.py
-    covered = {r.name for r in RULES if r not in ATTENTION_RULES}
+    # attention and norms over the channels: tests/test_attention.py, test_decoder_heads.py
+    covered = {r.name for r in RULES if r not in ATTENTION_RULES + DECODER_RULES}
     assert {rule_for(m).name for m, _ in _zoo()} == covered  # type: ignore[union-attr]
     assert member_kind(nn.Conv2d(4, 8, 3, groups=2), False, "c") == (
         "input of grouped conv 'c' (groups=2)"

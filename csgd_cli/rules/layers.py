@@ -20,7 +20,6 @@ The tracer accepts a layer only through its rule, and the merge resizes it only 
 the same rule, so a layer that trains is a layer that merges (``tests/test_layers.py``
 checks every rule). A module no rule matches has no per-channel merge rule: a group that
 touches it is excluded at trace time with that reason, never refused after training.
-Adding a layer kind is adding an entry to ``RULES``.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from ..common.errors import CsgdError
 from .attention import ATTENTION_RULES, set_head_counts
 from .base import LayerRule, Role, StateDict, TensorSpec, subclass_of, with_versions
 from .base import with_bias as _with_bias
+from .decoder_attention import DECODER_RULES
 from .groups import ChannelGroup, Kind
 from .rows import RowBlock
 
@@ -171,8 +171,8 @@ _LINEAR_OPS = frozenset(  # F.linear over tokens or an NHWC map: a view, a matmu
 )
 
 
-RULES: list[LayerRule] = [
-    *ATTENTION_RULES,  # attention, LayerNorm, MultiheadAttention (``attention``)
+RULES: list[LayerRule] = [  # adding a layer kind is adding an entry (most specific first)
+    *DECODER_RULES, *ATTENTION_RULES,  # attention, LayerNorm, MHA (``*attention``)
     LayerRule(
         "weight-standardised conv", _is_std_conv, _std_conv_kind, _std_conv_tensors,
         _conv_resize, frozenset({"ConvolutionBackward"}), weighted=True,
