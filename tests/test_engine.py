@@ -123,7 +123,7 @@ def test_nan_input_found_on_the_gpu_path_too(
     data.train_x = data.train_x.float()
     data.train_x[k] = float("inf")
     trainer = _trainer(tmp_path, monkeypatch, data, log_every=3)
-    trainer._sync_free = sync_free
+    trainer.guard.sync_free = sync_free
     with pytest.raises(CsgdError, match=rf"at epoch 0 step 2 \(global step 2\).* samples \[{k}\]"):
         trainer.fit()
     stopped_at = trainer.step_in_epoch
