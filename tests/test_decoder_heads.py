@@ -4,7 +4,8 @@ exactly. A group channel is key/value head h with the n_rep query heads that rea
 C-SGD (the public optimizer, one step at lr x epsilon = 1 on a zero-gradient loss)
 collapses the clusters, the merge keeps the logits, the thin attention has fewer heads
 and generation with the KV cache gives the same tokens. Channels within a head stay
-excluded (rotary pairs), and a subclass of LlamaAttention is refused."""
+excluded (rotary pairs), a subclass of LlamaAttention is refused, and the cost model
+counts whole kv groups."""
 
 from __future__ import annotations
 
@@ -112,3 +113,13 @@ def test_a_subclass_of_llama_attention_stays_refused() -> None:
     assert any("mlp" in n for n in names)
     why = " ".join(g.excluded or "" for g in groups if "self_attn" in g.name)
     assert "Mine" in why
+
+
+def test_the_cost_model_counts_whole_kv_groups() -> None:
+    from csgd_cli.targets.costs import Shapes
+
+    model = _decoder("Llama", 2)
+    n = "model.layers.0.self_attn"
+    shapes = Shapes(model, channel_groups(model, {"input_ids": _ids()}), {n})
+    got = {t: shapes.shape(f"{n}.{t}.weight", {n: 1}) for t in ("q_proj", "k_proj", "o_proj")}
+    assert got == {"q_proj": [16, 32], "k_proj": [8, 32], "o_proj": [32, 16]}  # 1 kv group kept
