@@ -63,7 +63,10 @@ def _timm_zoo(img: tuple[int, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
             StdConv2d,
             SyncBatchNormAct,
         )
+        from timm.layers.layer_scale import LayerScale, LayerScale2d
         from timm.layers.linear import Linear
+        from timm.models.fastvit import LayerScale2d as FastVitScale
+        from timm.models.metaformer import Scale
     except ImportError:
         return []
     return [
@@ -74,6 +77,10 @@ def _timm_zoo(img: tuple[int, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
         (ScaledStdConv2d(6, 4, 3, padding=1), img),  # input side excluded: see below
         (StdConv2d(6, 6, 3, padding=1, groups=6), img),  # depthwise: per channel
         (Linear(6, 4), (2, 6)),
+        (LayerScale(6), (2, 6)),  # x * gamma over tokens: rules/scales.py
+        (LayerScale2d(6), img),  # x * gamma.view(1, -1, 1, 1)
+        (Scale(6), img),  # MetaFormer's: its view shape is refit
+        (FastVitScale(6), img),  # gamma (C, 1, 1)
     ]
 
 

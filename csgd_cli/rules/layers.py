@@ -38,6 +38,7 @@ from .base import with_bias as _with_bias
 from .decoder_attention import DECODER_RULES
 from .groups import ChannelGroup, Kind
 from .rows import RowBlock
+from .scales import SCALE_RULES
 
 # -- convolutions ------------------------------------------------------------------------
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -170,9 +171,8 @@ _LINEAR_OPS = frozenset(  # F.linear over tokens or an NHWC map: a view, a matmu
     " ExpandBackward".split()
 )
 
-
 RULES: list[LayerRule] = [  # adding a layer kind is adding an entry (most specific first)
-    *DECODER_RULES, *ATTENTION_RULES,  # attention, LayerNorm, MHA (``*attention``)
+    *DECODER_RULES, *ATTENTION_RULES, *SCALE_RULES,  # attention, LayerNorm, MHA, layer scales
     LayerRule(
         "weight-standardised conv", _is_std_conv, _std_conv_kind, _std_conv_tensors,
         _conv_resize, frozenset({"ConvolutionBackward"}), weighted=True,
