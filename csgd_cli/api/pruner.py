@@ -32,6 +32,7 @@ from ..core.forecast import Forecast, forecast
 from ..core.optim import CentripetalSGD
 from ..core.stats import average_statistics
 from ..core.surgery import merge_checked
+from ..core.trial import check_thin_forward
 from ..rules.groups import ChannelGroup, Clusters, check_clusters, describe
 from ..targets.plan import WidthPlan, plan_widths
 from ..tracing.trace import channel_groups, example_input
@@ -119,6 +120,7 @@ class CSGD:
         self.clusters = cluster_groups(
             self.model, self._planned(), self.plan.widths, clustering, seed
         )
+        check_thin_forward(self.model, self.groups, self.clusters, example_input)  # runs?
 
     def _planned(self) -> list[ChannelGroup]:
         by_name = {g.name: g for g in self.groups}
