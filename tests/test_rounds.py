@@ -56,6 +56,13 @@ def base_of(ctx: Ctx) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, {**payload(ctx.cfg, model, {}), "state_dict": model.state_dict()}
 
 
+def start(tmp_path: Path, *overrides: str) -> tuple[Ctx, torch.nn.Module, dict, torch.Tensor]:
+    """A context, its base network and checkpoint, and a batch to check merges on."""
+    ctx = context(tmp_path, *overrides)
+    model, ck = base_of(ctx)
+    return ctx, model, ck, ctx.data.sample_batch(32)[0]
+
+
 def widths(model: torch.nn.Module) -> dict[str, int]:
     return {g.name: g.width for g in channel_groups(model)}
 
@@ -76,9 +83,7 @@ class Measure:
 
 
 def test_a_csgd_round_trains_merges_and_reads_back_the_pruned_file(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "ratio=0.5")
-    model, ck = base_of(ctx)
-    x, _ = ctx.data.sample_batch(32)
+    ctx, model, ck, x = start(tmp_path, "ratio=0.5")
     rows, measure = {}, Measure()
     thin, pck = prune_round(ctx, model, ck, x, 0.5, (1, 1), measure, rows)
     half = scaled(0.5)
@@ -106,9 +111,7 @@ def test_a_csgd_round_trains_merges_and_reads_back_the_pruned_file(tmp_path: Pat
 
 
 def test_rounds_are_tagged_and_each_prunes_towards_the_original_widths(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "ratios=[0.5,0.25]")
-    model, ck = base_of(ctx)
-    x, _ = ctx.data.sample_batch(32)
+    ctx, model, ck, x = start(tmp_path, "ratios=[0.5,0.25]")
     rows: dict[str, Any] = {}
     model, ck = prune_round(ctx, model, ck, x, 0.5, (1, 2), Measure(), rows)
     model, ck = prune_round(ctx, model, ck, x, 0.25, (2, 2), Measure(), rows)
@@ -124,9 +127,7 @@ def test_rounds_are_tagged_and_each_prunes_towards_the_original_widths(tmp_path:
 def test_a_criterion_round_prunes_its_source_without_training(tmp_path: Path, step: tuple) -> None:
     """``prune.method=l1``: no training phase; round r prunes ``base.pt`` or the file of
     round r - 1, at the widths C-SGD would give."""
-    ctx = context(tmp_path, "prune.method=l1")
-    model, ck = base_of(ctx)
-    x, _ = ctx.data.sample_batch(32)
+    ctx, model, ck, x = start(tmp_path, "prune.method=l1")
     rows, measure = {}, Measure()
     thin, pck = prune_round(ctx, model, ck, x, 0.5, step, measure, rows)
     tag = "_r2" if step == (2, 2) else ""
@@ -139,9 +140,7 @@ def test_a_criterion_round_prunes_its_source_without_training(tmp_path: Path, st
 
 
 def test_a_slimming_round_trains_its_sparsity_phase_at_widths_chosen_first(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "prune.method=slimming")
-    model, ck = base_of(ctx)
-    x, _ = ctx.data.sample_batch(32)
+    ctx, model, ck, x = start(tmp_path, "prune.method=slimming")
     rows, measure = {}, Measure()
     thin, pck = prune_round(ctx, model, ck, x, 0.5, (1, 1), measure, rows)
     assert [n for n, _ in measure.seen] == ["sparse", "pruned"] and list(rows) == [
@@ -155,9 +154,7 @@ def test_a_slimming_round_trains_its_sparsity_phase_at_widths_chosen_first(tmp_p
 
 
 def test_a_resumed_round_reuses_the_trained_file(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "ratio=0.5")
-    model, ck = base_of(ctx)
-    x, _ = ctx.data.sample_batch(32)
+    ctx, model, ck, x = start(tmp_path, "ratio=0.5")
     first, _ = prune_round(ctx, model, ck, x, 0.5, (1, 1), Measure(), {})
     shutil.rmtree(tmp_path / "train")  # a rerun that trained would write it again
     again = context(tmp_path, "ratio=0.5", "resume=true")
