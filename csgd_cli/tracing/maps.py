@@ -182,7 +182,9 @@ def _map_reshape(graph: Any, node: Any) -> None:
         if stride == 1:
             graph.identity.add(node)
             return
-        if _set_maps(node, node.inputs[0], 0, Flatten(stride), Flatten(stride, back=True)):
+        if _set_maps(
+            node, node.inputs[0], 0, Flatten(stride, channels=a[1]), Flatten(stride, back=True)
+        ):
             graph.flatten.add(node)
     elif len(a) == 2 and len(b) == 4 and a == b[:2] and b[2:] == (1, 1):
         graph.identity.add(node)  # (N, C) -> (N, C, 1, 1), e.g. an SE gate

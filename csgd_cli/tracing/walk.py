@@ -61,18 +61,26 @@ class Put:
 @dataclass(frozen=True)
 class Flatten:
     """An NCHW map flattened: channel ``c`` is columns ``c * n ... c * n + n - 1``
-    (``back``: from the columns to the channels)."""
+    (``back``: from the columns to the channels). ``channels``: the map's channel count;
+    an index at or past it came through an op no map follows (its group is excluded for
+    that op) and stays one row past the columns, not ``n`` (ResNeSt: 1,024 x 512)."""
 
     n: int
     back: bool = False
+    channels: int | None = None
 
     def __call__(self, rows: Rows) -> Rows:
         if self.back:
             out = rows.copy()
             out[:, 0] //= self.n
             return np.unique(out, axis=0)
-        out = np.repeat(rows, self.n, axis=0)
-        out[:, 0] = out[:, 0] * self.n + np.tile(np.arange(self.n), len(rows))
+        lost = np.zeros(len(rows), bool) if self.channels is None else rows[:, 0] >= self.channels
+        out = np.repeat(rows[~lost], self.n, axis=0)
+        out[:, 0] = out[:, 0] * self.n + np.tile(np.arange(self.n), len(out) // self.n)
+        if lost.any():
+            past = rows[lost].copy()
+            past[:, 0] *= self.n
+            out = np.concatenate((out, past))
         return out
 
 
