@@ -1,4 +1,4 @@
-"""Gated MLPs that pack the gate and the value in one layer (``rules/glu.py``): timm's
+"""Gated MLPs that pack the gate and the value in one layer (``rules/splits.py``): timm's
 ``GluMlp`` (``SwiGLUPacked``) and transformers' ``gate_up_proj`` MLPs chunk the layer's
 output in two halves, so group channel ``i`` is rows ``i`` and ``i + h`` of the packed
 layer; C-SGD pulls both together and the merge keeps ``k`` rows of each half, exactly (the
@@ -17,13 +17,19 @@ from csgd_cli.baselines.criteria import select
 from csgd_cli.common.nets import count_macs, count_params
 from csgd_cli.core.clustering import num_clusters
 from csgd_cli.core.surgery import merge
-from csgd_cli.rules.glu import chunk_pieces
 from csgd_cli.rules.groups import ChannelGroup, Member
+from csgd_cli.rules.splits import split_rule_for
 from csgd_cli.targets.costs import Shapes, macs_cost, params_cost
 from csgd_cli.tracing.trace import channel_groups
 
 timm = pytest.importorskip("timm")
 GluMlp = timm.layers.GluMlp
+
+
+def chunk_pieces(m: nn.Module) -> int | None:
+    """The pieces a split rule declares for ``m`` (None: no chunk declared)."""
+    rule = split_rule_for(m)
+    return rule.pieces if rule is not None else None
 
 
 class _Net(nn.Module):

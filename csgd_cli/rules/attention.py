@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import LayerRule, StateDict, TensorSpec, subclass_of
+from .base import LayerRule, StateDict, TensorSpec, exact_class, subclass_of
 from .groups import ChannelGroup, Member
 
 
@@ -234,12 +234,6 @@ _HF = (
     "transformers.models.vit.modeling_vit.ViTAttention",
     "transformers.models.deit.modeling_deit.DeiTAttention",
 )
-
-
-def exact_class(*paths: str) -> Callable[[nn.Module], bool]:
-    """Matches the classes named, not subclasses (a subclass may change the forward)."""
-    names = frozenset(paths)
-    return lambda m: f"{type(m).__module__}.{type(m).__qualname__}" in names
 
 
 ATTENTION_RULES: list[LayerRule] = [

@@ -56,6 +56,12 @@ def subclass_of(*paths: str) -> Callable[[nn.Module], bool]:
     return lambda m: any(f"{c.__module__}.{c.__qualname__}" in names for c in type(m).__mro__)
 
 
+def exact_class(*paths: str) -> Callable[[nn.Module], bool]:
+    """Matches the classes named, not subclasses (a subclass may change the forward)."""
+    names = frozenset(paths)
+    return lambda m: f"{type(m).__module__}.{type(m).__qualname__}" in names
+
+
 def with_bias(m: nn.Module, weight: TensorSpec) -> list[TensorSpec]:
     return [weight] + ([("bias", 0, "affine")] if getattr(m, "bias", None) is not None else [])
 

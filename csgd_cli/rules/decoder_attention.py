@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import _attention_kind, _Heads, _no_resize, _no_tensors, exact_class, head_channels
-from .base import LayerRule
+from .attention import _attention_kind, _Heads, _no_resize, _no_tensors, head_channels
+from .base import LayerRule, exact_class
 from .groups import ChannelGroup, Member
 
 _CLASSES = tuple(

@@ -12,9 +12,9 @@ A rule tells, for a module it matches (``isinstance``: subclasses included):
 - ``own_ops``: autograd ops the layer's forward runs besides per-channel ones (timm's
   BatchNormAct2d: ``batch_norm``, then the act): accepted inside the layer only.
 
-``SPLIT_RULES``: modules splitting channels at sizes kept as attributes (timm's
-MixedConv2d, Res2Net's block); ``fit_to_state_dict`` recomputes the sizes after a merge.
-Any other split or slice of the channels at fixed sizes excludes its group.
+``splits.SPLIT_RULES``: modules whose forward splits their channels (sizes kept as
+attributes, recomputed by ``fit_to_state_dict`` after a merge; or a chunk in equal
+pieces). Any other split or slice of the channels excludes its group.
 
 The tracer accepts a layer only through its rule, and the merge resizes it only through
 the same rule, so a layer that trains is a layer that merges (``tests/test_layers.py``
@@ -24,9 +24,8 @@ touches it is excluded at trace time with that reason, never refused after train
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from .decoder_attention import DECODER_RULES
 from .groups import ChannelGroup, Kind
 from .rows import RowBlock
 from .scales import SCALE_RULES
+from .splits import split_rule_for
 
 # -- convolutions ------------------------------------------------------------------------
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -225,37 +225,6 @@ def rule_for(m: nn.Module) -> LayerRule | None:
     return next((r for r in RULES if r.match(m)), None)
 
 
-# -- modules that split channels at sizes kept as attributes --------------------------------
-class SplitRule(NamedTuple):
-    name: str
-    match: Callable[[nn.Module], bool]
-    refit: Callable[[nn.Module], None]  # recompute the split sizes from resized children
-
-
-def _refit_mixed_conv(m: nn.Module) -> None:
-    convs = list(m.values())  # one conv per kernel size, each on its split of the input
-    m.splits = [c.in_channels for c in convs]
-    m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
-
-
-def _refit_res2net(m: nn.Module) -> None:
-    # ``scale`` splits: one per 3x3 conv, the last passed on (or pooled) into conv3
-    widths = [c.in_channels for c in m.convs]
-    rest = m.conv3.in_channels - sum(c.out_channels for c in m.convs)
-    m.width = widths + ([rest] if m.scale > 1 else [])  # torch.split takes a list of sizes
-
-
-_R2N = ("timm.models.res2net.Bottle2neck", "timm.models.dla.DlaBottle2neck")
-SPLIT_RULES: list[SplitRule] = [
-    SplitRule("mixed conv", subclass_of("timm.layers.mixed_conv2d.MixedConv2d"), _refit_mixed_conv),
-    SplitRule("res2net block", subclass_of(*_R2N), _refit_res2net),
-]
-
-
-def split_rule_for(m: nn.Module) -> SplitRule | None:
-    return next((r for r in SPLIT_RULES if r.match(m)), None)
-
-
 def member_kind(m: nn.Module, out: bool, name: str = "") -> str:
     """The member kind of ``m`` in a group (its outputs: ``out``; else its inputs), or
     the reason it cannot be merged exactly (naming the layer ``name``)."""
@@ -342,7 +311,7 @@ def fit_to_state_dict(
                 m.register_buffer(k, new)
     for m in model.modules():  # after their children: split sizes follow the new widths
         split, rule = split_rule_for(m), rule_for(m)
-        if split is not None:
+        if split is not None and split.refit is not None:
             split.refit(m)
         if rule is not None and rule.refit is not None:
             rule.refit(m)  # an attention's head width follows its merged layers

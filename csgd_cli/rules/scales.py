@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import exact_class
-from .base import LayerRule, StateDict, TensorSpec
+from .base import LayerRule, StateDict, TensorSpec, exact_class
 
 
 def _factor(m: nn.Module) -> str:

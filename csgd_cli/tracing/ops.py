@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..rules.glu import chunk_pieces
-from ..rules.layers import KINDS, member_kind, rule_for, split_rule_for
+from ..rules.layers import KINDS, member_kind, rule_for
 from ..rules.queries import channels_last
+from ..rules.splits import split_rule_for
 from .layout import dim_at
 
 PER_CHANNEL_OPS = set(
@@ -64,10 +64,9 @@ def op_problem(graph: Any, node: Any, outs: list[Any]) -> str | None:
     if isinstance(mod, ops._ConcatOp) or node in graph.identity:
         return None
     if isinstance(mod, (ops._SplitOp, ops._SliceOp)):
-        if owner is not None and split_rule_for(owner) is not None:
-            return None  # its sizes are refit after the merge (layers.SPLIT_RULES)
-        if owner is not None and _even_chunk(graph, node, chunk_pieces(owner)):
-            return None  # a declared chunk in equal pieces follows the width (rules.glu)
+        split = split_rule_for(owner) if owner is not None else None
+        if split is not None and (split.pieces is None or _even_chunk(graph, node, split.pieces)):
+            return None  # sizes refit after the merge, or a chunk in equal pieces (rules.splits)
         return f"channels split at sizes fixed in the forward code{where}"
     if isinstance(mod, ops._ReshapeOp):
         if node in graph.flatten and outs and all(channels_last(o) for o in outs):
@@ -118,9 +117,9 @@ def _constant_operand(
     return f"{op} applies a constant tensor to the channels (a buffer?)"
 
 
-def _even_chunk(graph: Any, node: Any, pieces: int | None) -> bool:
+def _even_chunk(graph: Any, node: Any, pieces: int) -> bool:
     """A split of the channels into ``pieces`` equal parts (a declared module's chunk)."""
-    if pieces is None or not isinstance(node.module, graph.dg.ops._SplitOp) or not node.inputs:
+    if not isinstance(node.module, graph.dg.ops._SplitOp) or not node.inputs:
         return False
     c = graph.cdim.get(node.inputs[0])
     sizes = [tuple(m.shape) for m in node.grad_fn._input_metadata]
